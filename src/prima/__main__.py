@@ -1,0 +1,5 @@
+import sys
+
+from prima.cli import main
+
+sys.exit(main())
