@@ -1,0 +1,115 @@
+"""`prima predict` and `prima demo [--web]`. Thin: parse, then call prima.inference library functions."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_PORT = 7860
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="answer a question about 1-5 images, with masks",
+        description="Answer a question about images; write prediction.json and one overlay PNG per image.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", nargs="+", metavar="IMAGE", help="1 to 5 image files (one query)")
+    what.add_argument("--jsonl", metavar="QUERIES", help="JSONL of {id, images, question}; images relative to it")
+    p.add_argument("--question", help="the question (with --images)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: checkpoints/prima-tiny-synth)")
+    p.add_argument("--out", default="out/predict", help="output folder (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 or float16")
+    p.add_argument("--overlays", action="store_true", help="with --jsonl: also write overlay PNGs per query")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser(
+        "demo",
+        help="the bundled checkpoint on examples/ (or --web: a browser demo)",
+        description="Answer the example scenes in examples/ with the bundled checkpoint, or start the web demo.",
+    )
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: checkpoints/prima-tiny-synth)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--out", default="out/demo", help="output folder without --web (default: %(default)s)")
+    p.add_argument("--web", action="store_true", help="start the Gradio web demo instead")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind with --web (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port with --web (default: %(default)s)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=None, help="largest accepted upload per file with --web (default: 10)"
+    )
+    p.set_defaults(func=_demo)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from prima.errors import PrimaError
+
+    if args.jsonl is not None:
+        if args.question is not None:
+            raise PrimaError("--question goes with --images; with --jsonl each line carries its own question")
+        return _predict_jsonl(args)
+    if args.question is None:
+        raise PrimaError("--question is required with --images")
+    if args.overlays:
+        raise PrimaError("--overlays goes with --jsonl; with --images overlays are always written")
+    return _predict_one(args)
+
+
+def _predict_one(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from prima.constants import MAX_IMAGES
+    from prima.inference.batch import write_prediction
+    from prima.inference.images import load_images
+    from prima.inference.predictor import PrimaPredictor, check_question
+    from prima.inference.render import format_summary, save_overlays
+
+    # Check the cheap things before the model loads, so a typo fails in milliseconds.
+    question = check_question(args.question)
+    images = load_images(args.images, max_images=MAX_IMAGES)
+    predictor = PrimaPredictor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
+    prediction = predictor.predict_loaded(images, question)
+    pictures = save_overlays(images, prediction, args.out)
+    json_path = write_prediction(
+        args.out, prediction, {"images": [str(Path(p)) for p in args.images], "question": question}
+    )
+    print(format_summary(prediction))
+    print(f"wrote {json_path} and {len(pictures)} overlay(s): {', '.join(str(p) for p in pictures)}")
+    return 0
+
+
+def _predict_jsonl(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from prima.inference.batch import predict_queries, read_queries, write_predictions
+    from prima.inference.predictor import PrimaPredictor
+
+    queries = read_queries(args.jsonl)
+    predictor = PrimaPredictor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
+    out = Path(args.out)
+    overlay_dir = out / "overlays" if args.overlays else None
+    rows = predict_queries(
+        predictor, queries, overlay_dir=overlay_dir, on_answer=lambda q, p: print(f"{q.id}: {p.text}")
+    )
+    n = write_predictions(out / "predictions.jsonl", rows)
+    print(
+        f"wrote {n} predictions to {out / 'predictions.jsonl'}"
+        + (f", overlays in {overlay_dir}" if overlay_dir else "")
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.web:
+        from prima.inference.web import serve
+
+        return serve(
+            checkpoint=args.checkpoint,
+            device=args.device,
+            host=args.host,
+            port=args.port,
+            max_upload_mb=args.max_upload_mb,
+        )
+    from prima.inference.demo import run_demo
+
+    return run_demo(args.checkpoint, out_dir=args.out, device=args.device)

@@ -1,0 +1,216 @@
+"""`PrimaPredictor`: images + question in, grounded answer with per-image boolean masks out.
+
+It hides everything between a user's files and the model: loading and converting images
+(`prima.inference.images`), checking the question, running `PrimaModel.generate`, and turning mask
+probabilities into boolean masks with boxes. `Prediction.to_json()` is the JSON that `prima predict`
+writes and `prima eval` reads back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prima.constants import MAX_IMAGES, SPECIAL_TOKENS
+from prima.data.masks import encode_rle, mask_bbox, resize_mask
+from prima.data.schema import strip_markup
+from prima.errors import PrimaError
+from prima.inference.images import MAX_IMAGE_SIDE, ImageInput, LoadedImage, load_images
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+BUNDLED_CHECKPOINT = REPO_ROOT / "checkpoints" / "prima-tiny-synth"
+MAX_QUESTION_CHARS = 1000  # far above any benchmark question; keeps the prompt inside the model's context
+MASK_THRESHOLD = 0.5  # a pixel is in the mask when the decoder's probability reaches this
+
+
+@dataclass
+class Segment:
+    """One grounded phrase of an answer and its mask in image ``image`` (1-based, as in the answer)."""
+
+    phrase: str
+    image: int
+    mask: np.ndarray  # bool, (height, width) of that image
+    score: float
+    bbox: list[int]  # COCO [x, y, w, h] of the mask; [0, 0, 0, 0] when the mask is empty
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "phrase": self.phrase,
+            "image": self.image,
+            "score": round(float(self.score), 6),
+            "bbox": list(self.bbox),
+            "mask": encode_rle(self.mask),
+        }
+
+
+@dataclass
+class Prediction:
+    """The model's answer (with `<p>`/`[SEG]`/`(IMAGEk)` markup) and one Segment per `[SEG]`, in order."""
+
+    answer: str
+    segments: list[Segment] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) the masks have
+
+    @property
+    def text(self) -> str:
+        """The answer as plain text, markup removed."""
+        return strip_markup(self.answer)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"answer", "segments": [{"phrase", "image", "score", "bbox", "mask": COCO RLE}]}``."""
+        return {"answer": self.answer, "segments": [s.to_json() for s in self.segments]}
+
+
+class PrimaPredictor:
+    """Answers questions about 1..max_images images with a loaded PRIMA model (see `from_pretrained`)."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_images: int | None = None,
+        max_question_chars: int = MAX_QUESTION_CHARS,
+        mask_threshold: float = MASK_THRESHOLD,
+        max_image_side: int = MAX_IMAGE_SIDE,
+    ):
+        self.model = model
+        self.max_images = max_images or _model_max_images(model)
+        self.max_question_chars = max_question_chars
+        self.mask_threshold = mask_threshold
+        self.max_image_side = max_image_side
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path | None = None, device: str = "cpu", dtype: Any = None, **kwargs: Any
+    ) -> PrimaPredictor:
+        """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``."""
+        path = resolve_checkpoint(path)
+        _check_device(device)
+        from prima.model import PrimaModel
+
+        model = PrimaModel.from_pretrained(path, device=device, dtype=_torch_dtype(dtype))
+        model.eval()
+        return cls(model, **kwargs)
+
+    def check_question(self, question: Any) -> str:
+        """The question stripped of surrounding space; a PrimaError if empty, too long or holding markup."""
+        return check_question(question, self.max_question_chars)
+
+    def load(self, images: Any) -> list[LoadedImage]:
+        """Load and convert the images of one query (see `prima.inference.images`)."""
+        return load_images(images, max_images=self.max_images, max_side=self.max_image_side)
+
+    def predict(self, images: Sequence[ImageInput], question: str) -> Prediction:
+        """Answer ``question`` about ``images`` (paths, PIL images or arrays; 1..max_images of them)."""
+        q = self.check_question(question)
+        return self._run(self.load(images), q)
+
+    def predict_loaded(self, images: Sequence[LoadedImage], question: str) -> Prediction:
+        """`predict` for images already loaded with `load` (the CLI and web demo reuse them for overlays)."""
+        return self._run(list(images), self.check_question(question))
+
+    def predict_batch(self, queries: Iterable[tuple[Sequence[ImageInput], str]]) -> list[Prediction]:
+        """Answer many ``(images, question)`` queries; every query is checked before the first one runs."""
+        prepared = []
+        for n, (images, question) in enumerate(queries, start=1):
+            try:
+                prepared.append((self.load(images), self.check_question(question)))
+            except PrimaError as e:
+                raise PrimaError(f"query {n}: {e}") from None
+        return [self._run(images, q) for images, q in prepared]
+
+    def _run(self, images: list[LoadedImage], question: str) -> Prediction:
+        import torch
+
+        if not images:
+            raise PrimaError(f"no image given: pass 1 to {self.max_images} images")
+        if len(images) > self.max_images:
+            raise PrimaError(f"{len(images)} images given, but this model takes at most {self.max_images}")
+
+        with torch.inference_mode():
+            out = self.model.generate([im.image for im in images], question)
+        sizes = [im.size for im in images]
+        return Prediction(out.answer, [self._segment(s, sizes) for s in out.segments], sizes)
+
+    def _segment(self, generated: Any, sizes: list[tuple[int, int]]) -> Segment:
+        k = int(generated.image)
+        if not 1 <= k <= len(sizes):
+            raise PrimaError(f"the model grounded {generated.phrase!r} in image {k}, but there are {len(sizes)}")
+        probs = _to_numpy(generated.mask)
+        mask = probs >= self.mask_threshold
+        if mask.shape != sizes[k - 1]:  # the model promises original size; be safe for foreign models
+            mask = resize_mask(mask, sizes[k - 1])
+        return Segment(generated.phrase, k, mask, float(generated.score), mask_bbox(mask))
+
+
+def resolve_checkpoint(path: str | Path | None) -> Path:
+    """The checkpoint folder to load (``None``: the bundled one); a PrimaError saying what to do if absent."""
+    path = Path(path) if path is not None else BUNDLED_CHECKPOINT
+    if not path.is_dir():
+        if path == BUNDLED_CHECKPOINT:
+            raise PrimaError(
+                f"the bundled checkpoint is not there yet: {path} does not exist "
+                "(train one with `prima train --config configs/tiny.yaml`, or pass --checkpoint DIR)"
+            )
+        raise PrimaError(f"checkpoint folder not found: {path}")
+    return path
+
+
+def check_question(question: Any, max_chars: int = MAX_QUESTION_CHARS) -> str:
+    """The question stripped of surrounding space; a PrimaError if empty, too long or holding markup."""
+    if not isinstance(question, str):
+        raise PrimaError(f"the question must be text, got {type(question).__name__}")
+    q = question.strip()
+    if not q:
+        raise PrimaError("the question is empty: ask something about the images")
+    if len(q) > max_chars:
+        raise PrimaError(f"the question is {len(q)} characters long; the limit is {max_chars}")
+    reserved = [t for t in SPECIAL_TOKENS if t in q]
+    if reserved:
+        raise PrimaError(f"the question contains reserved markup {reserved[0]!r}; rephrase it without it")
+    return q
+
+
+def _to_numpy(mask: Any) -> np.ndarray:
+    if hasattr(mask, "detach"):
+        mask = mask.detach().float().cpu().numpy()
+    return np.asarray(mask, dtype=np.float32)
+
+
+def _model_max_images(model: Any) -> int:
+    config = getattr(model, "config", None)
+    for holder in (config, getattr(config, "model", None), getattr(config, "data", None)):
+        value = getattr(holder, "max_images", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return MAX_IMAGES
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise PrimaError(f"unknown device {device!r}: use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PrimaError(f"device {device!r} was asked for, but this machine has no usable CUDA GPU; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise PrimaError("device 'mps' was asked for, but it is not available; use --device cpu")
+
+
+def _torch_dtype(dtype: Any) -> Any:
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    import torch
+
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if dtype not in names:
+        raise PrimaError(f"unknown dtype {dtype!r}: use one of {', '.join(names)}")
+    return names[dtype]
