@@ -1,0 +1,213 @@
+"""PrimaPredictor: image conversion, bad input, mask post-processing, JSON output, and a real tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prima.data.masks import decode_rle
+from prima.errors import PrimaError
+from prima.inference.images import load_image, load_images
+from prima.inference.predictor import MAX_QUESTION_CHARS, Prediction, PrimaPredictor, check_question
+from prima.inference.render import answer_html, render_overlays
+from prima.visualize import color_for, color_hex
+
+# ---- images -------------------------------------------------------------------------------------------------------
+
+
+def test_grayscale_rgba_and_16bit_files_become_8bit_rgb(tmp_path):
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.full((20, 30), 77, np.uint8)).save(gray)
+    rgba = tmp_path / "rgba.png"
+    a = np.zeros((20, 30, 4), np.uint8)
+    a[..., 0] = 200
+    a[:, :15, 3] = 255  # left half opaque red, right half fully transparent
+    Image.fromarray(a, "RGBA").save(rgba)
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((20, 30), 65535, np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+
+    loaded = load_images([gray, rgba, deep], max_images=5)
+    for im in loaded:
+        assert im.image.mode == "RGB" and im.size == (20, 30)
+    assert np.asarray(loaded[0].image)[0, 0].tolist() == [77, 77, 77]
+    px = np.asarray(loaded[1].image)
+    assert px[0, 0].tolist() == [200, 0, 0] and px[0, 29].tolist() == [255, 255, 255]  # transparent -> white
+    assert np.asarray(loaded[2].image)[0, 0].tolist() == [255, 255, 255]  # 16-bit full scale -> 255, not clipped
+
+
+def test_arrays_of_every_common_type_are_accepted():
+    assert np.asarray(load_image(np.full((4, 5), 0.5, np.float32)).image)[0, 0, 0] == 128
+    assert np.asarray(load_image(np.full((4, 5, 1), 9, np.uint8)).image)[0, 0].tolist() == [9, 9, 9]
+    assert np.asarray(load_image(np.full((4, 5), 65535, np.uint16)).image)[0, 0, 0] == 255
+    assert load_image(np.zeros((4, 5, 4), np.uint8)).size == (4, 5)
+    with pytest.raises(PrimaError, match="shape"):
+        load_image(np.zeros((4, 5, 2), np.uint8), 3)
+    with pytest.raises(PrimaError, match="NaN"):
+        load_image(np.full((4, 5), np.nan, np.float32))
+
+
+def test_very_large_images_are_shrunk_to_max_side_keeping_aspect(tmp_path):
+    big = Image.new("RGB", (5000, 1000), (10, 20, 30))
+    im = load_image(big, max_side=4096)
+    assert (im.image.width, im.image.height) == (4096, 819)
+    assert im.original_size == (1000, 5000) and im.size == (819, 4096)
+
+
+def test_bad_image_files_give_one_clear_error_naming_the_image(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:-40])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    cases = {
+        tmp_path / "missing.png": "file not found",
+        truncated: "truncated or corrupt",
+        text: "not an image file",
+        tmp_path: "is a folder",
+    }
+    for path, words in cases.items():
+        with pytest.raises(PrimaError, match=words) as e:
+            load_images([good, path], max_images=5)
+        assert str(e.value).startswith("image 2 (") and "\n" not in str(e.value)
+
+
+def test_image_count_is_checked():
+    img = Image.new("RGB", (8, 8))
+    with pytest.raises(PrimaError, match="no image given"):
+        load_images([], max_images=5)
+    with pytest.raises(PrimaError, match="6 images given, but this model takes at most 5"):
+        load_images([img] * 6, max_images=5)
+    assert len(load_images(img, max_images=5)) == 1  # a bare image is one image
+
+
+def test_question_checks():
+    assert check_question("  Which mug?  ") == "Which mug?"
+    for bad, words in [("", "empty"), ("   ", "empty"), ("x" * (MAX_QUESTION_CHARS + 1), "limit is"),
+                       ("what is [SEG]?", "reserved"), (None, "must be text")]:  # fmt: skip
+        with pytest.raises(PrimaError, match=words):
+            check_question(bad)
+
+
+# ---- predictor post-processing, with a stand-in model whose output we choose --------------------------------------
+# The real model's answers are random until trained; these pin down what the predictor does with *any* output.
+
+
+@dataclass
+class _Generated:
+    phrase: str
+    image: int
+    mask: np.ndarray
+    score: float
+
+
+@dataclass
+class _Output:
+    answer: str
+    segments: list = field(default_factory=list)
+
+
+class _ScriptedModel:
+    """Answers every query with one mug in the last image: the mask covers its right half, probability 0.9."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, images, question):
+        self.calls.append(([im.size for im in images], question))
+        w, h = images[-1].size
+        probs = np.zeros((h, w), np.float32)
+        probs[:, w // 2 :] = 0.9
+        probs[0, 0] = 0.49  # just under the threshold
+        k = len(images)
+        return _Output(f"The <p> mug </p> [SEG] (IMAGE{k}) is there; the <p> mug </p> (IMAGE{k}) again.",
+                       [_Generated("mug", k, probs, 0.75)])  # fmt: skip
+
+
+def test_predict_returns_bool_masks_at_each_images_size_with_bbox_and_rle():
+    model = _ScriptedModel()
+    predictor = PrimaPredictor(model)
+    images = [np.zeros((30, 40, 3), np.uint8), Image.new("L", (16, 12))]
+    pred = predictor.predict(images, " where is the mug? ")
+    assert model.calls == [([(40, 30), (16, 12)], "where is the mug?")]
+    (seg,) = pred.segments
+    assert seg.image == 2 and seg.mask.dtype == bool and seg.mask.shape == (12, 16)
+    assert seg.mask[:, 8:].all() and not seg.mask[:, :8].any()
+    assert seg.bbox == [8, 0, 8, 12] and seg.score == 0.75
+    assert pred.image_sizes == [(30, 40), (12, 16)]
+    assert pred.text == "The mug is there; the mug again."
+
+    data = json.loads(json.dumps(pred.to_json()))  # must be JSON-safe
+    assert data["answer"] == pred.answer
+    (s,) = data["segments"]
+    assert set(s) == {"phrase", "image", "score", "bbox", "mask"}
+    assert isinstance(s["mask"]["counts"], str) and s["mask"]["size"] == [12, 16]
+    assert np.array_equal(decode_rle(s["mask"]), seg.mask)
+
+
+def test_predict_batch_checks_every_query_before_running_any():
+    model = _ScriptedModel()
+    predictor = PrimaPredictor(model)
+    img = Image.new("RGB", (8, 8))
+    with pytest.raises(PrimaError, match="query 2: the question is empty"):
+        predictor.predict_batch([([img], "fine?"), ([img], " ")])
+    assert model.calls == []
+    preds = predictor.predict_batch([([img], "one?"), ([img, img], "two?")])
+    assert [p.segments[0].image for p in preds] == [1, 2]
+
+
+def test_max_images_comes_from_the_model_config():
+    class _Config:
+        max_images = 2
+
+    model = _ScriptedModel()
+    model.config = _Config()
+    predictor = PrimaPredictor(model)
+    with pytest.raises(PrimaError, match="at most 2"):
+        predictor.predict([Image.new("RGB", (8, 8))] * 3, "q?")
+
+
+def test_a_segment_on_an_image_that_does_not_exist_is_an_error_not_a_crash():
+    class _Wrong(_ScriptedModel):
+        def generate(self, images, question):
+            return _Output("<p> x </p> [SEG] (IMAGE3)", [_Generated("x", 3, np.ones((8, 8), np.float32), 1.0)])
+
+    with pytest.raises(PrimaError, match="image 3, but there are 1"):
+        PrimaPredictor(_Wrong()).predict([Image.new("RGB", (8, 8))], "q?")
+
+
+def test_overlays_and_answer_html_share_each_segments_colour():
+    black = Image.new("RGB", (80, 60), (0, 0, 0))
+    pred = PrimaPredictor(_ScriptedModel()).predict([black, black], "mug?")
+    first, second = render_overlays([black, black], pred)
+    assert np.asarray(first).max() == 0  # no mask on image 1: the picture is unchanged
+    px = np.asarray(second)[45, 60]  # inside the mask (right half), below its label: tinted half-way
+    assert px.tolist() == [int(0.5 * c) for c in color_for(0)]
+    html = answer_html(pred)
+    assert html.count(color_hex(0)) == 2  # the [SEG] mention and the later mention of the same mug
+    assert "[SEG]" not in html and "&lt;p&gt;" not in html and "image 2" in html
+
+
+def test_default_checkpoint_missing_is_one_clear_error(monkeypatch, tmp_path):
+    import prima.inference.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "BUNDLED_CHECKPOINT", tmp_path / "nope")
+    with pytest.raises(PrimaError, match="bundled checkpoint is not there yet"):
+        PrimaPredictor.from_pretrained()
+    with pytest.raises(PrimaError, match="checkpoint folder not found"):
+        PrimaPredictor.from_pretrained(tmp_path / "other")
+
+
+def test_prediction_json_of_an_answer_without_masks():
+    assert Prediction("No, there is no lamp.").to_json() == {"answer": "No, there is no lamp.", "segments": []}
+
+
+def test_public_import():
+    from prima import PrimaPredictor as Exported
+
+    assert Exported is PrimaPredictor
