@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Answer a question about images; write prediction.json and one overlay PNG per image.",
     )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--images", nargs="+", metavar="IMAGE", help="1 to 5 image files (one query)")
+    what.add_argument("--images", nargs="*", metavar="IMAGE", help="1 to 5 image files (one query)")
     what.add_argument("--jsonl", metavar="QUERIES", help="JSONL of {id, images, question}; images relative to it")
     p.add_argument("--question", help="the question (with --images)")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: checkpoints/prima-tiny-synth)")
