@@ -1,0 +1,143 @@
+"""Atomic training checkpoints: write into a temp folder, fsync, rename; keep the last K and the best; resume.
+
+A checkpoint is ``RUN_DIR/checkpoints/step-NNNNNNN/``: what ``Accelerator.save_state`` writes (model,
+optimizer, the registered scheduler, every process's RNG state; DeepSpeed's own shards under ZeRO)
+plus ``trainer_state.json`` (step, best metric) and the resolved ``config.yaml``. It is written under a
+``.tmp-`` name and renamed only when complete, so a folder named ``step-*`` is always whole: a save
+killed half-way leaves a ``.tmp-`` folder that is ignored and cleaned up by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prima.errors import PrimaError
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+_NAME_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(PrimaError):
+    pass
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Completed checkpoints of a run as ``(step, folder)``, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*"), reverse=True):  # files before the folders that hold them
+        _fsync_path(p)
+    _fsync_path(folder)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temp file and rename, so readers see the old or the new content, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    accelerator: Any,
+    run_dir: str | os.PathLike,
+    step: int,
+    trainer_state: dict[str, Any],
+    *,
+    config_text: str | None = None,
+) -> Path:
+    """Save the full training state at ``step`` atomically; every process must call this.
+
+    Returns the completed folder. An exception on the way (disk full, a kill) leaves earlier
+    checkpoints untouched.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that was killed half-way
+            shutil.rmtree(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
+            _discard(final)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if config_text is not None:
+            (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
+        # the state file goes last: list_checkpoints only counts folders that have it
+        write_json_atomic(tmp / STATE_FILE, {"step": step, **trainer_state})
+        _fsync_tree(tmp)
+        os.replace(tmp, final)
+        _fsync_path(root)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, folder: str | os.PathLike) -> dict[str, Any]:
+    """Restore model, optimizer, registered objects and RNG from ``folder``; returns its trainer state."""
+    folder = Path(folder)
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {STATE_FILE}); pick another one")
+    accelerator.load_state(str(folder))
+    return json.loads(state_file.read_text(encoding="utf-8"))
+
+
+def _discard(folder: Path) -> None:
+    # rename first so a deletion interrupted half-way never leaves a partial `step-*` folder behind
+    trash = folder.with_name(f".trash-{folder.name}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, best_step: int | None) -> list[Path]:
+    """Delete completed checkpoints except the newest ``keep_last`` and the best; returns what was removed."""
+    found = list_checkpoints(run_dir)
+    keep = {step for step, _ in found[-keep_last:]}
+    if best_step is not None:
+        keep.add(best_step)
+    removed = []
+    for step, folder in found:
+        if step not in keep:
+            _discard(folder)
+            removed.append(folder)
+    return removed

@@ -1,0 +1,94 @@
+"""The run configuration: `RunConfig(model, data, train)`, loaded from YAML through `prima.config.load_config`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from prima.config import ConfigError, load_config
+
+try:  # the model area owns its own section; until it exists the section is kept as a plain mapping
+    from prima.model.config import ModelConfig
+except ModuleNotFoundError as e:  # pragma: no cover - only while the model package is being written
+    if not (e.name or "").startswith("prima.model"):
+        raise
+    ModelConfig = dict[str, Any]  # type: ignore[misc,assignment]
+
+
+@dataclass
+class DataSource:
+    """One sample JSONL and its share of each epoch (weights are normalised over all sources)."""
+
+    path: str
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        if self.weight <= 0:
+            raise ConfigError(f"data.train: source {self.path!r} has weight {self.weight}; weights must be > 0")
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource] = field(default_factory=list)
+    val: str | None = None  # a sample JSONL used for periodic validation
+    val_max_samples: int | None = 200  # the first N validation samples (None: all)
+    epoch_size: int | None = None  # samples per epoch; None: the sum of the sources' sizes
+    feature_cache: str | None = None  # folder for cached frozen-encoder features (None: no cache)
+
+    def validate(self) -> None:
+        if self.epoch_size is not None and self.epoch_size <= 0:
+            raise ConfigError(f"data.epoch_size must be > 0, got {self.epoch_size}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # global: samples per optimizer step, summed over all processes
+    micro_batch_size: int | None = None  # per process and forward pass; None: batch_size / processes
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final lr of the cosine/linear schedule, as a fraction of lr
+    grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    deepspeed: str | None = None  # a DeepSpeed JSON (configs/deepspeed/...) for ZeRO-2/3 on GPUs
+    find_unused_parameters: bool = True  # DDP: batches without masks leave the mask decoder unused
+    log_every: int = 10
+    val_every: int = 200  # steps between validations (0: never)
+    save_every: int = 200  # steps between checkpoints (0: only at the end)
+    keep_last: int = 2  # completed checkpoints kept besides the best one
+    best_metric: str = "val_loss"
+    best_mode: Literal["min", "max"] = "min"
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise ConfigError(f"train.micro_batch_size must be > 0, got {self.micro_batch_size}")
+        if self.keep_last < 1:
+            raise ConfigError(f"train.keep_last must be >= 1, got {self.keep_last}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas must be two numbers, got {self.betas}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; saved as RUN_DIR/config.yaml and with every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # type: ignore[valid-type]
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A RunConfig from a YAML preset (``base:`` inheritance) plus ``section.key=value`` overrides."""
+    return load_config(RunConfig, path, overrides)
