@@ -1,0 +1,8 @@
+"""M4Seg evaluation: metric definitions, phrase similarity, the predictions scorer, reports and `prima eval`.
+
+Importing this package is cheap; torch, transformers, nltk and matplotlib load only when used.
+"""
+
+from prima.evaluation.scorer import M4SegEvaluator, read_predictions, score_predictions
+
+__all__ = ["M4SegEvaluator", "read_predictions", "score_predictions"]

@@ -1,0 +1,184 @@
+"""Writes a scoring run's metrics.json, report.md and bar-chart PNGs, and compares several runs in one table."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prima.errors import PrimaError
+from prima.evaluation.metrics import METRIC_KEYS
+
+METRIC_LABELS = {
+    "miou": "mIoU",
+    "recall": "Recall",
+    "ss": "SS",
+    "siou": "SIoU",
+    "i_ss": "I-SS",
+    "i_siou": "I-SIoU",
+    "meteor": "METEOR",
+    "giou": "gIoU",
+    "ciou": "cIoU",
+    "no_mask_acc": "no-mask acc",
+}
+PLOTTED_KEYS = ("miou", "recall", "ss", "siou", "giou", "no_mask_acc")
+GROUPINGS = (("by_category", "category"), ("by_num_images", "number of images"), ("by_family", "question family"))
+MAX_LISTED_IDS = 20  # the report lists this many missing ids; missing_predictions.txt has them all
+
+DEVIATIONS = """\
+- Phrase similarity (Recall's 0.5 test, SS, I-SS) uses {phrase_model} with mean pooling; GLaMM's Recall
+  used bert-base-uncased. Pass `--phrase-model PATH` to use another local model.
+- METEOR is nltk's re-implementation ({meteor}), not the Java METEOR 1.5 of pycocoevalcap.
+- SS / SIoU are computed over mIoU's mask-based pairs; I-SS / I-SIoU compare per-image phrase sets. The
+  paper does not spell out these pairings; docs/EVALUATION.md lists every choice.
+- gIoU / cIoU treat a sample's images as one canvas (per image: all predicted masks merged vs all GT masks
+  merged); a sample with no mask on either side scores gIoU 1, as LISA's code does."""
+
+
+def percent(value: Any) -> str:
+    """A metric in [0, 1] as a percentage with two decimals, as the paper reports; '–' when undefined."""
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """metrics.json, report.md, missing_predictions.txt (if any) and the PNG plots; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "metrics.json"]
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, written[0])
+    if result.get("missing_prediction_ids"):
+        path = out / "missing_predictions.txt"
+        path.write_text("\n".join(result["missing_prediction_ids"]) + "\n", encoding="utf-8")
+        written.append(path)
+    plots = write_plots(result, out)
+    report = out / "report.md"
+    report.write_text(markdown_report(result, [p.name for p in plots]), encoding="utf-8")
+    return [*written, report, *plots]
+
+
+def markdown_report(result: dict[str, Any], plot_names: Sequence[str] = ()) -> str:
+    """The human-readable report: provenance, overall table, one table per grouping, plots, deviations."""
+    lines = ["# M4Seg evaluation", ""]
+    lines += [
+        f"- Predictions: `{result.get('predictions', '?')}`",
+        f"- Ground truth: `{result.get('ground_truth', '?')}`",
+        f"- Samples: {result['num_samples']} ({result['num_with_masks']} with GT masks, "
+        f"{result['num_without_masks']} without); GT segments: {result['num_gt_segments']}; "
+        f"predicted segments: {result['num_pred_segments']}",
+        f"- Phrase-similarity model: {result.get('phrase_model', '?')}",
+        f"- METEOR: {result.get('meteor_resources', '?')}",
+    ]
+    missing = result.get("missing_prediction_ids") or []
+    if missing:
+        shown = ", ".join(f"`{i}`" for i in missing[:MAX_LISTED_IDS])
+        more = (
+            f" and {len(missing) - MAX_LISTED_IDS} more (all in missing_predictions.txt)"
+            if len(missing) > MAX_LISTED_IDS
+            else ""
+        )
+        lines.append(f"- **{len(missing)} GT sample(s) had no prediction** and were scored as empty: {shown}{more}")
+    else:
+        lines.append("- Every GT sample had a prediction.")
+    lines += ["", "All numbers are percentages; – means no sample in the group qualifies for that metric.", ""]
+    lines += ["## Overall", "", "| metric | value |", "|---|---:|"]
+    lines += [f"| {METRIC_LABELS[k]} | {percent(result.get(k))} |" for k in METRIC_KEYS]
+    for key, title in GROUPINGS:
+        groups = result.get(key)
+        if not groups:
+            continue
+        lines += ["", f"## By {title}", "", group_table(groups, title)]
+    if plot_names:
+        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plot_names]
+    lines += [
+        "",
+        "## Deviations from the paper",
+        "",
+        DEVIATIONS.format(phrase_model=result.get("phrase_model", "?"), meteor=result.get("meteor_resources", "?")),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def group_table(groups: dict[str, dict[str, Any]], title: str) -> str:
+    header = f"| {title} | N | " + " | ".join(METRIC_LABELS[k] for k in METRIC_KEYS) + " |"
+    rule = "|---|---:|" + "---:|" * len(METRIC_KEYS)
+    rows = [
+        f"| {name} | {m['num_samples']} | " + " | ".join(percent(m.get(k)) for k in METRIC_KEYS) + " |"
+        for name, m in groups.items()
+    ]
+    return "\n".join([header, rule, *rows])
+
+
+def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """One grouped bar chart per grouping (by_category.png, ...); undefined values are left out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    written = []
+    for key, title in GROUPINGS:
+        groups = result.get(key)
+        if not groups:
+            continue
+        names = list(groups)
+        fig = Figure(figsize=(max(6.0, 1.2 * len(names) + 3), 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        width = 0.8 / len(PLOTTED_KEYS)
+        for n, metric in enumerate(PLOTTED_KEYS):
+            xs = [i + (n - (len(PLOTTED_KEYS) - 1) / 2) * width for i in range(len(names))]
+            ys = [groups[g].get(metric) for g in names]
+            bars = ax.bar(
+                [x for x, y in zip(xs, ys) if y is not None],
+                [100 * y for y in ys if y is not None],
+                width,
+                label=METRIC_LABELS[metric],
+            )
+            ax.bar_label(bars, fmt="%.0f", fontsize=6)  # tells a real 0 from an undefined (absent) bar
+        ax.set_xticks(range(len(names)), [f"{g}\n(N={groups[g]['num_samples']})" for g in names])
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("%")
+        ax.set_title(f"Metrics by {title}")
+        ax.legend(ncol=len(PLOTTED_KEYS), fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18))
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"{key}.png"
+        fig.savefig(path)
+        written.append(path)
+    return written
+
+
+def load_run_metrics(run: str | os.PathLike) -> dict[str, Any]:
+    """metrics.json of a run folder (or the file itself); a PrimaError naming the path if absent or broken."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / "metrics.json"
+    if not path.is_file():
+        raise PrimaError(f"no metrics.json in {run}; run `prima score` or `prima eval` with --out {run} first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PrimaError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> str:
+    """One Markdown table of several runs' overall metrics (run name = folder name); written to ``out`` if given."""
+    if not runs:
+        raise PrimaError("name at least one run folder to compare")
+    header = "| run | N | " + " | ".join(METRIC_LABELS[k] for k in METRIC_KEYS) + " |"
+    rows = [header, "|---|---:|" + "---:|" * len(METRIC_KEYS)]
+    for run in runs:
+        m = load_run_metrics(run)
+        path = Path(run)
+        name = path.name if path.is_dir() else path.parent.name
+        rows.append(
+            f"| {name} | {m.get('num_samples', '?')} | " + " | ".join(percent(m.get(k)) for k in METRIC_KEYS) + " |"
+        )
+    table = "\n".join(rows) + "\n\nAll metrics in percent (`prima compare`); – means undefined for that run.\n"
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(table, encoding="utf-8")
+    return table
