@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from prima.data.masks import RLE, encode_rle, segmentation_to_mask
 from prima.errors import PrimaError
 
@@ -244,17 +246,18 @@ def load_isthing(path: str | os.PathLike) -> dict[Id, bool]:
     return out
 
 
-def segmentation_to_rle(segmentation: Any, height: int, width: int) -> RLE:
-    """Any COCO segmentation (polygons, compressed or uncompressed RLE) as compressed RLE at (height, width).
+def segmentation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Any COCO segmentation (polygons, compressed or uncompressed RLE) as an HxW bool mask.
 
     Raises ValueError, with a message for people, for a segmentation that can't be decoded, one whose
-    RLE size differs from the image, or one that covers no pixel.
+    RLE size differs from the image, or one that covers no pixel. JSON text (as parquet exports keep
+    nested fields) is parsed first.
     """
-    if isinstance(segmentation, str):  # parquet exports often keep nested fields as JSON text
+    if isinstance(segmentation, str):
         try:
             segmentation = json.loads(segmentation)
         except json.JSONDecodeError:
-            raise ValueError("segmentation is a string but not JSON") from None
+            raise ValueError("the segmentation is a string but not JSON") from None
     try:
         mask = segmentation_to_mask(segmentation, height, width)
     except ValueError:
@@ -263,4 +266,9 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> RLE:
         raise ValueError(f"{type(e).__name__}: {e}") from None
     if not mask.any():
         raise ValueError("the segmentation covers no pixel")
-    return encode_rle(mask)
+    return mask
+
+
+def segmentation_to_rle(segmentation: Any, height: int, width: int) -> RLE:
+    """Any COCO segmentation as compressed RLE (counts as text) at (height, width); see ``segmentation_mask``."""
+    return encode_rle(segmentation_mask(segmentation, height, width))
