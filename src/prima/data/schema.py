@@ -180,7 +180,7 @@ def validate_sample(
             **where,
         )
     n_images = len(sample.images)
-    for i, ((phrase, tag), seg) in enumerate(zip(grounded, sample.segments)):
+    for i, ((_phrase, tag), seg) in enumerate(zip(grounded, sample.segments)):
         if tag is None:
             raise SampleError(f"[SEG] number {i + 1} has no (IMAGEk) tag after it", field="answer", **where)
         if not 1 <= seg.image <= n_images:
