@@ -180,8 +180,7 @@ class Trainer:
             ds["train_micro_batch_size_per_gpu"] = self.micro
             ds["gradient_accumulation_steps"] = self.accum
             ds["train_batch_size"] = cfg.batch_size
-            if cfg.grad_clip is not None:
-                ds["gradient_clipping"] = cfg.grad_clip
+            ds["gradient_clipping"] = cfg.grad_clip or 0.0
         optimizer = make_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.model, self.optimizer = acc.prepare(model, optimizer)

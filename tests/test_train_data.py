@@ -1,0 +1,80 @@
+"""Training data: weighted epoch sampling, the frozen-feature cache's keys, run curves."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from prima.errors import PrimaError
+from prima.train.data import FeatureCache, module_digest
+from prima.train.plot import plot_run
+from prima.train.sampler import WeightedEpochSampler, shard
+
+
+def test_epoch_order_is_fixed_by_seed_and_epoch():
+    a, b = WeightedEpochSampler([10, 20], seed=1), WeightedEpochSampler([10, 20], seed=1)
+    assert a.epoch_order(3) == b.epoch_order(3)
+    assert a.epoch_order(0) != a.epoch_order(1)
+    assert WeightedEpochSampler([10, 20], seed=2).epoch_order(0) != a.epoch_order(0)
+    assert sorted(a.epoch_order(0)) == list(range(30))  # default weights: every sample once per epoch
+
+
+def test_weights_set_each_sources_share_of_an_epoch():
+    s = WeightedEpochSampler([5, 100], [3.0, 1.0], seed=0, epoch_size=40)
+    counts = Counter("small" if i < 5 else "large" for i in s.epoch_order(0))
+    assert counts == {"small": 30, "large": 10}  # the 5-sample source is cycled 6 times
+
+
+def test_batches_follow_the_step_and_split_across_ranks():
+    s = WeightedEpochSampler([20], seed=0)
+    steps = s.steps_per_epoch(8)
+    assert steps == 2  # the last partial batch is dropped
+    assert s.batch_for_step(2, 8) == s.epoch_order(1)[:8]
+    batch = s.batch_for_step(0, 8)
+    assert shard(batch, 0, 2) + shard(batch, 1, 2) == batch
+    with pytest.raises(PrimaError, match="evenly"):
+        shard(batch, 0, 3)
+
+
+def _image(path, color):
+    Image.new("RGB", (8, 8), color).save(path)
+    return str(path)
+
+
+def test_feature_cache_reuses_and_never_serves_stale_features(tmp_path):
+    img = _image(tmp_path / "a.png", (255, 0, 0))
+    calls = []
+
+    def compute(paths):
+        calls.append(list(paths))
+        return [[torch.full((2, 3), float(len(calls))), torch.ones(4)] for _ in paths]
+
+    enc = torch.nn.Linear(2, 2)
+    cache = FeatureCache(tmp_path / "cache", "enc@128", module_digest(enc))
+    first = cache.features([img], compute)
+    again = cache.features([img], compute)
+    assert len(calls) == 1 and torch.equal(first[0][0], again[0][0]) and first[0][0].dtype == torch.float32
+    _image(tmp_path / "a.png", (0, 255, 0))  # same path, new pixels
+    FeatureCache(tmp_path / "cache", "enc@128", module_digest(enc)).features([img], compute)
+    assert len(calls) == 2
+    with torch.no_grad():
+        enc.weight.add_(1.0)  # new weights
+    FeatureCache(tmp_path / "cache", "enc@128", module_digest(enc)).features([img], compute)
+    assert len(calls) == 3
+    FeatureCache(tmp_path / "cache", "enc@256", module_digest(enc)).features([img], compute)  # new preprocessing
+    assert len(calls) == 4
+
+
+def test_plot_writes_a_png(tmp_path):
+    rows = [{"step": s, "split": "train", "loss": 1 / s, "loss_ce": 0.5 / s, "lr": 1e-3, "samples_per_s": 9.0}
+            for s in range(1, 6)]  # fmt: skip
+    rows.append({"step": 5, "split": "val", "val_loss": 0.3})
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = plot_run(tmp_path)
+    assert out == tmp_path / "curves.png" and out.stat().st_size > 1000
+    with pytest.raises(PrimaError, match="log.jsonl"):
+        plot_run(tmp_path / "missing")
