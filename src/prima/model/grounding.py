@@ -1,0 +1,156 @@
+"""Grounding: from a `[SEG]` prompt embedding and one image's features to a mask and a score.
+
+Two decoders behind one interface (`encode` once per image, then `decode` any number of prompts per image):
+
+- `OneWayMaskDecoder` (tiny): SAM-style prompt tokens + ONE-WAY transformer. Per image, pixel features are
+  computed once from the multi-scale skip features (a small FPN down to stride 2, so thin parts survive) and
+  shared by all of that image's prompts; each prompt's tokens cross-attend to the image tokens (the image
+  tokens are never updated per prompt — that is what makes it 4-7x cheaper than SAM's two-way decoder on a
+  CPU); the mask is the dot product of the mask token (through a hypernetwork MLP) with the pixel features.
+- `SamGrounding` (paper): transformers `SamModel`'s vision encoder, prompt encoder and mask decoder; the
+  prompt embedding is SAM's sparse prompt, the dense prompt is SAM's "no mask" embedding (as in LISA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prima.model.config import GroundingConfig
+from prima.model.vision import load_transformers_model
+
+
+@dataclass
+class GroundingImages:
+    """Per-image state computed once and shared by all prompts on that image."""
+
+    tokens: torch.Tensor | None  # one_way: (n, T, D) image tokens with positions added
+    pixels: torch.Tensor  # one_way: (n, P, h, w) pixel features; sam: (n, 256, 64, 64) image embeddings
+
+
+class OneWayMaskDecoder(nn.Module):
+    """Small SAM-style prompt encoder + one-way mask decoder over multi-scale CNN features."""
+
+    def __init__(self, cfg: GroundingConfig, channels: list[int], strides: tuple[int, ...], image_size: int,
+                 token_stride: int):
+        super().__init__()
+        d, p = cfg.hidden_size, cfg.pixel_dim
+        self.prompt_dim = d
+        self.strides = strides
+        self.mask_stride = cfg.mask_stride
+        self.token_index = strides.index(token_stride)
+        grid = image_size // token_stride
+        # image tokens (the transformer's keys/values)
+        self.token_proj = nn.Conv2d(channels[self.token_index], d, 1)
+        self.token_pos = nn.Parameter(torch.randn(1, grid * grid, d) * 0.02)
+        # pixel decoder: lateral 1x1 per scale, top-down sum, 3x3 refinement, down to the mask stride
+        used = [i for i, s in enumerate(strides) if s >= cfg.mask_stride]
+        self.pixel_scales = used
+        self.lateral = nn.ModuleList([nn.Conv2d(channels[i], p, 1) for i in used])
+        self.refine = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(p, p, 3, padding=1), nn.GroupNorm(1, p), nn.GELU()) for _ in used]
+        )
+        # prompt: the [SEG] embedding plus learned mask and score output tokens, as in SAM
+        self.output_tokens = nn.Parameter(torch.randn(2, d) * 0.02)  # 0: mask, 1: score
+        self.layers = nn.ModuleList([OneWayBlock(d, cfg.num_heads) for _ in range(cfg.num_layers)])
+        self.norm = nn.LayerNorm(d)
+        self.hypernetwork = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, p))
+        self.score_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+
+    def encode(self, features: list[torch.Tensor]) -> GroundingImages:
+        """Image tokens and pixel features of n images from their multi-scale features (each (n, C_s, H_s, W_s))."""
+        tokens = self.token_proj(features[self.token_index]).flatten(2).transpose(1, 2) + self.token_pos
+        x = None
+        for k in reversed(range(len(self.pixel_scales))):
+            lateral = self.lateral[k](features[self.pixel_scales[k]])
+            x = lateral if x is None else lateral + F.interpolate(x, size=lateral.shape[-2:], mode="nearest")
+            x = self.refine[k](x)
+        return GroundingImages(tokens=tokens, pixels=x)
+
+    def decode(self, images: GroundingImages, image_index: torch.Tensor, prompts: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits (Q, h, w) at the mask stride and predicted IoU (Q,) in 0..1 for prompts (Q, D) on
+        ``images[image_index]``."""
+        q = prompts.shape[0]
+        x = torch.cat([self.output_tokens.unsqueeze(0).expand(q, -1, -1), prompts.unsqueeze(1)], dim=1)
+        memory = images.tokens[image_index]  # type: ignore[index]
+        for layer in self.layers:
+            x = layer(x, memory)
+        x = self.norm(x)
+        kernels = self.hypernetwork(x[:, 0])  # (Q, P)
+        pixels = images.pixels[image_index]  # (Q, P, h, w)
+        masks = torch.einsum("qp,qphw->qhw", kernels, pixels)
+        return masks, torch.sigmoid(self.score_head(x[:, 1]).squeeze(-1))
+
+
+class OneWayBlock(nn.Module):
+    """Prompt tokens self-attend, cross-attend to the image tokens (which stay fixed), then an MLP."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h, h, need_weights=False)[0]
+        x = x + self.cross_attn(self.norm2(x), memory, memory, need_weights=False)[0]
+        return x + self.mlp(self.norm3(x))
+
+
+class SamGrounding(nn.Module):
+    """transformers `SamModel` (ViT-H at full scale): frozen image encoder, trainable prompt encoder + decoder."""
+
+    def __init__(self, cfg: GroundingConfig, *, load_weights: bool = True):
+        super().__init__()
+        from transformers import SamConfig, SamModel
+
+        if cfg.pretrained and load_weights:
+            self.sam = load_transformers_model(SamModel, cfg.pretrained, "model.grounding.pretrained")
+        else:
+            self.sam = SamModel(SamConfig(**cfg.sam))
+        self.prompt_dim = self.sam.config.prompt_encoder_config.hidden_size
+        if cfg.freeze_encoder:
+            self.sam.vision_encoder.requires_grad_(False)
+
+    def encode(self, pixel_values: torch.Tensor) -> GroundingImages:
+        """SAM image embeddings of n images from their (n, 3, 1024, 1024) grounding pixels."""
+        return GroundingImages(tokens=None, pixels=self.sam.vision_encoder(pixel_values)[0])
+
+    def decode(self, images: GroundingImages, image_index: torch.Tensor, prompts: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res mask logits (Q, 256, 256) and SAM's predicted IoU (Q,) clipped to 0..1, one call per image."""
+        masks = prompts.new_zeros(prompts.shape[0], 0, 0)
+        out_masks: list[torch.Tensor | None] = [None] * prompts.shape[0]
+        out_scores: list[torch.Tensor | None] = [None] * prompts.shape[0]
+        positional = self.sam.get_image_wide_positional_embeddings()
+        dense_size = self.sam.config.prompt_encoder_config.image_embedding_size
+        dense = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(-1, -1, dense_size,
+                                                                                            dense_size)
+        for i in torch.unique(image_index).tolist():
+            rows = (image_index == i).nonzero().flatten()
+            sparse = prompts[rows].reshape(1, len(rows), 1, -1)
+            m, iou = self.sam.mask_decoder(
+                image_embeddings=images.pixels[i : i + 1],
+                image_positional_embeddings=positional,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            for j, r in enumerate(rows.tolist()):
+                out_masks[r], out_scores[r] = m[0, j, 0], iou[0, j, 0].clamp(0.0, 1.0)
+        if not out_masks:
+            return masks, prompts.new_zeros(0)
+        return torch.stack(out_masks), torch.stack(out_scores)  # type: ignore[arg-type]
+
+
+def build_grounding(cfg: GroundingConfig, *, channels: list[int], strides: tuple[int, ...], image_size: int,
+                    token_stride: int, load_weights: bool = True) -> nn.Module:
+    if cfg.kind == "sam":
+        return SamGrounding(cfg, load_weights=load_weights)
+    return OneWayMaskDecoder(cfg, channels, strides, image_size, token_stride)

@@ -1,0 +1,521 @@
+"""`PrimaModel`: vision encoder -> query module (SQuARE or a variant) -> LLM -> `[SEG]` grounding; forward (losses),
+greedy generation with a KV cache and lazy grounding, and safetensors save/load.
+
+Read top to bottom: construction, the pieces of the forward pass, `forward`, `generate`, persistence.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prima.config import save_config, to_dict
+from prima.constants import IMAGE_END, IMAGE_START, IMAGE_TAGS, PHRASE_END, PHRASE_START, SEG_TOKEN
+from prima.errors import PrimaError
+from prima.model.config import ModelConfig, TokenIds, load_model_config, mask_size
+from prima.model.grounding import GroundingImages, build_grounding
+from prima.model.language import build_language_model, hidden_size
+from prima.model.losses import IGNORE_INDEX, mask_losses, score_loss, text_loss
+from prima.model.square import ImageQueryModule
+from prima.model.vision import ImageFeatures, build_vision_encoder
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class PrimaOutput:
+    """What `PrimaModel.forward` returns. Loss terms are None when the batch has no labels / no masks."""
+
+    loss: torch.Tensor | None
+    loss_ce: torch.Tensor | None
+    loss_bce: torch.Tensor | None
+    loss_dice: torch.Tensor | None
+    loss_score: torch.Tensor | None
+    logits: torch.Tensor  # (B, L, V)
+    mask_logits: list[torch.Tensor] = field(default_factory=list)  # per sample: (num [SEG], m, m)
+    mask_scores: list[torch.Tensor] = field(default_factory=list)  # per sample: (num [SEG],) predicted IoU
+    seg_image_index: torch.Tensor | None = None  # (M,) the image (index into the batch's images) of each [SEG]
+
+
+@dataclass
+class GeneratedSegment:
+    phrase: str
+    image: int  # 1-based, as in the answer text
+    mask: np.ndarray  # float32 probabilities at the image's original (height, width)
+    score: float
+
+
+@dataclass
+class GenerationOutput:
+    answer: str
+    segments: list[GeneratedSegment]
+    token_ids: list[int] = field(default_factory=list)
+    grounded_images: list[int] = field(default_factory=list)  # 1-based images the grounding encoder ran on
+
+
+def fill_token_ids(cfg: ModelConfig, processor: Any) -> None:
+    """Record the tokenizer's vocabulary size and every special-token id in ``cfg.tokens`` (checked if present)."""
+    from prima.data.processor import IMAGE_SLOT_TOKEN, check_special_tokens
+
+    tok = processor.tokenizer
+    ids = check_special_tokens(tok)
+    qtok = processor.qformer_tokenizer
+    new = TokenIds(
+        vocab_size=len(tok),
+        qformer_vocab_size=len(qtok) if qtok is not None else len(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        image_slot_id=ids[IMAGE_SLOT_TOKEN],
+        seg_token_id=ids[SEG_TOKEN],
+        phrase_start_id=ids[PHRASE_START],
+        phrase_end_id=ids[PHRASE_END],
+        image_start_id=ids[IMAGE_START],
+        image_end_id=ids[IMAGE_END],
+        image_tag_ids=[ids[t] for t in IMAGE_TAGS],
+    )
+    if cfg.tokens.complete and to_dict(cfg.tokens) != to_dict(new):
+        raise PrimaError(
+            "the tokenizer does not match the token ids recorded in the model config "
+            f"(config: vocab {cfg.tokens.vocab_size}, [SEG] {cfg.tokens.seg_token_id}; tokenizer: vocab "
+            f"{new.vocab_size}, [SEG] {new.seg_token_id}); load the tokenizer saved with the checkpoint"
+        )
+    cfg.tokens = new
+
+
+class PrimaModel(nn.Module):
+    """The PRIMA model, built from a `ModelConfig` (+ a `PrimaProcessor` whose tokenizer fixes the vocabulary).
+
+    ``load_weights=False`` builds every component from its config only (no pretrained/package weights), e.g.
+    on the ``meta`` device for FLOP counting.
+    """
+
+    def __init__(self, cfg: ModelConfig, processor: Any = None, *, load_weights: bool = True):
+        super().__init__()
+        cfg = copy.deepcopy(cfg)
+        if processor is not None:
+            fill_token_ids(cfg, processor)
+        if not cfg.tokens.complete:
+            raise PrimaError("the model config has no token ids: build the model with a processor (tokenizer)")
+        self.config = cfg
+        self.processor = processor
+        self.vision = build_vision_encoder(cfg.vision, load_weights=load_weights)
+        if cfg.vision.frozen:
+            self.vision.requires_grad_(False)
+        self.language = build_language_model(cfg.language, cfg.tokens, load_weights=load_weights)
+        llm_hidden = hidden_size(self.language)
+        self.query = ImageQueryModule(cfg, self.vision.token_dim, llm_hidden, load_weights=load_weights)
+        strides = getattr(self.vision, "strides", (cfg.vision.token_stride,))
+        self.grounding = build_grounding(
+            cfg.grounding,
+            channels=self.vision.channels,
+            strides=strides,
+            image_size=cfg.vision.image_size,
+            token_stride=cfg.vision.token_stride,
+            load_weights=load_weights,
+        )
+        prompt_dim = self.grounding.prompt_dim
+        # the [SEG] hidden state -> the grounding prompt (LISA's text_hidden_fcs)
+        self.seg_projector = nn.Sequential(
+            nn.Linear(llm_hidden, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, prompt_dim)
+        )
+        self.tokens_per_image = (
+            cfg.qformer.num_queries if cfg.uses_qformer else self._grid_tokens()  # type: ignore[union-attr]
+        )
+
+    def _grid_tokens(self) -> int:
+        from prima.model.config import vision_grid_size
+
+        return vision_grid_size(self.config.vision) ** 2
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.query.parameters()).dtype
+
+    def train(self, mode: bool = True) -> PrimaModel:
+        super().train(mode)
+        if self.config.vision.frozen:
+            self.vision.eval()  # frozen: BatchNorm statistics and dropout stay as pretrained
+        return self
+
+    # --- trainable parameters -----------------------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by component (frozen encoders and frozen LLM base excluded).
+
+        Groups: ``language`` (the whole LM when trained from scratch, else LoRA adapters + embeddings),
+        ``query_module`` (Q-Former, global queries, token positions), ``square`` (relational attention or the
+        ablation's context layer), ``projector`` (to LLM width), ``grounding`` ([SEG] MLP + prompt encoder +
+        mask decoder).
+        """
+        groups: dict[str, list[nn.Parameter]] = {
+            "language": [], "query_module": [], "square": [], "projector": [], "grounding": []
+        }
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("language."):
+                groups["language"].append(p)
+            elif name.startswith(("query.relational.", "query.context_proj.")):
+                groups["square"].append(p)
+            elif name.startswith(("query.projection.", "query.projector.")):
+                groups["projector"].append(p)
+            elif name.startswith("query."):
+                groups["query_module"].append(p)
+            elif name.startswith(("grounding.", "seg_projector.")):
+                groups["grounding"].append(p)
+            else:  # a frozen encoder made trainable by the user lands with its nearest component
+                groups["query_module"].append(p)
+        return groups
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.parameter_groups().values() for p in group]
+
+    # --- the pieces of the forward pass -------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        """Frozen vision-encoder features of (N, 3, S, S) pixels: a list of tensors with images first.
+
+        EfficientNet: 5 scales [(N, 16, S/2, S/2), (N, 24, S/4, ..), (N, 40, S/8, ..), (N, 112, S/16, ..),
+        (N, 320, S/32, ..)]; ViT: [(N, T, D)]. This is the format of ``batch["image_features"]`` (cacheable).
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.vision.frozen):
+            return self.vision(pixel_values.to(self.device, self.dtype))
+
+    def visual_tokens(
+        self,
+        features: ImageFeatures,
+        image_sample_index: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """V: (N, T, llm_hidden), the tokens each image contributes to the prompt."""
+        tokens = self.vision.tokens([f.to(self.dtype) for f in features])
+        return self.query(tokens, image_sample_index, qformer_input_ids, qformer_attention_mask)
+
+    def embed_prompt(self, input_ids: torch.Tensor, visual: torch.Tensor, num_images: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with every image's slot positions replaced by its visual tokens (checked, not assumed)."""
+        t = self.config.tokens
+        slots = input_ids == t.image_slot_id
+        starts = (input_ids == t.image_start_id).sum(1)
+        per_image = self.tokens_per_image
+        for b in range(input_ids.shape[0]):
+            n = int(num_images[b])
+            if int(starts[b]) != n:
+                raise PrimaError(
+                    f"sample {b}: the prompt has {int(starts[b])} image block(s) but {n} image(s) were given"
+                )
+            if int(slots[b].sum()) != n * per_image:
+                raise PrimaError(
+                    f"sample {b}: the prompt has {int(slots[b].sum())} image-token slots; {n} image(s) x "
+                    f"{per_image} tokens were expected (was the prompt made by this model's processor?)"
+                )
+        embeds = self.language.get_input_embeddings()(input_ids)
+        return embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    def seg_targets(self, input_ids: torch.Tensor, image_offsets: torch.Tensor, num_images: torch.Tensor,
+                    labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (rows, cols) of the answer's [SEG] tokens and the batch image each is routed to (its tag)."""
+        t = self.config.tokens
+        is_seg = input_ids == t.seg_token_id
+        if labels is not None:
+            is_seg &= labels != IGNORE_INDEX
+        rows, cols = is_seg.nonzero(as_tuple=True)
+        tag_to_image = {tid: k for k, tid in enumerate(t.image_tag_ids)}
+        images = []
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            nxt = int(input_ids[r, c + 1]) if c + 1 < input_ids.shape[1] else None
+            k = tag_to_image.get(nxt) if nxt is not None else None
+            if k is None or k >= int(num_images[r]):
+                raise PrimaError(
+                    f"sample {r}: a [SEG] is not followed by an image tag (IMAGE1)..(IMAGE{int(num_images[r])})"
+                )
+            images.append(int(image_offsets[r]) + k)
+        return torch.stack([rows, cols]), torch.tensor(images, dtype=torch.long, device=input_ids.device)
+
+    def encode_grounding(self, batch: dict[str, Any], features: ImageFeatures, images: torch.Tensor
+                         ) -> GroundingImages:
+        """Grounding state for the given batch images only (lazy: unnamed images are never encoded)."""
+        if self.config.grounding.kind == "sam":
+            if batch.get("grounding_features") is not None:
+                return GroundingImages(tokens=None, pixels=batch["grounding_features"][images].to(self.dtype))
+            pixels = batch.get("grounding_pixel_values")
+            if pixels is None:
+                raise PrimaError("SAM grounding needs batch['grounding_pixel_values'] (or 'grounding_features')")
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.grounding.freeze_encoder):
+                return self.grounding.encode(pixels[images].to(self.device, self.dtype))
+        return self.grounding.encode([f[images].to(self.dtype) for f in features])
+
+    def predict_masks(self, hidden: torch.Tensor, seg_images: torch.Tensor, batch: dict[str, Any],
+                      features: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits (M, m, m) at the model's mask size and scores (M,) for [SEG] hidden states (M, H)."""
+        used, local = torch.unique(seg_images, return_inverse=True)
+        state = self.encode_grounding(batch, features, used)
+        logits, scores = self.grounding.decode(state, local, self.seg_projector(hidden))
+        side = mask_size(self.config)
+        if logits.shape[-1] != side:
+            logits = F.interpolate(logits.unsqueeze(1), size=(side, side), mode="bilinear", align_corners=False)
+            logits = logits.squeeze(1)
+        return logits, scores
+
+    # --- forward ------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> PrimaOutput:
+        """Losses and outputs for a batch made by `prima.data.collate.collate_samples`.
+
+        Image inputs: ``pixel_values`` (N, 3, S, S), or precomputed ``image_features`` from `encode_images`
+        (same images, same order). Labels and masks are optional (no labels: no losses).
+        """
+        dev = self.device
+        input_ids = batch["input_ids"].to(dev)
+        attention_mask = batch.get("attention_mask")
+        attention_mask = attention_mask.to(dev) if attention_mask is not None else torch.ones_like(input_ids)
+        labels = batch.get("labels")
+        labels = labels.to(dev) if labels is not None else None
+        image_sample_index = batch["image_sample_index"].to(dev)
+        num_images = torch.bincount(image_sample_index, minlength=input_ids.shape[0])
+        if int(num_images.max()) > self.config.max_images:
+            raise PrimaError(f"a sample has {int(num_images.max())} images; this model takes 1..{self.config.max_images}")
+        image_offsets = torch.cumsum(num_images, 0) - num_images
+        if batch.get("image_features") is not None:
+            features = [f.to(dev) for f in batch["image_features"]]
+        elif batch.get("pixel_values") is not None:
+            features = self.encode_images(batch["pixel_values"])
+        else:
+            raise PrimaError("the batch has neither 'pixel_values' nor 'image_features'")
+        qids, qmask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
+        visual = self.visual_tokens(
+            features, image_sample_index, qids.to(dev) if qids is not None else None,
+            qmask.to(dev) if qmask is not None else None,
+        )
+        embeds = self.embed_prompt(input_ids, visual, num_images)
+        out = self.language(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True,
+                            use_cache=False)
+        logits = out.logits
+        positions, seg_images = self.seg_targets(input_ids, image_offsets, num_images, labels)
+        mask_logits = logits.new_zeros(0, 1, 1)
+        scores = logits.new_zeros(0)
+        if seg_images.numel():
+            hidden = out.hidden_states[-1][positions[0], positions[1]]
+            mask_logits, scores = self.predict_masks(hidden, seg_images, batch, features)
+
+        loss = loss_ce = loss_bce = loss_dice = loss_score = None
+        w = self.config.loss
+        if labels is not None:
+            loss_ce = text_loss(logits, labels)
+            loss = w.ce * loss_ce
+        targets = batch.get("masks")
+        if targets is not None and labels is not None:
+            targets = targets.to(dev, torch.float32)
+            if targets.shape[0] != seg_images.numel():
+                raise PrimaError(f"the batch has {targets.shape[0]} GT masks for {seg_images.numel()} [SEG] tokens")
+            if "mask_image_index" in batch and not torch.equal(batch["mask_image_index"].to(dev), seg_images):
+                raise PrimaError("the GT masks' images differ from the images the answers' [SEG] tags name")
+            if seg_images.numel():
+                loss_bce, loss_dice = mask_losses(mask_logits, targets, seg_images)
+                loss_score = score_loss(scores, mask_logits.detach(), targets)
+            else:  # keep the mask branch in the graph so distributed training sees every parameter used
+                loss_bce = loss_dice = loss_score = sum(p.sum() for p in self.seg_projector.parameters()) * 0.0
+            loss = loss + w.bce * loss_bce + w.dice * loss_dice + w.score * loss_score
+        per_sample = torch.bincount(positions[0], minlength=input_ids.shape[0]).tolist()
+        return PrimaOutput(
+            loss=loss, loss_ce=loss_ce, loss_bce=loss_bce, loss_dice=loss_dice, loss_score=loss_score,
+            logits=logits, mask_logits=list(torch.split(mask_logits, per_sample)),
+            mask_scores=list(torch.split(scores, per_sample)), seg_image_index=seg_images,
+        )
+
+    # --- generation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, images: list[Any], question: str, max_new_tokens: int = 96) -> GenerationOutput:
+        """Greedy answer with a KV cache, then masks for every [SEG] (lazy grounding: named images only).
+
+        Every [SEG] is followed by an image tag: the step after a [SEG] may only choose among (IMAGE1)..(IMAGEn)
+        (the most likely of them), so each mask is bound to exactly one of the given images. Tags of images
+        that were not given, image-block tokens and padding are never generated.
+        """
+        from prima.data.processor import load_image
+
+        if self.processor is None:
+            raise PrimaError("generate needs the model's processor (tokenizer); load with PrimaModel.from_pretrained")
+        n = len(images)
+        if not 1 <= n <= self.config.max_images:
+            raise PrimaError(f"got {n} images; this model takes 1..{self.config.max_images}")
+        pil = [load_image(im) for im in images]
+        proc, t, dev = self.processor, self.config.tokens, self.device
+        batch: dict[str, Any] = {"image_sample_index": torch.zeros(n, dtype=torch.long, device=dev)}
+        features = self.encode_images(proc.preprocess_images(pil))
+        qids = torch.tensor([proc.encode_qformer_text(question)], device=dev)
+        visual = self.visual_tokens(features, batch["image_sample_index"], qids, torch.ones_like(qids))
+        prompt = torch.tensor([proc.encode_prompt(question, n)], device=dev)
+        embeds = self.embed_prompt(prompt, visual, torch.tensor([n]))
+
+        banned = torch.zeros(t.vocab_size, dtype=torch.bool, device=dev)  # type: ignore[arg-type]
+        for tid in (t.image_slot_id, t.image_start_id, t.image_end_id, t.bos_token_id, t.pad_token_id,
+                    *t.image_tag_ids[n:]):
+            if tid is not None and tid != t.eos_token_id:
+                banned[tid] = True
+        tag_only = torch.ones_like(banned)
+        tag_only[t.image_tag_ids[:n]] = False
+
+        out = self.language(inputs_embeds=embeds, use_cache=True)
+        past, logits = out.past_key_values, out.logits[0, -1]
+        generated: list[int] = []
+        seg_hidden: list[torch.Tensor] = []
+        while True:
+            after_seg = bool(generated) and generated[-1] == t.seg_token_id
+            if len(generated) >= max_new_tokens and not after_seg:
+                break
+            step_logits = logits.float().masked_fill(tag_only if after_seg else banned, float("-inf"))
+            token = int(step_logits.argmax())
+            generated.append(token)
+            if token == t.eos_token_id:
+                break
+            token_embed = self.language.get_input_embeddings()(torch.tensor([[token]], device=dev))
+            out = self.language(inputs_embeds=token_embed, past_key_values=past, use_cache=True,
+                                output_hidden_states=token == t.seg_token_id)
+            past, logits = out.past_key_values, out.logits[0, -1]
+            if token == t.seg_token_id:  # its hidden state (as an input position) is the grounding query
+                seg_hidden.append(out.hidden_states[-1][0, -1])
+
+        answer_ids = [i for i in generated if i != t.eos_token_id]
+        segments, grounded = self._segments(answer_ids, seg_hidden, batch, features, pil, n)
+        return GenerationOutput(answer=proc.decode(answer_ids), segments=segments, token_ids=answer_ids,
+                                grounded_images=grounded)
+
+    def _segments(self, ids: list[int], seg_hidden: list[torch.Tensor], batch: dict[str, Any],
+                  features: ImageFeatures, pil: list[Any], n: int) -> tuple[list[GeneratedSegment], list[int]]:
+        t = self.config.tokens
+        tag_to_image = {tid: k for k, tid in enumerate(t.image_tag_ids[:n])}
+        phrases, images = [], []
+        for pos, tok in enumerate(ids):
+            if tok != t.seg_token_id:
+                continue
+            images.append(tag_to_image[ids[pos + 1]])  # generate() forces a tag after every [SEG]
+            phrases.append(self._phrase_before(ids, pos))
+        if not images:
+            return [], []
+        if self.config.grounding.kind == "sam":
+            batch["grounding_pixel_values"] = self.processor.preprocess_grounding_images(pil)
+        seg_images = torch.tensor(images, device=self.device)
+        logits, scores = self.predict_masks(torch.stack(seg_hidden[: len(images)]), seg_images, batch, features)
+        segments = []
+        for q, k in enumerate(images):
+            h, w = pil[k].height, pil[k].width
+            prob = torch.sigmoid(
+                F.interpolate(logits[q][None, None].float(), size=(h, w), mode="bilinear", align_corners=False)
+            )[0, 0]
+            segments.append(GeneratedSegment(phrases[q], k + 1, prob.cpu().numpy().astype(np.float32),
+                                             float(scores[q])))
+        return segments, sorted({k + 1 for k in images})
+
+    def _phrase_before(self, ids: list[int], seg_pos: int) -> str:
+        """The text of the `<p> ... </p>` that ends right before the [SEG] at ``seg_pos`` ('' if there is none)."""
+        t = self.config.tokens
+        end = seg_pos - 1
+        if end < 0 or ids[end] != t.phrase_end_id:
+            return ""
+        start = end - 1
+        while start >= 0 and ids[start] not in (t.phrase_start_id, t.seg_token_id, t.phrase_end_id):
+            start -= 1
+        if start < 0 or ids[start] != t.phrase_start_id:
+            return ""
+        return self.processor.decode(ids[start + 1 : end]).strip()
+
+    # --- persistence --------------------------------------------------------------------------------------------
+    def external_weight_prefixes(self) -> list[str]:
+        """State-dict prefixes reloaded from their source instead of being stored in model.safetensors."""
+        cfg, prefixes = self.config, []
+        if cfg.vision.frozen and (
+            (cfg.vision.kind == "efficientnet_lite0" and cfg.vision.package_weights) or cfg.vision.pretrained
+        ):
+            prefixes.append("vision.")
+        if cfg.grounding.kind == "sam" and cfg.grounding.pretrained and cfg.grounding.freeze_encoder:
+            prefixes.append("grounding.sam.vision_encoder.")
+        if cfg.qformer is not None and cfg.qformer.pretrained and cfg.qformer.frozen:
+            prefixes.append("query.qformer.")
+        if cfg.language.pretrained and cfg.language.freeze_base:
+            prefixes += [f"language.{n}" for n, p in self.language.named_parameters() if not p.requires_grad]
+        return prefixes
+
+    def stored_state_dict(self) -> dict[str, torch.Tensor]:
+        """What model.safetensors holds: the state dict minus external weights and minus tied duplicates."""
+        prefixes = tuple(self.external_weight_prefixes())
+        seen: set[tuple[int, int]] = set()
+        out = {}
+        for name, tensor in self.state_dict().items():
+            if prefixes and (name.startswith(prefixes)):
+                continue
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.device.type != "meta" \
+                else (id(tensor), 0)
+            if key in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
+                continue
+            seen.add(key)
+            out[name] = tensor
+        return out
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write model.safetensors + config.yaml (model section, token ids included) + tokenizer/processor files."""
+        from safetensors.torch import save_file
+
+        if self.processor is None:
+            raise PrimaError("save_pretrained needs the model's processor (tokenizer) to make a loadable checkpoint")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(self.config)
+        cfg.external_weights = self.external_weight_prefixes()
+        state = {k: v.detach().contiguous().cpu() for k, v in self.stored_state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_config(_ModelSection(cfg), directory / CONFIG_FILE)
+        self.processor.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> PrimaModel:
+        """Load a checkpoint folder; missing or unexpected weights are an error, nothing is unpickled."""
+        from safetensors.torch import load_file
+
+        from prima.data.processor import PrimaProcessor
+
+        directory = Path(directory)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            if not (directory / name).is_file():
+                raise PrimaError(f"{directory} is not a PRIMA checkpoint: {name} is missing")
+        cfg = load_model_config(directory / CONFIG_FILE)
+        processor = PrimaProcessor.from_pretrained(directory)
+        model = cls(cfg, processor)
+        state = load_file(str(directory / WEIGHTS_FILE))
+        expected = set(model.stored_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise PrimaError(
+                f"{directory / WEIGHTS_FILE} does not match the model of its config.yaml: "
+                f"{len(missing)} missing weight(s) {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}"
+            )
+        model.load_state_dict(state, strict=False)  # the rest are external weights, loaded from their source
+        model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+        return model.eval()
+
+
+@dataclass
+class _ModelSection:
+    """config.yaml of a checkpoint: the model section, so `load_model_config(path)` reads it like a preset."""
+
+    model: ModelConfig
+
+
+def create_model(cfg: ModelConfig, texts: Any = None, *, load_weights: bool = True) -> PrimaModel:
+    """A new model and its processor: the tokenizer trained on ``texts`` (tiny) or loaded (``tokenizer.pretrained``)."""
+    from prima.data.processor import PrimaProcessor, load_tokenizers
+
+    tokenizer, qformer_tokenizer = load_tokenizers(cfg, texts)
+    processor = PrimaProcessor.from_config(cfg, tokenizer, qformer_tokenizer)
+    return PrimaModel(cfg, processor, load_weights=load_weights)
