@@ -1,0 +1,192 @@
+"""`prima eval` (with a fake predictor), `prima score` and `prima compare` through the real command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prima.cli import main
+from prima.data.masks import encode_rle
+from prima.evaluation.eval_run import run_eval
+from prima.evaluation.metrics import phrase_words
+
+_VOCAB: dict[str, int] = {}
+
+
+def bag_of_words(phrases):
+    """Unit-norm word-count vectors: exact cosines without loading a sentence model."""
+    out = np.zeros((len(phrases), 256))
+    for i, p in enumerate(phrases):
+        for w in phrase_words(p):
+            out[i, _VOCAB.setdefault(w, len(_VOCAB))] += 1.0
+        n = np.linalg.norm(out[i])
+        if n:
+            out[i] /= n
+    return out
+
+
+class BagOfWordsEmbedder:
+    """Stands in for PhraseEmbedder in CLI tests (same call signature and `name`)."""
+
+    name = "bag-of-words (test)"
+
+    def __init__(self, model_path=None, device="cpu"):
+        pass
+
+    def __call__(self, phrases):
+        return bag_of_words(phrases)
+
+
+def box(y0, x0, y1, x1, size=(16, 16)):
+    m = np.zeros(size, dtype=bool)
+    m[y0:y1, x0:x1] = True
+    return encode_rle(m)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Three samples with real 16x16 PNGs (prima eval opens them); returns the samples JSONL."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for n in range(3):
+        images = []
+        for k in range(2):
+            name = f"images/{n}_{k + 1}.png"
+            Image.new("RGB", (16, 16), (40 * n, 80, 120)).save(root / name)
+            images.append(name)
+        segments = [{"phrase": "red chair", "image": 2, "mask": box(0, 0, 8, 8)}] if n != 1 else []
+        answer = "The <p> red chair </p> [SEG] (IMAGE2)." if segments else "There is no chair."
+        rows.append(
+            {
+                "id": f"s{n}",
+                "images": images,
+                "question": f"Question {n}: where is the chair?",
+                "answer": answer,
+                "category": "spatial",
+                "segments": segments,
+            }
+        )
+    path = root / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+class FakeOutput:
+    def __init__(self, answer, segments):
+        self.answer, self.segments = answer, segments
+
+    def to_json(self):
+        return {"answer": self.answer, "segments": self.segments}
+
+
+class FakePredictor:
+    """Answers every question with the GT of the sample asked (looked up by question); records its calls."""
+
+    def __init__(self, data_path):
+        rows = [json.loads(x) for x in data_path.read_text().splitlines()]
+        self.by_question = {r["question"]: r for r in rows}
+        self.calls = []
+
+    def predict(self, images, question):
+        self.calls.append(("predict", list(images), question))
+        for path in images:
+            assert Image.open(path).size == (16, 16)  # real, resolved image paths reach the predictor
+        r = self.by_question[question]
+        segments = [dict(s, score=1.0, bbox=[0, 0, 8, 8]) for s in r["segments"]]
+        return FakeOutput(r["answer"], segments)
+
+    def predict_batch(self, queries):
+        queries = list(queries)
+        self.calls.append(("predict_batch", len(queries)))
+        return [self.predict(images, q) for images, q in queries]
+
+
+def test_run_eval_predicts_then_scores(dataset, tmp_path):
+    fake = FakePredictor(dataset)
+    out = tmp_path / "run"
+    result = run_eval(None, dataset, out, predictor=fake, embed=bag_of_words, wordnet="none")
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["s0", "s1", "s2"]
+    assert json.loads(lines[0])["segments"][0]["mask"] == box(0, 0, 8, 8)
+    assert result["num_samples"] == 3 and result["miou"] == 1.0 and result["recall"] == 1.0
+    assert result["no_mask_acc"] == 1.0
+    assert json.loads((out / "metrics.json").read_text())["ground_truth"] == str(dataset)
+    assert (out / "report.md").is_file() and (out / "by_category.png").is_file()
+    assert [c[0] for c in fake.calls] == ["predict"] * 3
+
+
+def test_run_eval_limit_and_batch_size(dataset, tmp_path):
+    fake = FakePredictor(dataset)
+    result = run_eval(
+        None, dataset, tmp_path / "run", limit=2, batch_size=2, predictor=fake, embed=bag_of_words, wordnet="none"
+    )
+    assert result["num_samples"] == 2 and result["num_missing_predictions"] == 0  # the limit is not "missing"
+    assert fake.calls[0] == ("predict_batch", 2)
+    assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_path, monkeypatch, capsys):
+    from prima.evaluation import similarity
+    from prima.inference import predictor
+
+    loaded = {}
+
+    def fake_from_pretrained(path=None, device="cpu", **kwargs):
+        loaded.update(path=path, device=device)
+        return FakePredictor(dataset)
+
+    monkeypatch.setattr(predictor.PrimaPredictor, "from_pretrained", staticmethod(fake_from_pretrained))
+    monkeypatch.setattr(similarity, "PhraseEmbedder", BagOfWordsEmbedder)
+    out = tmp_path / "run"
+    code = main(["eval", "--checkpoint", "ckpt/x", "--data", str(dataset), "--out", str(out), "--wordnet", "none"])
+    assert code == 0
+    assert loaded == {"path": "ckpt/x", "device": "cpu"}
+    printed = capsys.readouterr().out
+    assert "3 samples" in printed and "miou=100.00" in printed
+    assert json.loads((out / "metrics.json").read_text())["phrase_model"] == "bag-of-words (test)"
+
+
+def test_eval_command_rejects_a_bad_limit(dataset, tmp_path, capsys):
+    assert main(["eval", "--data", str(dataset), "--out", str(tmp_path / "o"), "--limit", "0"]) == 2
+    assert "--limit must be at least 1" in capsys.readouterr().err
+
+
+def test_score_command_writes_outputs_and_malformed_input_is_a_one_line_error(dataset, tmp_path, monkeypatch, capsys):
+    from prima.evaluation import similarity
+
+    monkeypatch.setattr(similarity, "PhraseEmbedder", BagOfWordsEmbedder)
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text(json.dumps({"id": "s0", "answer": "The red chair.", "segments": []}) + "\n")
+    out = tmp_path / "scored"
+    assert main(["score", "--pred", str(pred), "--gt", str(dataset), "--out", str(out), "--wordnet", "none"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["missing_prediction_ids"] == ["s1", "s2"]
+    assert metrics["no_mask_acc"] == 1.0 and metrics["miou"] == 0.0
+    capsys.readouterr()
+
+    pred.write_text('{"id": "s0", "answer": "x", "segments": []}\n{"id": "s1", "answer": 3}\n')
+    assert main(["score", "--pred", str(pred), "--gt", str(dataset), "--out", str(out), "--wordnet", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{pred}:2" in err and "field 'answer'" in err and "Traceback" not in err
+
+
+def test_compare_command_makes_one_table_of_several_runs(tmp_path, capsys):
+    for name, miou in (("square", 0.4623), ("pooling", 0.4434)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"miou": miou, "recall": None, "num_samples": 10}))
+    table_path = tmp_path / "table.md"
+    assert main(["compare", str(tmp_path / "square"), str(tmp_path / "pooling"), "--out", str(table_path)]) == 0
+    table = table_path.read_text()
+    assert table == capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| run | N | mIoU | Recall |")
+    assert rows[1].startswith("| square | 10 | 46.23 | – |")
+    assert rows[2].startswith("| pooling | 10 | 44.34 | – |")
+
+    assert main(["compare", str(tmp_path / "square"), str(tmp_path / "nothing")]) == 2
+    assert "no metrics.json in" in capsys.readouterr().err
