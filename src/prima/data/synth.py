@@ -10,11 +10,12 @@ The scene catalogue is in ``synth_shapes``, layout in ``synth_scene``, question 
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from prima.constants import MAX_IMAGES
 from prima.data.schema import Sample, write_samples
@@ -23,7 +24,7 @@ from prima.errors import PrimaError
 
 SPLITS = ("train", "val", "test")
 _SALT = 0x4D345347  # "M4SG": keeps these streams apart from any other use of the same seed
-PNG_COMPRESS_LEVEL = 1  # fast to write; files are ~2x larger than at level 9
+PNG_COMPRESS_LEVEL = 1  # zlib level: fast to write; files ~10 KB at 256 px
 
 __all__ = ["CROSS_IMAGE_FAMILIES", "FAMILIES", "SPLITS", "generate_dataset", "generate_sample", "sample_rng"]
 
@@ -53,10 +54,31 @@ def generate_sample(
     return sample, [scene.image for scene in draft.scenes]
 
 
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A lossless RGB PNG of (H, W, 3) uint8 pixels: 'up' filter on every row, zlib level 1.
+
+    Same size as Pillow's compress_level=1 on these scenes but ~3x faster (Pillow tries filters per row),
+    and deterministic byte for byte. Any PNG reader decodes it.
+    """
+    h, w, _ = pixels.shape
+    rows = pixels.reshape(h, w * 3)
+    raw = np.empty((h, w * 3 + 1), dtype=np.uint8)
+    raw[:, 0] = 2  # filter type 'up': each byte minus the byte above (above row 0 counts as zeros)
+    raw[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    idat = zlib.compress(raw.tobytes(), PNG_COMPRESS_LEVEL)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
 def _make_and_save(index: int, *, out: Path, seed: int, split: str, min_images: int, max_images: int, size: int):
     sample, images = generate_sample(seed, split, index, min_images=min_images, max_images=max_images, size=size)
     for rel, pixels in zip(sample.images, images):
-        Image.fromarray(pixels).save(out / rel, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        (out / rel).write_bytes(png_bytes(pixels))
     return sample
 
 

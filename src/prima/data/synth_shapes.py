@@ -277,11 +277,18 @@ def shade(rgb: tuple[int, int, int], role: str) -> tuple[int, int, int]:
     return tuple(int(v) for v in out.round())
 
 
-def part_colours(category: Category, colour: str) -> np.ndarray:
-    """(1 + parts, 3) uint8 lookup: row i is part i's colour for an object of ``colour``."""
+def part_colours(category: Category, colour: str, recolour: tuple[tuple[str, str], ...] = ()) -> np.ndarray:
+    """(1 + parts, 3) uint8 lookup: row i is part i's colour for an object of ``colour``.
+
+    ``recolour`` paints named parts in a named colour of their own (the odd part of an otherwise equal object).
+    """
     main = COLOURS[colour]
+    own = dict(recolour)
     rows = [(0, 0, 0)]
     for part in category.parts:
+        if part.name in own:
+            rows.append(COLOURS[own[part.name]])
+            continue
         if part.colour in MATERIALS:
             rgb = MATERIALS[part.colour]
             # A material too close to the object's own colour would hide the part's outline: shade instead.
