@@ -41,9 +41,11 @@ from prima.data.coco import (
     display_name,
     load_coco,
     load_isthing,
-    segmentation_mask,
+    rle_box,
+    rle_pixels,
+    segmentation_to_rle,
 )
-from prima.data.masks import RLE, encode_rle, mask_bbox
+from prima.data.masks import RLE
 from prima.data.schema import CATEGORIES, Sample, Segment, image_size, validate_sample, write_jsonl
 from prima.errors import PrimaError, SampleError
 
@@ -212,14 +214,14 @@ def load_images(
             report.skip("crowd part annotation", where)
             continue
         try:
-            mask = segmentation_mask(ann.segmentation, info.height, info.width)
+            rle = segmentation_to_rle(ann.segmentation, info.height, info.width)
         except ValueError as e:
             report.skip("bad part segmentation", f"{where}: {e}")
             continue
-        if mask.sum() < options.min_area * info.height * info.width:
-            report.skip("tiny part mask", f"{where}: {int(mask.sum())} pixels")
+        if rle_pixels(rle) < options.min_area * info.height * info.width:
+            report.skip("tiny part mask", f"{where}: {rle_pixels(rle)} pixels")
             continue
-        obj.parts.setdefault(display_name(category.name), encode_rle(mask))
+        obj.parts.setdefault(display_name(category.name), rle)
 
     report.images_used = len(entries)
     return list(entries.values())
@@ -254,16 +256,15 @@ def _instance(
         report.skip("crowd annotation", where)
         return None
     try:
-        mask = segmentation_mask(ann.segmentation, info.height, info.width)
+        rle = segmentation_to_rle(ann.segmentation, info.height, info.width)
     except ValueError as e:
         report.skip("bad segmentation", f"{where}: {e}")
         return None
-    area = int(mask.sum())
+    area = rle_pixels(rle)
     if area < options.min_area * info.height * info.width:
         report.skip("tiny mask", f"{where}: {area} pixels")
         return None
-    x, y, w, h = mask_bbox(mask)
-    return Instance(ann.id, name, isthing, encode_rle(mask), area, (x, y, x + w, y + h))
+    return Instance(ann.id, name, isthing, rle, area, rle_box(rle))
 
 
 # -------------------------------------------------------------------------------------------- wording

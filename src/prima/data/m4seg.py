@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from prima.constants import MAX_IMAGES, SEG_TOKEN, image_tag
-from prima.data.coco import CocoIndex, display_name, load_coco, segmentation_to_rle
+from prima.data.coco import CocoIndex, ImageInfo, display_name, load_coco, segmentation_to_rle
 from prima.data.schema import Sample, Segment, validate_sample, write_jsonl
 from prima.errors import PrimaError, SampleError
 
@@ -86,6 +86,15 @@ class SourceDataset:
     name: str
     annotations: CocoIndex
     image_root: Path
+    _paths: dict = field(default_factory=dict, repr=False)  # image id -> (absolute path, exists)
+
+    def image_path(self, info: ImageInfo, *, check: bool) -> tuple[Path, bool]:
+        """The image's absolute path and whether the file exists (looked up once per image, then cached)."""
+        found = self._paths.get(info.id)
+        if found is None:
+            path = Path(os.path.abspath(self.image_root / info.file_name))
+            found = self._paths[info.id] = (path, path.is_file() if check else True)
+        return found
 
 
 @dataclass
@@ -320,11 +329,12 @@ def convert_record(
                 "unknown image id", f"img_ids[{k - 1}] = {img_id!r} is not in {source.annotations.path.name}"
             )
         images.append(info)
-    paths = [(source.image_root / info.file_name).resolve() for info in images]
-    if check_images:
-        for k, p in enumerate(paths, start=1):
-            if not p.is_file():
-                raise RecordError("image file missing", f"image {k} ({p}) does not exist")
+    paths = []
+    for k, info in enumerate(images, start=1):
+        path, exists = source.image_path(info, check=check_images)
+        if check_images and not exists:
+            raise RecordError("image file missing", f"image {k} ({path}) does not exist")
+        paths.append(path)
 
     phrases: dict[str, tuple[str, int]] = {}  # code -> (phrase, image) of codes already grounded
     next_grounding = [0] * (len(images) + 1)  # per image (1-based): groundings consumed so far
