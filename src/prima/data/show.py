@@ -15,7 +15,7 @@ from prima.data.stats import samples_path
 from prima.errors import PrimaError
 from prima.visualize import color_for, overlay_masks
 
-TILE = 320  # each image is shown at least this wide, so 128 px samples stay legible
+TILE = 256  # smaller images are enlarged by a whole factor towards this width, to stay legible
 MARGIN = 10
 
 
