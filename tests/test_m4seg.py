@@ -176,6 +176,12 @@ def test_a_broken_json_list_stops_with_the_record_index(tmp_path):
     broken.write_text('[{"a": 1}, {"a": 2,, }]')
     with pytest.raises(PrimaError, match="record 1"):
         list(iter_records(broken))
+    endless = tmp_path / "endless.json"
+    endless.write_text('[{"a": 1}, {"a": "' + "x" * 100_000)  # a string that never ends
+    with endless.open() as f:  # the parser gives up without reading the rest of the file into memory
+        with pytest.raises(PrimaError, match="record 1"):
+            list(iter_json_array(f, path=endless, chunk_chars=16, max_record_chars=64))
+        assert f.tell() < 1000
     truncated = tmp_path / "truncated.json"
     truncated.write_text('[{"a": 1}, {"a": ')
     with pytest.raises(PrimaError, match="record 1"):

@@ -125,14 +125,18 @@ class ConversionReport:
 # ----------------------------------------------------------------------------------------------- input
 
 
-def iter_json_array(f: TextIO, *, path: Path, chunk_chars: int = 1 << 20) -> Iterator[Any]:
+def iter_json_array(
+    f: TextIO, *, path: Path, chunk_chars: int = 1 << 20, max_record_chars: int = 1 << 26
+) -> Iterator[Any]:
     """Yield the elements of a top-level JSON list one by one without reading the whole file.
 
     Python's ``JSONDecoder.raw_decode`` parses one value from a buffer that holds the next chunk of
     the file; when a value runs past the buffer's end, the next chunk is appended and the value
     parsed again. Memory is bounded by the largest single record plus one chunk, and no package
     beyond the standard library is needed. A syntax error can't be skipped (the list can't be
-    resynchronised), so it stops the run with a PrimaError naming the record and character offset.
+    resynchronised), so it stops the run with a PrimaError naming the record and character offset;
+    so does a record longer than ``max_record_chars``, which also keeps a broken file from being
+    read whole into the buffer while the parser waits for the end of a value that never comes.
     """
     decoder = json.JSONDecoder()
     buf, pos, consumed, eof = "", 0, 0, False
@@ -174,9 +178,10 @@ def iter_json_array(f: TextIO, *, path: Path, chunk_chars: int = 1 << 20) -> Ite
                 if end < len(buf) or eof:  # a number at the buffer's end may continue in the next chunk
                     break
             except json.JSONDecodeError as e:
-                if eof:
+                if eof or len(buf) - pos > max_record_chars:
                     raise PrimaError(
                         f"{path}: invalid JSON in record {index} near character {consumed + e.pos}: {e.msg}"
+                        + ("" if eof else f" (or a record longer than {max_record_chars} characters)")
                     ) from None
             more()  # at eof the next pass reports the error or accepts the value
         pos = end
