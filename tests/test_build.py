@@ -204,6 +204,24 @@ def test_not_a_coco_file_is_a_clear_error(tmp_path):
         load_coco(no_images)
 
 
+def test_coco_file_is_read_in_any_key_order(tmp_path):
+    reordered = tmp_path / "reordered.json"
+    reordered.write_text(
+        '{"annotations": [{"id": 7, "image_id": 1, "category_id": 2, "segmentation": [[0, 0, 4, 0, 4, 4]]},'
+        ' {"id": 8, "image_id": 1, "category_id": 3}],'
+        ' "info": {"nested": [1, {"deep": "]}"}]}, "categories": [{"id": 2, "name": "cup"}],'
+        ' "images": [{"id": 1, "file_name": "x.png", "height": 5, "width": 6}]}'
+    )
+    index = load_coco(reordered)
+    assert list(index.annotations) == [7] and index.annotations[7].segmentation == [[0, 0, 4, 0, 4, 4]]
+    assert index.skipped == {"annotation of an unknown category": 1}
+    assert index.image("1").file_name == "x.png"
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [{"id": 1,, }], "categories": []}')
+    with pytest.raises(PrimaError, match=r"invalid JSON in images\[\] 0"):
+        load_coco(broken)
+
+
 def test_names_read_as_words():
     assert display_name("mouse_(computer_equipment)") == "mouse"
     assert display_name("trash_can") == "trash can"

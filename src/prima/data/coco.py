@@ -15,10 +15,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from pycocotools import mask as mask_utils
 
+from prima.data.jsonstream import JsonStream
 from prima.data.masks import RLE
 from prima.errors import PrimaError
 
@@ -160,72 +161,103 @@ def load_coco(
 ) -> CocoIndex:
     """Load a COCO-format annotation file (``images``, ``categories``, optional ``annotations``).
 
-    ``keep_segmentations=False`` drops the masks as they are read, for callers that only need the
-    id lookups (M4Seg carries its own masks). ``stuff_categories`` maps category id -> isthing, for
-    files whose categories lack COCO-panoptic's ``isthing`` flag (see ``load_isthing``).
+    The file is streamed entry by entry (``prima.data.jsonstream``), so a PACO-LVIS file of several
+    hundred MB never sits in memory as one parsed tree. ``keep_segmentations=False`` drops the masks
+    as they are read, for callers that only need the id lookups (M4Seg carries its own masks).
+    ``stuff_categories`` maps category id -> isthing, for files whose categories lack
+    COCO-panoptic's ``isthing`` flag (see ``load_isthing``).
     """
     path = Path(path)
-    data = read_json_file(path, "COCO annotation file")
-    if not isinstance(data, dict):
-        raise PrimaError(f"{path}: expected a COCO annotation object with 'images' and 'categories', got a list")
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            raise PrimaError(f"{path}: a COCO annotation file needs a list '{key}'; this one has none")
+    if not path.is_file():
+        raise PrimaError(f"COCO annotation file not found: {path}")
     index = CocoIndex(path=path)
-
-    for i, im in enumerate(data["images"]):
-        try:
-            info = ImageInfo(normalize_id(im["id"]), str(im["file_name"]), int(im["height"]), int(im["width"]))
-        except (KeyError, TypeError, ValueError) as e:
-            index.skip("image entry without id/file_name/height/width", f"images[{i}] is unusable ({e!r})")
-            continue
-        if info.height <= 0 or info.width <= 0:
+    lists: dict[str, bool] = {}
+    annotations: list[Annotation] = []
+    with _open_text(path, "COCO annotation file") as f:
+        stream = JsonStream(f, path=path)
+        if stream.peek() != "{":
+            raise PrimaError(f"{path}: expected a COCO annotation object with 'images' and 'categories'")
+        for key, value in stream.object_items("the COCO annotation file"):
+            if key not in ("images", "categories", "annotations"):
+                value.value(f"'{key}'")  # info, licenses, ...: not needed
+                continue
+            if value.peek() != "[":
+                raise PrimaError(f"{path}: '{key}' must be a list, got {value.value(repr(key))!r:.60}")
+            lists[key] = True
+            for i, entry in enumerate(value.array(f"{key}[]")):
+                if key == "images":
+                    _add_image(index, i, entry)
+                elif key == "categories":
+                    _add_category(index, i, entry, stuff_categories)
+                else:
+                    ann = _read_annotation(index, i, entry, keep_segmentations)
+                    if ann is not None:
+                        annotations.append(ann)
+    for key in ("images", "categories"):
+        if key not in lists:
+            raise PrimaError(f"{path}: a COCO annotation file needs a list '{key}'; this one has none")
+    # Annotations usually come before categories in the file: check their references once all is read.
+    for ann in annotations:
+        if ann.image_id not in index.images:
             index.skip(
-                "image entry without id/file_name/height/width", f"images[{i}] has size {info.height}x{info.width}"
+                "annotation on an unknown image", f"annotation {ann.id} names image {ann.image_id}, not in 'images'"
             )
-            continue
-        index.images[info.id] = info
-
-    for i, cat in enumerate(data["categories"]):
-        try:
-            cid = normalize_id(cat["id"])
-            name = str(cat["name"])
-        except (KeyError, TypeError) as e:
-            index.skip("category entry without id/name", f"categories[{i}] is unusable ({e!r})")
-            continue
-        isthing = bool(cat.get("isthing", 1))
-        if stuff_categories is not None and cid in stuff_categories:
-            isthing = stuff_categories[cid]
-        index.categories[cid] = Category(cid, name, isthing)
-
-    for i, ann in enumerate(data.get("annotations") or []):
-        try:
-            aid = normalize_id(ann["id"])
-            image_id = normalize_id(ann["image_id"])
-            category_id = normalize_id(ann["category_id"])
-            obj = ann.get("obj_ann_id")
-            obj_ann_id = None if obj is None else normalize_id(obj)
-        except (KeyError, TypeError, AttributeError) as e:
-            index.skip("annotation without id/image_id/category_id", f"annotations[{i}] is unusable ({e!r})")
-            continue
-        if image_id not in index.images:
-            index.skip("annotation on an unknown image", f"annotation {aid} names image {image_id}, not in 'images'")
-            continue
-        if category_id not in index.categories:
+        elif ann.category_id not in index.categories:
             index.skip(
                 "annotation of an unknown category",
-                f"annotation {aid} names category {category_id}, not in 'categories'",
+                f"annotation {ann.id} names category {ann.category_id}, not in 'categories'",
             )
-            continue
-        index.annotations[aid] = Annotation(
-            id=aid,
-            image_id=image_id,
-            category_id=category_id,
+        else:
+            index.annotations[ann.id] = ann
+    return index
+
+
+def _add_image(index: CocoIndex, i: int, im: Any) -> None:
+    try:
+        info = ImageInfo(normalize_id(im["id"]), str(im["file_name"]), int(im["height"]), int(im["width"]))
+    except (KeyError, TypeError, ValueError) as e:
+        index.skip("image entry without id/file_name/height/width", f"images[{i}] is unusable ({e!r})")
+        return
+    if info.height <= 0 or info.width <= 0:
+        index.skip("image entry without id/file_name/height/width", f"images[{i}] has size {info.height}x{info.width}")
+        return
+    index.images[info.id] = info
+
+
+def _add_category(index: CocoIndex, i: int, cat: Any, stuff_categories: dict[Id, bool] | None) -> None:
+    try:
+        cid = normalize_id(cat["id"])
+        name = str(cat["name"])
+    except (KeyError, TypeError) as e:
+        index.skip("category entry without id/name", f"categories[{i}] is unusable ({e!r})")
+        return
+    isthing = bool(cat.get("isthing", 1))
+    if stuff_categories is not None and cid in stuff_categories:
+        isthing = stuff_categories[cid]
+    index.categories[cid] = Category(cid, name, isthing)
+
+
+def _read_annotation(index: CocoIndex, i: int, ann: Any, keep_segmentations: bool) -> Annotation | None:
+    try:
+        obj = ann.get("obj_ann_id")
+        return Annotation(
+            id=normalize_id(ann["id"]),
+            image_id=normalize_id(ann["image_id"]),
+            category_id=normalize_id(ann["category_id"]),
             segmentation=ann.get("segmentation") if keep_segmentations else None,
             iscrowd=bool(ann.get("iscrowd", 0)),
-            obj_ann_id=obj_ann_id,
+            obj_ann_id=None if obj is None else normalize_id(obj),
         )
-    return index
+    except (KeyError, TypeError, AttributeError) as e:
+        index.skip("annotation without id/image_id/category_id", f"annotations[{i}] is unusable ({e!r})")
+        return None
+
+
+def _open_text(path: Path, what: str) -> TextIO:
+    try:
+        return path.open("r", encoding="utf-8")
+    except OSError as e:
+        raise PrimaError(f"cannot open {what} {path}: {e.strerror}") from None
 
 
 def load_isthing(path: str | os.PathLike) -> dict[Id, bool]:

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from prima.constants import MAX_IMAGES, SEG_TOKEN, image_tag
 from prima.data.coco import CocoIndex, ImageInfo, display_name, load_coco, segmentation_to_rle
+from prima.data.jsonstream import iter_json_array
 from prima.data.schema import Sample, Segment, validate_sample, write_jsonl
 from prima.errors import PrimaError, SampleError
 
@@ -123,79 +124,6 @@ class ConversionReport:
 
 
 # ----------------------------------------------------------------------------------------------- input
-
-
-def iter_json_array(
-    f: TextIO, *, path: Path, chunk_chars: int = 1 << 20, max_record_chars: int = 1 << 26
-) -> Iterator[Any]:
-    """Yield the elements of a top-level JSON list one by one without reading the whole file.
-
-    Python's ``JSONDecoder.raw_decode`` parses one value from a buffer that holds the next chunk of
-    the file; when a value runs past the buffer's end, the next chunk is appended and the value
-    parsed again. Memory is bounded by the largest single record plus one chunk, and no package
-    beyond the standard library is needed. A syntax error can't be skipped (the list can't be
-    resynchronised), so it stops the run with a PrimaError naming the record and character offset;
-    so does a record longer than ``max_record_chars``, which also keeps a broken file from being
-    read whole into the buffer while the parser waits for the end of a value that never comes.
-    """
-    decoder = json.JSONDecoder()
-    buf, pos, consumed, eof = "", 0, 0, False
-
-    def more() -> bool:
-        nonlocal buf, pos, consumed, eof
-        if eof:
-            return False
-        chunk = f.read(max(chunk_chars, len(buf) - pos))  # grow reads for records larger than a chunk
-        if not chunk:
-            eof = True
-            return False
-        consumed += pos
-        buf, pos = buf[pos:] + chunk, 0
-        return True
-
-    def skip_ws() -> str:
-        nonlocal pos
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n":
-                pos += 1
-            if pos < len(buf):
-                return buf[pos]
-            if not more():
-                return ""
-
-    if skip_ws() != "[":
-        raise PrimaError(f"{path}: expected a JSON list of records ('[' first)")
-    pos += 1
-    index = 0
-    if skip_ws() == "]":
-        return
-    while True:
-        if not skip_ws():
-            raise PrimaError(f"{path}: the JSON list ends early, inside record {index}")
-        while True:
-            try:
-                value, end = decoder.raw_decode(buf, pos)
-                if end < len(buf) or eof:  # a number at the buffer's end may continue in the next chunk
-                    break
-            except json.JSONDecodeError as e:
-                if eof or len(buf) - pos > max_record_chars:
-                    raise PrimaError(
-                        f"{path}: invalid JSON in record {index} near character {consumed + e.pos}: {e.msg}"
-                        + ("" if eof else f" (or a record longer than {max_record_chars} characters)")
-                    ) from None
-            more()  # at eof the next pass reports the error or accepts the value
-        pos = end
-        yield value
-        index += 1
-        sep = skip_ws()
-        if sep == "]":
-            return
-        if sep != ",":
-            raise PrimaError(
-                f"{path}: expected ',' or ']' after record {index - 1} near character {consumed + pos}, "
-                f"got {sep or 'end of file'!r}"
-            )
-        pos += 1
 
 
 def iter_records(path: str | os.PathLike, *, batch_size: int = 512) -> Iterator[tuple[int, Any]]:
