@@ -12,6 +12,7 @@ import pytest
 from prima.cli import main
 from prima.data.m4seg import (
     convert_m4seg,
+    convert_record,
     infer_category,
     iter_json_array,
     iter_records,
@@ -204,6 +205,20 @@ def test_missing_image_files_and_unknown_datasets_are_rejected(tmp_path):
     assert report.reasons["image file missing"] == 7  # every paco_lvis record but the unknown image id
     report = convert(FIXTURES / "records.json", only_paco, tmp_path / "unchecked", check_images=False)
     assert report.converted == 3
+
+
+def test_long_field_names_and_own_ids_are_accepted(sources):
+    record = {
+        "id": "q42",
+        "dataset_name": "paco_lvis",
+        "img_ids": [101, 102],
+        "question": "What is left of the trash_can_201?",
+        "answer": "The table_101.",
+        "groundings": {"img_1": [{"segmentation": [[0, 0, 8, 0, 8, 4, 0, 4]], "name": "table"}], "img_2": []},
+    }
+    sample, inferred, unused = convert_record(record, index=0, sources=sources)
+    assert sample.id == "m4seg-q42" and sample.answer == "The <p> table </p> [SEG] (IMAGE1)."
+    assert sample.category == "spatial" and inferred and not unused
 
 
 def test_codes_and_categories():

@@ -248,8 +248,8 @@ def convert_record(
     img_ids = _as_json(_field(record, "img_ids", (list, tuple, str)), "img_ids")
     if not isinstance(img_ids, (list, tuple)) or not 1 <= len(img_ids) <= MAX_IMAGES:
         raise RecordError("invalid record", f"'img_ids' must list 1..{MAX_IMAGES} image ids")
-    question_raw = _field(record, "q", str)
-    answer_raw = _field(record, "a", str)
+    question_raw = _field(record, "q" if "q" in record else "question", str)
+    answer_raw = _field(record, "a" if "a" in record else "answer", str)
     groundings = _as_json(_field(record, "groundings", (dict, str)), "groundings")
     if not isinstance(groundings, dict):
         raise RecordError("invalid record", "'groundings' must map 'img_k' to a list of groundings")
