@@ -37,8 +37,10 @@ class VisionConfig:
     frozen: bool = True
 
     def validate(self) -> None:
-        if self.image_size < 32 or self.image_size % 32:
+        if self.kind == "efficientnet_lite0" and (self.image_size < 32 or self.image_size % 32):
             raise ConfigError(f"model.vision.image_size must be a multiple of 32 and >= 32, got {self.image_size}")
+        if self.image_size < 1:
+            raise ConfigError(f"model.vision.image_size must be positive, got {self.image_size}")
         if self.token_stride not in (8, 16, 32):
             raise ConfigError(f"model.vision.token_stride must be 8, 16 or 32, got {self.token_stride}")
 

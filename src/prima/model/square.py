@@ -150,18 +150,16 @@ class ImageQueryModule(nn.Module):
         if qformer_input_ids is None:
             raise ValueError("the Q-Former needs the question: pass batch['qformer_input_ids']")
         text_ids = qformer_input_ids[image_sample_index]
-        text_mask = (
-            qformer_attention_mask[image_sample_index]
-            if qformer_attention_mask is not None
-            else torch.ones_like(text_ids)
-        )
-        query_mask = torch.ones(n_images, self.num_queries, dtype=text_mask.dtype, device=text_mask.device)
+        attention_mask = None  # None: every query and question token is attended (no mask to build)
+        if qformer_attention_mask is not None:
+            text_mask = qformer_attention_mask[image_sample_index]
+            query_mask = torch.ones(n_images, self.num_queries, dtype=text_mask.dtype, device=text_mask.device)
+            attention_mask = torch.cat([query_mask, text_mask], dim=1)
         out = self.qformer(
             input_ids=text_ids,
-            attention_mask=torch.cat([query_mask, text_mask], dim=1),
+            attention_mask=attention_mask,
             query_embeds=queries,
             encoder_hidden_states=tokens,
-            encoder_attention_mask=torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device),
         ).last_hidden_state
         return self.projection(out[:, : self.num_queries])
 
@@ -170,7 +168,7 @@ class ImageQueryModule(nn.Module):
         if self.cross_image in ("none", "concat"):
             return None
         n, t, d = tokens.shape
-        counts = torch.bincount(image_sample_index)
+        counts = torch.bincount(image_sample_index.cpu())  # on the host: meta tensors have no values to count
         counts = counts[counts > 0]
         per_sample = torch.split(tokens, counts.tolist())  # images of a sample are consecutive
         max_images = int(counts.max())
@@ -191,4 +189,4 @@ class ImageQueryModule(nn.Module):
                 padding[b, : s.shape[0] * t] = False
             position = torch.arange(max_images, device=tokens.device).repeat_interleave(t)
             z = self.relational(padded, position.unsqueeze(0).expand(len(per_sample), -1), padding)
-        return z.repeat_interleave(counts, dim=0)
+        return z[torch.repeat_interleave(torch.arange(len(counts)), counts)]  # each sample's Z to its images
