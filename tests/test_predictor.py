@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,40 @@ from prima.inference.images import load_image, load_images
 from prima.inference.predictor import MAX_QUESTION_CHARS, Prediction, PrimaPredictor, check_question
 from prima.inference.render import answer_html, render_overlays
 from prima.visualize import color_for, color_hex
+
+# A tiny random PRIMA (hidden 32, 2 layers): built once per test session through the model's own constructor
+# and save_pretrained, then loaded the way a real checkpoint is. Other test files import this fixture.
+TINY_OVERRIDES = [
+    "vision.image_size=64",
+    "language.config.hidden_size=32",
+    "language.config.intermediate_size=64",
+    "language.config.num_hidden_layers=2",
+    "language.config.num_attention_heads=2",
+    "language.config.num_key_value_heads=2",
+    "qformer.num_queries=4",
+    "qformer.config.hidden_size=32",
+    "qformer.config.num_hidden_layers=1",
+    "qformer.config.num_attention_heads=2",
+    "qformer.config.intermediate_size=64",
+    "relational.num_heads=2",
+    "grounding.hidden_size=32",
+    "grounding.num_heads=2",
+    "grounding.pixel_dim=16",
+    "grounding.num_layers=1",
+]
+TINY_TEXTS = ["Which object appears in every image? The <p> mug </p> [SEG] (IMAGE1) and <p> chair </p> [SEG] (IMAGE2)."]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from prima.model import create_model, load_model_config
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("prima-tiny-random")
+    create_model(load_model_config("tiny", TINY_OVERRIDES), TINY_TEXTS).save_pretrained(path)
+    return path
+
 
 # ---- images -------------------------------------------------------------------------------------------------------
 
@@ -211,3 +246,32 @@ def test_public_import():
     from prima import PrimaPredictor as Exported
 
     assert Exported is PrimaPredictor
+
+
+# ---- a real (random) checkpoint, loaded like the bundled one --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor(tiny_checkpoint):
+    return PrimaPredictor.from_pretrained(tiny_checkpoint, device="cpu", max_new_tokens=12)
+
+
+def test_real_checkpoint_answers_with_masks_at_every_images_own_size(tiny_predictor, tmp_path):
+    path = tmp_path / "gray16.png"
+    Image.fromarray(np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 30).save(path)
+    rgba = Image.new("RGBA", (70, 30), (10, 200, 10, 128))
+    array = np.zeros((33, 21, 3), np.uint8)
+    pred = tiny_predictor.predict([path, rgba, array], "Which object appears in every image?")
+    assert isinstance(pred.answer, str)
+    assert pred.image_sizes == [(40, 50), (30, 70), (33, 21)]
+    for s in pred.segments:
+        assert 1 <= s.image <= 3 and s.mask.dtype == bool and s.mask.shape == pred.image_sizes[s.image - 1]
+    json.dumps(pred.to_json())
+    again = tiny_predictor.predict_batch([([path, rgba, array], "Which object appears in every image?")])
+    assert again[0].answer == pred.answer  # greedy decoding: the same query gives the same answer
+
+
+def test_real_checkpoint_reports_its_max_images_and_refuses_more(tiny_predictor):
+    assert tiny_predictor.max_images == tiny_predictor.model.config.max_images == 5
+    with pytest.raises(PrimaError, match="at most 5"):
+        tiny_predictor.predict([Image.new("RGB", (8, 8))] * 6, "q?")

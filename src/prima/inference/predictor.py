@@ -79,8 +79,10 @@ class PrimaPredictor:
         max_question_chars: int = MAX_QUESTION_CHARS,
         mask_threshold: float = MASK_THRESHOLD,
         max_image_side: int = MAX_IMAGE_SIDE,
+        max_new_tokens: int | None = None,
     ):
         self.model = model
+        self.max_new_tokens = max_new_tokens  # None: the model's own default answer length
         self.max_images = max_images or _model_max_images(model)
         self.max_question_chars = max_question_chars
         self.mask_threshold = mask_threshold
@@ -135,7 +137,8 @@ class PrimaPredictor:
             raise PrimaError(f"{len(images)} images given, but this model takes at most {self.max_images}")
 
         with torch.inference_mode():
-            out = self.model.generate([im.image for im in images], question)
+            kwargs = {} if self.max_new_tokens is None else {"max_new_tokens": self.max_new_tokens}
+            out = self.model.generate([im.image for im in images], question, **kwargs)
         sizes = [im.size for im in images]
         return Prediction(out.answer, [self._segment(s, sizes) for s in out.segments], sizes)
 

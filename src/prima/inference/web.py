@@ -134,7 +134,14 @@ def build_app(predictor: PrimaPredictor, max_upload_mb: float = DEFAULT_MAX_UPLO
                 ask = gr.Button("Ask", variant="primary", elem_id="prima-ask")
             with gr.Column(scale=2):
                 answer = gr.HTML(label="Answer", elem_id="prima-answer")
-                overlays = gr.Gallery(label="Masks", columns=3, height="auto", format="png", elem_id="prima-overlays")
+                overlays = gr.Gallery(
+                    label="Masks",
+                    columns=3,
+                    height="auto",
+                    format="png",
+                    object_fit="contain",
+                    elem_id="prima-overlays",
+                )
                 details = gr.JSON(label="Segments", elem_id="prima-details")
         ask.click(handler, inputs=[files, question], outputs=[answer, overlays, details])
         question.submit(handler, inputs=[files, question], outputs=[answer, overlays, details])
