@@ -18,7 +18,7 @@ import numpy as np
 from prima.constants import PHRASE_END, PHRASE_START, SEG_TOKEN, image_tag
 from prima.data.masks import encode_rle
 from prima.data.schema import Segment
-from prima.data.synth_scene import ObjectSpec, PlacedObject, Scene, SceneRetry, render_scene
+from prima.data.synth_scene import ObjectSpec, PlacedObject, Scene, SceneRetry, layout_scene, paint_scene
 from prima.data.synth_shapes import CATEGORIES, COLOURS, part_colours
 
 MAX_OBJECTS = 4  # per image
@@ -126,18 +126,29 @@ def fill(
                 plan[k].append(new_spec(rng, category, choice(rng, colours)))
 
 
-def render(rng: np.random.Generator, plan: Plan, size: int) -> list[Scene]:
-    return [render_scene(rng, specs, size) for specs in plan]
+def render(
+    rng: np.random.Generator,
+    plan: Plan,
+    size: int,
+    accept: dict[int, Callable[[list[PlacedObject]], bool]] | None = None,
+    tries: int = 12,
+) -> list[Scene]:
+    """Lay out every image (image k again until ``accept[k]`` holds), then paint them all.
 
-
-def render_until(rng: np.random.Generator, specs: list[ObjectSpec], size: int, accept, tries: int = 12) -> Scene:
-    """Render ``specs`` until ``accept(objects)`` holds for the layout (SceneRetry after ``tries``)."""
-    for _ in range(tries):
-        try:
-            return render_scene(rng, specs, size, accept)
-        except SceneRetry:
-            continue
-    raise SceneRetry("no layout was accepted")
+    Laying out first means a sample that fails on its last image has not paid for painting the others.
+    """
+    layouts = []
+    for k, specs in enumerate(plan):
+        check = (accept or {}).get(k)
+        for _ in range(tries if check else 1):
+            try:
+                layouts.append(layout_scene(rng, specs, size, check))
+                break
+            except SceneRetry:
+                continue
+        else:
+            raise SceneRetry(f"no accepted layout for image {k + 1}")
+    return [paint_scene(rng, layout) for layout in layouts]
 
 
 def centre_x(obj: PlacedObject) -> float:
@@ -383,10 +394,7 @@ def spatial(rng: np.random.Generator, n: int, size: int) -> Draft:
     def clear(objs: list[PlacedObject]) -> bool:  # every object clearly left or right of the reference
         return None not in [side_of(o, objs[0], size) for o in objs[1:]]
 
-    scenes = [
-        render_until(rng, specs, size, clear) if i == k else render_scene(rng, specs, size)
-        for i, specs in enumerate(plan)
-    ]
+    scenes = render(rng, plan, size, accept={k: clear})
     ref = scenes[k].find(reference)
     sides = [side_of(obj, ref, size) for obj in scenes[k].objects[1:]]
     direction = choice(rng, ("left", "right"))
@@ -408,10 +416,11 @@ def spatial_compare(rng: np.random.Generator, n: int, size: int) -> Draft:
     target = int(rng.integers(n))
     plan: Plan = [[new_spec(rng, first), new_spec(rng, second)] for _ in range(n)]
     fill(rng, plan, ban_categories=[first, second], low=2, high=3)
-    scenes = []
-    for k, specs in enumerate(plan):  # lay out each image again until the pair stands clearly the right way round
-        want = direction if k == target else other
-        scenes.append(render_until(rng, specs, size, lambda objs, want=want: side_of(objs[0], objs[1], size) == want))
+
+    def standing(want: str) -> Callable[[list[PlacedObject]], bool]:  # the pair clearly the ``want`` way round
+        return lambda objs: side_of(objs[0], objs[1], size) == want
+
+    scenes = render(rng, plan, size, accept={k: standing(direction if k == target else other) for k in range(n)})
     g = Grounder()
     x, y = scenes[target].objects[0], scenes[target].objects[1]
     question = f"In which image is the {first} to the {direction} of the {second}?"

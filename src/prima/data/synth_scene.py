@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
@@ -45,16 +46,44 @@ class ObjectSpec:
         return f"{self.colour} {self.category}'s {part}"
 
 
-@dataclass
 class PlacedObject:
-    spec: ObjectSpec
-    mask: np.ndarray  # visible pixels, (S, S) bool
-    parts: dict[str, np.ndarray] = field(default_factory=dict)  # named part -> visible pixels
-    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # x0, y0, x1, y1 of the whole (unoccluded) object
+    """An object in a laid-out scene; its masks (visible pixels only) are cut from the label map on demand."""
 
-    @property
-    def centre_x(self) -> float:
-        return (self.box[0] + self.box[2]) / 2
+    def __init__(self, spec: ObjectSpec, labels: np.ndarray, code: int, box: tuple[int, int, int, int]):
+        self.spec = spec
+        self.box = box  # x0, y0, x1, y1 of the whole (unoccluded) object
+        self._labels = labels  # the scene's label map: code + part id where the object shows
+        self._code = code
+
+    def _cut(self, keep: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        x0, y0, x1, y1 = self.box
+        mask = np.zeros(self._labels.shape, dtype=bool)
+        mask[y0:y1, x0:x1] = keep(self._labels[y0:y1, x0:x1])
+        return mask
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """Visible pixels of the whole object, (S, S) bool."""
+        return self._cut(lambda view: (view > self._code) & (view < self._code + CODE_STRIDE))
+
+    @cached_property
+    def parts(self) -> dict[str, np.ndarray]:
+        """Visible pixels of each named part."""
+        category = CATEGORIES[self.spec.category]
+        return {
+            p.name: self._cut(lambda view, i=i: view == self._code + i)
+            for i, p in enumerate(category.parts, start=1)
+            if p.named
+        }
+
+
+@dataclass
+class Layout:
+    """Where every object of a scene went, before anything is painted."""
+
+    labels: np.ndarray  # (S, S) int16 codes
+    z_specs: list[ObjectSpec]  # specs in drawing order
+    objects: list[PlacedObject]  # in the order of the specs that asked for them
 
 
 @dataclass
@@ -87,7 +116,7 @@ def make_background(rng: np.random.Generator, size: int) -> np.ndarray:
     """
     kind = int(rng.integers(4))
     first, second = _muted_colour(rng), _muted_colour(rng)
-    image = Image.new("RGB", (size, size), first)
+    image = Image.new("RGBX", (size, size), first)
     draw = ImageDraw.Draw(image)
     if kind == 0:  # wall and floor, the floor with boards
         horizon = int(size * rng.uniform(0.45, 0.7))
@@ -111,97 +140,97 @@ def make_background(rng: np.random.Generator, size: int) -> np.ndarray:
     cells = int(rng.integers(3, 7))
     light = rng.integers(225, 256, (cells, cells), dtype=np.uint8)
     light_image = Image.fromarray(light, mode="L").resize((size, size), Image.BILINEAR)
-    image = ImageChops.multiply(image, Image.merge("RGB", (light_image,) * 3))
-    return np.array(image.convert("RGBX"))  # 4 bytes a pixel, so the painter can treat pixels as uint32
+    image = ImageChops.multiply(image, Image.merge("RGBX", (light_image,) * 4))
+    return np.asarray(image)  # RGBX: 4 bytes a pixel, so the painter can treat pixels as uint32
 
 
 def _place(
     rng: np.random.Generator, specs: list[ObjectSpec], size: int, labels: np.ndarray, scale: float
 ) -> list[tuple[int, int, np.ndarray]]:
-    """Lay out ``specs`` in z-order on ``labels`` (codes written in place); returns (x, y, part labels) each."""
-    part_area: dict[int, int] = {}  # code of a named part -> its pixels before any occlusion
-    object_area: list[int] = []  # pixels of each placed object before any occlusion
-    placed: list[tuple[int, int, np.ndarray]] = []
+    """Lay out ``specs`` in z-order on ``labels`` (codes written in place); returns (x, y, part labels) each.
+
+    Visible-pixel counts per code are kept up to date from the pasted box alone, so trying a position
+    costs a box, not the whole image.
+    """
+    n_codes = (len(specs) + 1) * CODE_STRIDE
+    counts = np.zeros(n_codes, dtype=np.int64)  # visible pixels of each code now (code 0: background)
+    counts[0] = size * size
+    need_part = np.zeros(n_codes)  # visible pixels each placed named part must keep
+    need_object = np.zeros(len(specs) + 1)  # visible pixels each placed object must keep (by number + 1)
     min_part_px = MIN_PART_AREA * size * size
-    aspect_fit = 0.92 * size
+    placed: list[tuple[int, int, np.ndarray]] = []
     for number, spec in enumerate(specs):
         category = CATEGORIES[spec.category]
         flip = bool(rng.integers(2))
         codes = (number + 1) * CODE_STRIDE + np.arange(len(category.parts) + 1, dtype=np.int16)
         own_named = [int(codes[i]) for i, p in enumerate(category.parts, start=1) if p.named]
-        for _ in range(PLACEMENT_TRIES):
-            aspect = sum(category.aspect) / 2
-            area = rng.uniform(0.07, 0.15) * scale * size * size
-            height = int(min(np.sqrt(area / aspect), 0.75 * size, aspect_fit / category.aspect[1]))
-            part_labels = draw_object(category, spec.style, height, flip)
+        aspect = sum(category.aspect) / 2
+        area = rng.uniform(0.09, 0.18) * scale * size * size
+        height = int(min(np.sqrt(area / aspect), 0.75 * size, 0.92 * size / category.aspect[1]))
+        part_labels = draw_object(category, spec.style, height, flip)
+        for attempt in range(1, PLACEMENT_TRIES + 1):
             h, w = part_labels.shape
-            if w > size or h > size:
-                continue
             x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
             region = labels[y : y + h, x : x + w]
-            before = region.copy()
             inside = part_labels > 0
-            region[inside] = codes[part_labels[inside]]
-            counts = np.bincount(labels.ravel(), minlength=(len(specs) + 1) * CODE_STRIDE)
-            per_object = counts.reshape(-1, CODE_STRIDE).sum(axis=1)[1:]
-            ok = (
-                all(counts[c] >= max(MIN_VISIBLE_PART * a, min_part_px) for c, a in part_area.items())
-                and all(per_object[k] >= MIN_VISIBLE_OBJECT * a for k, a in enumerate(object_area))
-                and all(counts[c] >= min_part_px for c in own_named)
-            )
-            if ok:
-                part_area.update({c: int(counts[c]) for c in own_named})
-                object_area.append(int(per_object[number]))
+            new_codes = codes[part_labels[inside]]
+            after = counts - np.bincount(region[inside], minlength=n_codes) + np.bincount(new_codes, minlength=n_codes)
+            per_object = after.reshape(-1, CODE_STRIDE).sum(axis=1)
+            if (
+                (after >= need_part).all()
+                and (per_object >= need_object).all()
+                and (after[own_named] >= min_part_px).all()
+            ):
+                region[inside] = new_codes
+                counts = after
+                need_part[own_named] = np.maximum(MIN_VISIBLE_PART * after[own_named], min_part_px)
+                need_object[number + 1] = MIN_VISIBLE_OBJECT * per_object[number + 1]
                 placed.append((x, y, part_labels))
                 break
-            region[...] = before
+            if attempt % 10 == 0:  # crowded: try smaller
+                height = int(height * 0.85)
+                part_labels = draw_object(category, spec.style, height, flip)
         else:
             raise SceneRetry(f"no room for a {spec.category}")
     return placed
 
 
-def render_scene(
+def layout_scene(
     rng: np.random.Generator,
     specs: list[ObjectSpec],
     size: int,
     accept: Callable[[list[PlacedObject]], bool] | None = None,
-) -> Scene:
-    """Draw ``specs`` (each (category, colour) at most once) on a fresh background, in random z-order.
+) -> Layout:
+    """Place ``specs`` (each (category, colour) at most once) in random z-order; nothing is painted yet.
 
-    ``accept`` sees the laid-out objects (in spec order) before anything is painted; when it says no,
-    SceneRetry is raised, so a caller that needs a particular arrangement pays only for the layout.
+    ``accept`` sees the placed objects (in spec order); when it says no, SceneRetry is raised, so a
+    caller that needs a particular arrangement pays only for layouts, not for painting.
     """
     if len({(s.category, s.colour) for s in specs}) != len(specs):
         raise ValueError("a scene may hold each (category, colour) once, so that phrases name one object")
     order = [int(i) for i in rng.permutation(len(specs))]
     z_specs = [specs[i] for i in order]
-    scale = 1.0 if len(specs) <= 2 else 0.75 if len(specs) == 3 else 0.6
+    scale = 1.0 if len(specs) <= 2 else 0.7 if len(specs) == 3 else 0.55
     labels = np.zeros((size, size), dtype=np.int16)
     placed = _place(rng, z_specs, size, labels, scale)
-
-    objects: list[PlacedObject | None] = [None] * len(specs)
+    objects: list[PlacedObject] = [None] * len(specs)  # type: ignore[list-item]
     for number, (spec, (x, y, part_labels)) in enumerate(zip(z_specs, placed)):
-        category = CATEGORIES[spec.category]
-        base_code = (number + 1) * CODE_STRIDE
         h, w = part_labels.shape
-        view = labels[y : y + h, x : x + w]
-        mask = np.zeros((size, size), dtype=bool)
-        mask[y : y + h, x : x + w] = (view > base_code) & (view < base_code + CODE_STRIDE)
-        parts = {}
-        for i, part in enumerate(category.parts, start=1):
-            if part.named:
-                pm = np.zeros((size, size), dtype=bool)
-                pm[y : y + h, x : x + w] = view == base_code + i
-                parts[part.name] = pm
-        objects[order[number]] = PlacedObject(spec, mask, parts, (x, y, x + w, y + h))
+        objects[order[number]] = PlacedObject(spec, labels, (number + 1) * CODE_STRIDE, (x, y, x + w, y + h))
     if accept is not None and not accept(objects):
         raise SceneRetry("the layout was not accepted")
+    return Layout(labels, z_specs, objects)
 
+
+def paint_scene(rng: np.random.Generator, layout: Layout) -> Scene:
+    """Paint a layout on a fresh background."""
+    labels = layout.labels
+    size = labels.shape[0]
     # Paint by table lookup on the label map: each code's colour packed as little-endian RGBX in a uint32,
     # and a darker copy at code + EDGE for outlines where one part or object meets another (they make parts
     # readable, as shading does in photos). Whole-array ops only; gathering 3-byte rows is ~30x slower.
     packed = np.zeros(2 * EDGE, dtype=np.uint32)
-    for number, spec in enumerate(z_specs):
+    for number, spec in enumerate(layout.z_specs):
         lut = part_colours(CATEGORIES[spec.category], spec.colour, spec.recolour).astype(np.uint32)
         codes = (number + 1) * CODE_STRIDE + np.arange(len(lut))
         packed[codes] = lut[:, 0] | lut[:, 1] << 8 | lut[:, 2] << 16
@@ -219,4 +248,14 @@ def render_scene(
     rgbx = np.where(labels > 0, foreground, background.view(np.uint32)[..., 0])
     # Pillow drops the fourth byte in C; numpy's strided copy of 3 of every 4 bytes is ~10x slower.
     image = Image.frombuffer("RGBX", (size, size), rgbx, "raw", "RGBX", 0, 1).convert("RGB")
-    return Scene(np.asarray(image), objects)
+    return Scene(np.asarray(image), layout.objects)
+
+
+def render_scene(
+    rng: np.random.Generator,
+    specs: list[ObjectSpec],
+    size: int,
+    accept: Callable[[list[PlacedObject]], bool] | None = None,
+) -> Scene:
+    """Lay out and paint one scene (see layout_scene)."""
+    return paint_scene(rng, layout_scene(rng, specs, size, accept))

@@ -178,8 +178,8 @@ def _bottle(p: Pen, r: np.random.Generator) -> None:
 
 def _laptop(p: Pen, r: np.random.Generator) -> None:
     hinge = _u(r, 0.6, 0.66)
-    p.rect(0.1, 0.0, 0.9, hinge, None)  # the lid's frame
-    p.rect(0.16, 0.06, 0.84, hinge - 0.06, "screen")
+    p.rect(0.1, 0.0, 0.9, hinge, "frame")
+    p.rect(0.18, 0.08, 0.82, hinge - 0.08, "screen")
     p.polygon([(0.1, hinge), (0.9, hinge), (1.0, 1.0), (0.0, 1.0)], "keyboard")
 
 
@@ -200,8 +200,8 @@ def _kettle(p: Pen, r: np.random.Generator) -> None:
 
 def _television(p: Pen, r: np.random.Generator) -> None:
     bottom = _u(r, 0.78, 0.84)
-    p.rect(0.0, 0.0, 1.0, bottom, None)  # the frame
-    p.rect(0.07, 0.08, 0.93, bottom - 0.08, "screen")
+    p.rect(0.0, 0.0, 1.0, bottom, "frame")
+    p.rect(0.09, 0.1, 0.91, bottom - 0.1, "screen")
     p.rect(0.4, bottom, 0.6, 0.92, "stand")
     p.rect(0.22, 0.9, 0.78, 1.0, "stand")
 
@@ -242,7 +242,13 @@ CATEGORIES: dict[str, Category] = {
             (Part("body", "main"), Part("neck", "light"), Part("cap", "dark")),
             _bottle,
         ),
-        Category("laptop", "laptops", (1.1, 1.25), (Part("screen", "screen"), Part("keyboard", "light")), _laptop),
+        Category(
+            "laptop",
+            "laptops",
+            (1.1, 1.25),
+            (Part("screen", "screen"), Part("keyboard", "main"), Part("frame", "main", named=False)),
+            _laptop,
+        ),
         Category(
             "boat",
             "boats",
@@ -258,7 +264,11 @@ CATEGORIES: dict[str, Category] = {
             _kettle,
         ),
         Category(
-            "television", "televisions", (1.25, 1.4), (Part("screen", "screen"), Part("stand", "dark")), _television
+            "television",
+            "televisions",
+            (1.25, 1.4),
+            (Part("screen", "screen"), Part("stand", "dark"), Part("frame", "main", named=False)),
+            _television,
         ),
     )
 }
