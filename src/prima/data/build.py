@@ -51,6 +51,8 @@ from prima.errors import PrimaError, SampleError
 
 # How often a question writer may draw a new group before giving up on one sample.
 ATTEMPTS_PER_SAMPLE = 200
+# How often a functional question may be a negative ("is there anything you could drink from?" "No").
+NEGATIVE_SHARE = 0.25
 
 
 @dataclass
@@ -345,6 +347,8 @@ class QuestionWriter:
     def write(self, category: str) -> Draft | None:
         families = list(self.families[category])
         self.rng.shuffle(families)
+        # "Nothing affords that" questions are always possible; without this they would crowd out the rest.
+        families.sort(key=lambda f: f == self.use_none and self.rng.random() > NEGATIVE_SHARE)
         for family in families:
             draft = family()
             if draft is not None and len(draft.segments) <= self.options.max_segments:
