@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prima.constants import SEG_TOKEN, image_tag
-from prima.data.affordances import OBJECT_AFFORDANCES, PART_AFFORDANCES
+from prima.data.affordances import OBJECT_AFFORDANCES, object_uses, part_uses
 from prima.data.coco import (
     Annotation,
     CocoIndex,
@@ -335,8 +335,34 @@ class QuestionWriter:
         self.entries = entries
         self.rng = rng
         self.options = options
-        self.names = sorted({n for e in entries for n in e.instances})
-        self.things = sorted({n for e in entries for n, ins in e.instances.items() if ins[0].isthing})
+        # Indexes built once, so that writing a question costs the same on 3 images as on 100K.
+        self.by_name: dict[str, list[ImageEntry]] = defaultdict(list)  # entries showing the category
+        self.countable: dict[str, list[ImageEntry]] = defaultdict(list)  # ... with no skipped instance of it
+        self.unique: dict[str, list[ImageEntry]] = defaultdict(list)  # ... with exactly one instance of it
+        self.with_parts: dict[str, list[ImageEntry]] = defaultdict(list)  # ... where one of them has parts
+        self.users: dict[str, list[ImageEntry]] = defaultdict(list)  # verb -> entries with an object for it
+        self.part_users: dict[tuple[str, str, str], list[ImageEntry]] = defaultdict(list)  # (verb, obj, part)
+        self.several: list[tuple[ImageEntry, str]] = []  # (entry, thing) with 2+ instances, all usable
+        for e in entries:
+            for name, found in e.instances.items():
+                self.by_name[name].append(e)
+                if e.countable(name) and found[0].isthing:
+                    self.countable[name].append(e)
+                    if len(found) == 1:
+                        self.unique[name].append(e)
+                    else:
+                        self.several.append((e, name))
+                parts = {p for i in found for p in i.parts}
+                if parts:
+                    self.with_parts[name].append(e)
+                for verb in object_uses(name):
+                    if not self.users[verb] or self.users[verb][-1] is not e:
+                        self.users[verb].append(e)
+                for part in sorted(parts):
+                    for verb in part_uses(name, part):
+                        self.part_users[(verb, name, part)].append(e)
+        self.names = sorted(self.by_name)
+        self.things = sorted(self.countable)
         self.families: dict[str, list[Callable[[], Draft | None]]] = {
             "numerical": [self.count_total, self.count_most],
             "spatial": [self.left_right, self.above_below, self.extreme, self.leftmost],
@@ -355,18 +381,37 @@ class QuestionWriter:
                 return draft
         return None
 
-    def group(self, required: list[ImageEntry], pool: list[ImageEntry] | None = None) -> list[ImageEntry] | None:
-        """``required`` images plus random others from ``pool`` (default: all), 2–5 in all, shuffled."""
-        pool = self.entries if pool is None else pool
-        others = [e for e in pool if all(e is not r for r in required)]
-        most = min(self.options.max_images, len(required) + len(others))
+    def group(
+        self, required: list[ImageEntry], accept: Callable[[ImageEntry], bool] | None = None
+    ) -> list[ImageEntry] | None:
+        """``required`` images plus random others that ``accept`` allows, 2–5 in all, shuffled.
+
+        Others are drawn from a bounded random sample of all images, so a group costs the same on any
+        dataset size; None when too few acceptable images turn up.
+        """
         least = max(self.options.min_images, len(required))
-        if most < least or len(required) > self.options.max_images:
+        if least > self.options.max_images:
             return None
-        k = self.rng.randint(least, most)
-        chosen = list(required) + self.rng.sample(others, k - len(required))
+        want = self.rng.randint(least, self.options.max_images)
+        chosen = list(required)
+        draws = self.rng.sample(range(len(self.entries)), min(len(self.entries), 8 * self.options.max_images))
+        for index in draws:
+            if len(chosen) == want:
+                break
+            e = self.entries[index]
+            if all(e is not c for c in chosen) and (accept is None or accept(e)):
+                chosen.append(e)
+        if len(chosen) < least:
+            return None
         self.rng.shuffle(chosen)
         return chosen
+
+    def subset(self, having: list[ImageEntry]) -> list[ImageEntry] | None:
+        """2–5 random images out of ``having`` (None when it has too few)."""
+        if len(having) < self.options.min_images:
+            return None
+        k = self.rng.randint(self.options.min_images, min(self.options.max_images, len(having)))
+        return self.rng.sample(having, k)
 
     # numerical ------------------------------------------------------------------------------------
 
@@ -374,10 +419,7 @@ class QuestionWriter:
         if not self.things:
             return None
         name = self.rng.choice(self.things)
-        having = [e for e in self.entries if name in e.instances and e.countable(name)]
-        if not having:
-            return None
-        group = self.group([self.rng.choice(having)], [e for e in self.entries if e.countable(name)])
+        group = self.group([self.rng.choice(self.countable[name])], accept=lambda e: e.countable(name))
         return None if group is None else (name, group)
 
     def count_total(self) -> Draft | None:
@@ -419,8 +461,8 @@ class QuestionWriter:
 
     def _pair(self, axis: int) -> tuple[ImageEntry, Instance, Instance] | None:
         """An image with two unique things of different categories, clearly apart along ``axis`` (0 = x)."""
-        candidates = self.rng.sample(self.entries, len(self.entries))
-        for entry in candidates:
+        for index in self.rng.sample(range(len(self.entries)), min(len(self.entries), 20)):
+            entry = self.entries[index]
             uniques = [u for n in entry.instances if (u := entry.unique(n)) is not None and u.isthing]
             pairs = [
                 (a, b)
@@ -459,15 +501,9 @@ class QuestionWriter:
 
     def extreme(self) -> Draft | None:
         """Which of several X in one image is furthest left/right/up/down (all X annotated, none skipped)."""
-        options = [
-            (e, n)
-            for e in self.entries
-            for n, ins in e.instances.items()
-            if len(ins) >= 2 and ins[0].isthing and e.countable(n)
-        ]
-        if not options:
+        if not self.several:
             return None
-        entry, name = self.rng.choice(options)
+        entry, name = self.rng.choice(self.several)
         side, axis, sign = self.rng.choice([("left", 0, 1), ("right", 0, -1), ("top", 1, 1), ("bottom", 1, -1)])
         size = entry.info.width if axis == 0 else entry.info.height
 
@@ -490,11 +526,9 @@ class QuestionWriter:
         if not self.things:
             return None
         name = self.rng.choice(self.things)
-        having = [e for e in self.entries if e.unique(name) is not None]
-        if len(having) < self.options.min_images:
+        group = self.subset(self.unique[name])
+        if group is None:
             return None
-        k = self.rng.randint(self.options.min_images, min(self.options.max_images, len(having)))
-        group = self.rng.sample(having, k)
 
         def centre(e: ImageEntry) -> float:
             x0, _, x1, _ = e.unique(name).box  # type: ignore[union-attr]
@@ -519,11 +553,10 @@ class QuestionWriter:
         return [i for n in names for i in entry.instances.get(n, [])]
 
     def use_object(self) -> Draft | None:
-        verbs = [v for v in OBJECT_AFFORDANCES if any(self._users(v, e) for e in self.entries)]
-        if not verbs:
+        if not self.users:
             return None
-        verb = self.rng.choice(verbs)
-        group = self.group([self.rng.choice([e for e in self.entries if self._users(verb, e)])])
+        verb = self.rng.choice(sorted(self.users))
+        group = self.group([self.rng.choice(self.users[verb])])
         if group is None:
             return None
         d = Draft("functional", "use-object", group)
@@ -546,20 +579,12 @@ class QuestionWriter:
         return d
 
     def use_part(self) -> Draft | None:
-        options = [
-            (e, verb, obj_name, part)
-            for e in self.entries
-            for obj_name, ins in e.instances.items()
-            for verb, pairs in PART_AFFORDANCES.items()
-            for pair in pairs
-            for part in [pair.split(":", 1)[1]]
-            if pair.split(":", 1)[0] == obj_name and any(part in i.parts for i in ins)
-        ]
-        if not options:
+        if not self.part_users:
             return None
-        entry, verb, obj_name, part = self.rng.choice(options)
-        with_part = [e for e in self.entries if any(part in i.parts for i in e.instances.get(obj_name, []))]
-        extra = [e for e in with_part if e is not entry]
+        verb, obj_name, part = self.rng.choice(sorted(self.part_users))
+        with_part = self.part_users[(verb, obj_name, part)]
+        entry = self.rng.choice(with_part)
+        extra = [e for e in with_part if e is not entry][: 8 * self.options.max_images]
         required = [entry] + self.rng.sample(extra, min(len(extra), self.rng.randint(0, self.options.max_images - 1)))
         group = self.group(required)
         if group is None:
@@ -581,11 +606,10 @@ class QuestionWriter:
 
     def common(self) -> Draft | None:
         name = self.rng.choice(self.names)
-        having = [e for e in self.entries if name in e.instances]
-        if len(having) < self.options.min_images:
+        group = self.subset(self.by_name[name])
+        if group is None:
             return None
-        k = self.rng.randint(self.options.min_images, min(self.options.max_images, len(having)))
-        group = self.rng.sample(having, k)
+        k = len(group)
         shared = sorted(set.intersection(*(set(e.instances) for e in group)))
         self.rng.shuffle(shared)
         shared = shared[: max(1, self.options.max_segments // k)]
@@ -620,15 +644,13 @@ class QuestionWriter:
         return d
 
     def common_parts(self) -> Draft | None:
-        with_parts = [(e, n) for e in self.entries for n, ins in e.instances.items() if any(i.parts for i in ins)]
-        if not with_parts:
+        if not self.with_parts:
             return None
-        _, name = self.rng.choice(with_parts)
-        having = [e for e in self.entries if any(i.parts for i in e.instances.get(name, []))]
-        if len(having) < self.options.min_images:
+        name = self.rng.choice(sorted(self.with_parts))
+        group = self.subset(self.with_parts[name])
+        if group is None:
             return None
-        k = self.rng.randint(self.options.min_images, min(self.options.max_images, len(having)))
-        group = self.rng.sample(having, k)
+        k = len(group)
 
         def first_with(e: ImageEntry, part: str) -> Instance:
             return next(i for i in e.instances[name] if part in i.parts)
