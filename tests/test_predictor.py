@@ -44,10 +44,12 @@ TINY_TEXTS = ["Which object appears in every image? The <p> mug </p> [SEG] (IMAG
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from prima.model import create_model, load_model_config
 
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("prima-tiny-random")
-    create_model(load_model_config("tiny", TINY_OVERRIDES), TINY_TEXTS).save_pretrained(path)
+    import torch
+
+    path = tmp_path_factory.getbasetemp() / "prima-tiny-random"  # shared with the files that import this fixture
+    if not (path / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        create_model(load_model_config("tiny", TINY_OVERRIDES), TINY_TEXTS).save_pretrained(path)
     return path
 
 
