@@ -1,0 +1,341 @@
+"""PrimaModel on tiny random configs: forward/backward, [SEG] routing, 1..5 images, errors, generation, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prima.data.collate import collate_samples
+from prima.data.masks import encode_rle
+from prima.data.schema import Sample, Segment
+from prima.errors import PrimaError
+from prima.model import PrimaModel, create_model, load_model_config
+
+SMALL = [  # tiny.yaml shrunk further so a test builds and runs a model in about a second
+    "vision.image_size=64",
+    "vision.package_weights=false",
+    "language.config.hidden_size=32",
+    "language.config.intermediate_size=64",
+    "language.config.num_hidden_layers=2",
+    "language.config.num_attention_heads=2",
+    "language.config.num_key_value_heads=2",
+    "qformer.num_queries=4",
+    "qformer.config.hidden_size=32",
+    "qformer.config.num_hidden_layers=1",
+    "qformer.config.num_attention_heads=2",
+    "qformer.config.intermediate_size=64",
+    "relational.num_heads=2",
+    "grounding.hidden_size=32",
+    "grounding.num_heads=2",
+    "grounding.pixel_dim=8",
+    "grounding.num_layers=1",
+]
+TEXTS = [
+    "Which object could you sit on?",
+    "You could sit on the <p> chair </p> [SEG] (IMAGE2) and the <p> desk's drawer </p> [SEG] (IMAGE1).",
+    "Is there a lamp? No, none of the images shows a lamp.",
+]
+
+
+def small_model(*overrides: str, seed: int = 0) -> PrimaModel:
+    torch.manual_seed(seed)
+    return create_model(load_model_config("tiny", [*SMALL, *overrides]), TEXTS)
+
+
+def random_images(n: int, seed: int = 0, size: tuple[int, int] = (48, 40)) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def box_mask(size: tuple[int, int], top: int = 5, left: int = 5) -> dict:
+    m = np.zeros(size, bool)
+    m[top : top + 10, left : left + 12] = True
+    return encode_rle(m)
+
+
+def grounded_sample(sid: str = "s1", n_images: int = 3, size: tuple[int, int] = (48, 40)) -> Sample:
+    """Three [SEG]s on images 2, 1, 2 (in answer order)."""
+    answer = (
+        "The <p> chair </p> [SEG] (IMAGE2) is by the <p> desk </p> [SEG] (IMAGE1) and its <p> legs </p> [SEG] (IMAGE2)."
+    )
+    segs = [
+        Segment("chair", 2, box_mask(size)),
+        Segment("desk", 1, box_mask(size, 20)),
+        Segment("legs", 2, box_mask(size, 30, 20)),
+    ]
+    return Sample(sid, [f"{sid}_{i}.png" for i in range(n_images)], "Where can I sit?", answer, "functional", segs)
+
+
+def negative_sample(sid: str = "s2", n_images: int = 2) -> Sample:
+    return Sample(
+        sid,
+        [f"{sid}_{i}.png" for i in range(n_images)],
+        "Is there a lamp?",
+        "No, none of the images shows a lamp.",
+        "functional",
+        [],
+    )
+
+
+def make_batch(model: PrimaModel, samples: list[Sample], seed: int = 0) -> dict:
+    images = [random_images(len(s.images), seed + i) for i, s in enumerate(samples)]
+    return collate_samples(samples, None, model.processor, model.config, images=images)
+
+
+@pytest.fixture(scope="module")
+def model() -> PrimaModel:
+    return small_model()
+
+
+def test_forward_and_backward_reach_every_trainable_group(model):
+    model.train()
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    for part in (out.loss_ce, out.loss_bce, out.loss_dice):
+        assert part is not None and float(part.detach()) > 0
+    model.zero_grad()
+    out.loss.backward()
+    groups = model.parameter_groups()
+    assert set(groups) == {"language", "query_module", "square", "projector", "grounding"}
+    for name, params in groups.items():
+        assert params, name
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), f"no gradient reaches {name}"
+    assert all(p.grad is None for p in model.vision.parameters())  # the encoder is frozen
+    assert not any(p.requires_grad for p in model.vision.parameters())
+
+
+def test_n_seg_tokens_give_n_masks_each_on_the_image_its_tag_names(model, monkeypatch):
+    model.eval()
+    batch = make_batch(model, [negative_sample("a", 2), grounded_sample("b", 3)])
+    encoded = []
+    original = model.grounding.encode
+    monkeypatch.setattr(model.grounding, "encode", lambda feats: encoded.append(feats) or original(feats))
+    with torch.no_grad():
+        out = model(batch)
+    assert [m.shape[0] for m in out.mask_logits] == [0, 3]
+    assert out.mask_logits[1].shape[1:] == (64, 64)  # the model's mask size = its input size
+    # images of sample "b" are batch images 2, 3, 4: tags (IMAGE2), (IMAGE1), (IMAGE2) -> 3, 2, 3
+    assert out.seg_image_index.tolist() == [3, 2, 3]
+    assert out.seg_image_index.tolist() == batch["mask_image_index"].tolist()
+    # only the named images (2 and 3) reach the grounding decoder, each once
+    features = model.encode_images(batch["pixel_values"])
+    (grounded,) = encoded
+    assert grounded[0].shape[0] == 2
+    assert torch.allclose(grounded[-1], features[-1][[2, 3]])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_one_to_five_images(model, n):
+    model.eval()
+    sample = negative_sample("n", n)
+    batch = make_batch(model, [sample])
+    assert batch["pixel_values"].shape[0] == n
+    with torch.no_grad():
+        out = model(batch)
+    assert out.logits.shape[0] == 1 and torch.isfinite(out.loss)
+    assert (batch["input_ids"] == model.config.tokens.image_slot_id).sum() == n * model.tokens_per_image
+
+
+def test_more_images_than_max_or_none_is_an_error(model):
+    with pytest.raises(PrimaError, match="1..5"):
+        model.generate(random_images(6), "Which one?", max_new_tokens=2)
+    with pytest.raises(PrimaError, match="1..5"):
+        model.generate([], "Which one?", max_new_tokens=2)
+    with pytest.raises(PrimaError, match="1..5"):
+        model.processor.encode_prompt("Which one?", 6)
+
+
+def test_prompt_naming_a_different_number_of_images_is_an_error(model):
+    batch = make_batch(model, [negative_sample("x", 2)])
+    batch["pixel_values"] = torch.cat([batch["pixel_values"], batch["pixel_values"][:1]])
+    batch["image_sample_index"] = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(PrimaError, match="2 image block"):
+        model(batch)
+
+
+def test_seg_without_image_tag_is_an_error(model):
+    batch = make_batch(model, [grounded_sample()])
+    ids = batch["input_ids"]
+    tags = torch.tensor(model.config.tokens.image_tag_ids)
+    answer = batch["labels"] != -100
+    ids[answer & torch.isin(ids, tags)] = model.processor.tokenizer.convert_tokens_to_ids("the")
+    with pytest.raises(PrimaError, match="not followed by an image tag"):
+        model(batch)
+
+
+class ScriptedLogits:
+    """Wraps the LM so greedy decoding emits a fixed token script (to test generation's bookkeeping)."""
+
+    def __init__(self, model: PrimaModel, script: list[str]):
+        self.lm, self.forward = model.language, model.language.forward
+        tok = model.processor.tokenizer
+        self.script = [tok.convert_tokens_to_ids(t) for t in script]
+        self.step = 0
+
+    def __call__(self, *args, **kwargs):
+        out = self.forward(*args, **kwargs)
+        if self.step < len(self.script):
+            out.logits[:, -1] = -1e4
+            out.logits[:, -1, self.script[self.step]] = 1e4
+        self.step += 1
+        return out
+
+
+def test_generate_routes_each_seg_and_grounds_only_named_images(model, monkeypatch):
+    model.eval()
+    script = [
+        "the",
+        "<p>",
+        "chair",
+        "</p>",
+        "[SEG]",
+        "(IMAGE3)",
+        "and",
+        "<p>",
+        "lamp",
+        "</p>",
+        "[SEG]",
+        "(IMAGE3)",
+        "</s>",
+    ]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    calls = []
+    original = model.grounding.encode
+    monkeypatch.setattr(model.grounding, "encode", lambda feats: calls.append(feats[0].shape[0]) or original(feats))
+    images = random_images(2) + random_images(1, seed=5, size=(30, 52))
+    result = model.generate(images, "Where can I sit?", max_new_tokens=20)
+    assert result.answer == "the <p> chair </p> [SEG] (IMAGE3) and <p> lamp </p> [SEG] (IMAGE3)"
+    assert [(s.phrase, s.image) for s in result.segments] == [("chair", 3), ("lamp", 3)]
+    for s in result.segments:
+        assert s.mask.shape == (30, 52) and s.mask.dtype == np.float32
+        assert 0.0 <= s.mask.min() and s.mask.max() <= 1.0 and 0.0 <= s.score <= 1.0
+    assert calls == [1] and result.grounded_images == [3]  # one encoder pass, for image 3 only
+
+
+def test_generate_without_seg_runs_no_grounding(model, monkeypatch):
+    model.eval()
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, ["No", ",", "lamp", ".", "</s>"]))
+    monkeypatch.setattr(model.grounding, "encode", lambda feats: pytest.fail("grounding ran without a [SEG]"))
+    result = model.generate(random_images(3), "Is there a lamp?", max_new_tokens=10)
+    assert result.segments == [] and result.grounded_images == []
+    assert "lamp" in result.answer
+
+
+def test_generate_forces_an_image_tag_after_seg(model, monkeypatch):
+    model.eval()
+    # the script asks for a word after [SEG] and for (IMAGE5) with only two images: both are overruled
+    script = ["<p>", "chair", "</p>", "[SEG]", "chair", "(IMAGE5)", "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    tags = [
+        model.config.tokens.image_tag_ids.index(t) + 1
+        for t in result.token_ids
+        if t in model.config.tokens.image_tag_ids
+    ]
+    assert len(result.segments) == 1 and result.segments[0].image in (1, 2)
+    assert all(k <= 2 for k in tags)
+
+
+def test_generate_greedy_with_cache_matches_full_recompute(model):
+    """The KV-cached loop gives the tokens a cache-free argmax over the whole sequence gives."""
+    model.eval()
+    images, question = random_images(2, seed=3), "Which object could you sit on?"
+    result = model.generate(images, question, max_new_tokens=6)
+    proc = model.processor
+    with torch.no_grad():
+        feats = model.encode_images(proc.preprocess_images(images))
+        qids = torch.tensor([proc.encode_qformer_text(question)])
+        visual = model.visual_tokens(feats, torch.zeros(2, dtype=torch.long), qids, torch.ones_like(qids))
+        ids = proc.encode_prompt(question, 2)
+        first = model.language(inputs_embeds=model.embed_prompt(torch.tensor([ids]), visual, torch.tensor([2]))).logits[
+            0, -1
+        ]
+    banned = {
+        model.config.tokens.image_slot_id,
+        model.config.tokens.pad_token_id,
+        model.config.tokens.bos_token_id,
+        model.config.tokens.image_start_id,
+        model.config.tokens.image_end_id,
+        *model.config.tokens.image_tag_ids[2:],
+    }
+    first[list(banned)] = float("-inf")
+    assert result.token_ids[:1] == [int(first.argmax())] or result.token_ids == []
+
+
+def test_save_and_load_round_trip_gives_identical_outputs(model, tmp_path):
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert {"model.safetensors", "config.yaml", "processor.json", "tokenizer.json"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    loaded = PrimaModel.from_pretrained(tmp_path, device="cpu")
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    with torch.no_grad():
+        a, b = model(batch), loaded(batch)
+    assert torch.equal(a.logits, b.logits)
+    assert all(torch.equal(x, y) for x, y in zip(a.mask_logits, b.mask_logits))
+    assert loaded.config.tokens == model.config.tokens
+    images = random_images(2, seed=7)
+    ga, gb = model.generate(images, "Where?", max_new_tokens=8), loaded.generate(images, "Where?", max_new_tokens=8)
+    assert ga.answer == gb.answer and ga.token_ids == gb.token_ids
+
+
+def test_loading_fails_loudly_on_missing_or_unexpected_weights(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k in state if k.startswith("grounding."))
+    save_file({k: v for k, v in state.items() if k != name}, str(weights))
+    with pytest.raises(PrimaError, match="1 missing"):
+        PrimaModel.from_pretrained(tmp_path)
+    save_file({**state, "surplus.weight": torch.zeros(1)}, str(weights))
+    with pytest.raises(PrimaError, match="1 unexpected"):
+        PrimaModel.from_pretrained(tmp_path)
+
+
+def test_package_weights_are_not_stored_but_reloaded(tmp_path):
+    torch.manual_seed(0)
+    model = create_model(load_model_config("tiny", [*SMALL, "vision.package_weights=true"]), TEXTS)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("vision.") for k in load_file(str(tmp_path / "model.safetensors")))
+    assert "vision." in (tmp_path / "config.yaml").read_text()  # external_weights says where they come from
+    loaded = PrimaModel.from_pretrained(tmp_path)
+    for (name, a), b in zip(model.vision.state_dict().items(), loaded.vision.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("variant", ["square", "projection", "pooling", "concat", "none"])
+def test_every_cross_image_variant_trains_and_generates(variant):
+    model = small_model(f"cross_image={variant}")
+    model.train()
+    out = model(make_batch(model, [grounded_sample(), negative_sample()]))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    expected = 16 if variant == "concat" else 4  # concat: every 16 px cell of a 64 px image; else the queries
+    assert model.tokens_per_image == expected
+    if variant == "square":
+        assert model.parameter_groups()["square"]
+    model.eval()
+    result = model.generate(random_images(3), "Where?", max_new_tokens=4)
+    assert isinstance(result.answer, str)
+
+
+def test_cross_image_context_depends_on_the_other_images():
+    """SQuARE: changing image 2 changes image 1's visual tokens; with `none` it does not."""
+    for variant, should_change in (("square", True), ("none", False)):
+        model = small_model(f"cross_image={variant}").eval()
+        proc = model.processor
+        qids = torch.tensor([proc.encode_qformer_text("Where?")])
+        index = torch.zeros(2, dtype=torch.long)
+        with torch.no_grad():
+            a = model.visual_tokens(model.encode_images(proc.preprocess_images(random_images(2, 1))), index, qids)
+            imgs = random_images(2, 1)[:1] + random_images(1, 9)
+            b = model.visual_tokens(model.encode_images(proc.preprocess_images(imgs)), index, qids)
+        assert (not torch.allclose(a[0], b[0])) == should_change, variant
