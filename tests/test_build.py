@@ -147,7 +147,9 @@ def test_real_coco_sample_gives_valid_pairs_in_all_categories(tmp_path):
         options=BuildOptions(num=20, seed=0),
     )
     samples = read_samples(tmp_path / "samples.jsonl")  # opens the real JPEGs: mask sizes match
-    assert len(samples) == report.written == 20
+    # Two photos allow only a few distinct questions: the builder stops and says so rather than repeat.
+    assert 10 <= len(samples) == report.written < 20
+    assert "allow no more distinct questions" in report.summary()
     assert {s.category for s in samples} == set(CATEGORIES)
     assert all(len(s.images) == 2 for s in samples)  # the sample has two photos
     assert report.skipped["crowd annotation"] == 3

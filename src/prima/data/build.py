@@ -725,6 +725,9 @@ def build_dataset(
                 draft = writer.write(category)
                 if draft is None:
                     continue
+                negatives = report.by_family["use-none"]
+                if draft.family == "use-none" and negatives >= NEGATIVE_SHARE * (report.by_category["functional"] + 1):
+                    continue  # once the positive questions run out, negatives must not fill the file
                 key = _dedup_key(draft)
                 if key in seen:
                     continue
