@@ -26,6 +26,7 @@ class Query:
     paths: list[Path]  # resolved against the file's folder
     question: str
     line: int
+    reference: str | None = None  # the expected answer, when the file is a samples file (examples/ is)
 
 
 def read_queries(path: str | Path) -> list[Query]:
@@ -72,7 +73,8 @@ def _query_from_dict(d: Any, path: Path, line: int) -> Query:
         question = check_question(d.get("question", ""))
     except PrimaError as e:
         raise SampleError(str(e), field="question", **where) from None
-    return Query(str(qid), list(images), paths, question, line)
+    reference = d.get("answer") if isinstance(d.get("answer"), str) else None
+    return Query(str(qid), list(images), paths, question, line, reference)
 
 
 def write_prediction(out_dir: str | Path, prediction: Prediction, extra: dict[str, Any] | None = None) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from prima.data.schema import strip_markup
 from prima.inference.batch import read_queries, write_prediction
 from prima.inference.predictor import REPO_ROOT, PrimaPredictor, resolve_checkpoint
 from prima.inference.render import format_summary, save_overlays
@@ -36,6 +37,8 @@ def run_demo(
         print(f"\n[{q.id}] {len(q.paths)} images: {', '.join(q.images)}")
         print(f"Q: {q.question}")
         print("A: " + format_summary(prediction))
+        if q.reference:
+            print(f"   reference answer: {strip_markup(q.reference)}")
         print(f"   overlays: {', '.join(str(p) for p in pictures)}  ({seconds:.2f} s)")
         if n == 0:
             print(f"   cold start to first answer: {time.perf_counter() - start:.1f} s")
