@@ -14,7 +14,6 @@ import argparse
 import json
 import random
 import tempfile
-import time
 from pathlib import Path
 
 from PIL import Image
@@ -79,14 +78,6 @@ def write_dataset(folder: Path, num_images: int, seed: int = 0) -> None:
     )
 
 
-def timed_build(folder: Path, num: int) -> tuple[int, float]:
-    start = time.process_time()
-    report = build_dataset(
-        folder / "instances.json", images=folder / "images", out=folder / "out", options=BuildOptions(num=num, seed=0)
-    )
-    return report.written, time.process_time() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -95,12 +86,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_dataset(folder, args.images)
-        _, load_cpu = timed_build(folder, 1)  # loading, checking and indexing the annotations
-        written, cpu = timed_build(folder, args.num)
-    per_sample = 1000 * (cpu - load_cpu) / max(1, written - 1)
+        report = build_dataset(
+            folder / "instances.json",
+            images=folder / "images",
+            out=folder / "out",
+            options=BuildOptions(num=args.num, seed=0),
+        )
     print(
-        f"{args.images} images: load+index {load_cpu:.1f} s CPU; {written} samples {cpu:.1f} s CPU in all, "
-        f"{per_sample:.2f} ms CPU per sample after loading"
+        f"{args.images} images: load+index {report.load_cpu_s:.1f} s CPU; {report.written} samples in "
+        f"{report.write_cpu_s:.2f} s CPU ({1000 * report.write_cpu_s / max(1, report.written):.2f} ms per sample)"
     )
 
 

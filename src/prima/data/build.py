@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,6 +129,8 @@ class BuildReport:
     by_family: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)  # reason -> annotations or images skipped
     examples: list[str] = field(default_factory=list)
+    load_cpu_s: float = 0.0  # CPU seconds to load, check and index the annotations (for benchmarks)
+    write_cpu_s: float = 0.0  # CPU seconds to write the questions
 
     def skip(self, reason: str, detail: str) -> None:
         self.skipped[reason] += 1
@@ -705,6 +708,7 @@ def build_dataset(
     parts_index = load_coco(parts, stuff_categories=isthing) if parts else None
     report = BuildReport(out=out, requested=options.num)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.process_time()
     entries = load_images(coco_index, parts_index, image_dir=image_dir, out=out, options=options, report=report)
     if len(entries) < options.min_images:
         raise PrimaError(
@@ -713,6 +717,7 @@ def build_dataset(
         )
     rng = random.Random(options.seed)
     writer = QuestionWriter(entries, rng, options)
+    report.load_cpu_s = time.process_time() - started
     source = f"build/{Path(coco).stem}"
 
     def samples():
@@ -751,5 +756,7 @@ def build_dataset(
             report.by_family[sample.family] += 1
             yield sample.to_dict()
 
+    started = time.process_time()
     write_jsonl(out / "samples.jsonl", samples())
+    report.write_cpu_s = time.process_time() - started
     return report
