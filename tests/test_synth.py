@@ -188,3 +188,12 @@ def test_cli_synth_show_stats(tmp_path, capsys):
 def test_cli_synth_rejects_bad_arguments(tmp_path, capsys, argv, message):
     assert main(["data", "synth", "--out", str(tmp_path), "--num", "1", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_later_mention_has_no_seg_and_no_mask():
+    from prima.data.synth_questions import odd_one_out
+
+    draft = odd_one_out(np.random.default_rng(1), 3, 96)
+    assert draft.answer.count("<p>") == 2 and draft.answer.count("[SEG]") == 1 == len(draft.segments)
+    ((phrase, image),) = parse_answer(draft.answer)
+    assert f"<p> {phrase} </p> (IMAGE{image})" in draft.answer  # mentioned again, same phrase and image

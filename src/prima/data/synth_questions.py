@@ -54,6 +54,10 @@ class Grounder:
     def part(self, image: int, placed: PlacedObject, part: str) -> str:
         return self._seg(placed.spec.part_phrase(part), image + 1, placed.parts[part], "part")
 
+    def again(self, image: int, placed: PlacedObject) -> str:
+        """A later mention of an object grounded before: `<p> phrase </p> (IMAGEk)`, no [SEG], no new mask."""
+        return f"{PHRASE_START} {placed.spec.phrase} {PHRASE_END} {image_tag(image + 1)}"
+
 
 # ----------------------------------------------------------------------------------------------- words
 
@@ -225,8 +229,9 @@ def odd_one_out(rng: np.random.Generator, n: int, size: int) -> Draft:
     scenes = render(rng, plan, size)
     g = Grounder()
     question = f"Each image shows {article(category)} {category}. Which {category} is the odd one out?"
+    obj = scenes[odd].find(plan[odd][0])
     answer = (
-        f"The {g.obj(odd, scenes[odd].find(plan[odd][0]))}: it is {odd_colour}, "
+        f"The {g.obj(odd, obj)} is the odd one out: the {g.again(odd, obj)} is {odd_colour}, "
         f"while the other {CATEGORIES[category].plural} are {usual}."
     )
     return Draft(scenes, question, answer, g.segments, "odd-one-out")
@@ -523,7 +528,7 @@ FAMILIES: dict[str, Family] = {
     "correspondence": Family(correspondence, "open-ended", 1.0, 2, True),
     "difference": Family(difference, "open-ended", 1.0, 2, True),
     "existence": Family(existence, "open-ended", 0.8, 1, False),
-    "parts": Family(parts, "open-ended", 0.8, 1, False),
+    "parts": Family(parts, "open-ended", 1.2, 1, False),
     "most": Family(most, "numerical", 1.6, 2, True),
     "counting": Family(counting, "numerical", 1.4, 1, False),
     "spatial-compare": Family(spatial_compare, "spatial", 1.6, 2, True),
