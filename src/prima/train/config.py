@@ -60,6 +60,7 @@ class TrainConfig:
     find_unused_parameters: bool = True  # DDP: batches without masks leave the mask decoder unused
     log_every: int = 10
     val_every: int = 200  # steps between validations (0: never)
+    val_generate: int = 0  # also generate answers + masks for this many validation samples and score them
     save_every: int = 200  # steps between checkpoints (0: only at the end)
     keep_last: int = 2  # completed checkpoints kept besides the best one
     best_metric: str = "val_loss"

@@ -279,33 +279,36 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation metrics (``val_*``): the user's ``validate_fn`` or the mean loss over ``val_set``."""
-        model, acc = self.model, self.accelerator
+        """Validation metrics (``val_*``): the mean loss parts over ``val_set`` plus ``validate_fn``'s metrics."""
+        model = self.model
         model.eval()
         try:
+            metrics = self._validation_loss() if self.val_set else {}
             if self.validate_fn is not None:
-                return dict(self.validate_fn(model, acc))
-            if not self.val_set:
-                return {}
-            mine = list(range(self.rank, len(self.val_set), self.world_size))
-            sums: dict[str, torch.Tensor] = {}
-            count = torch.zeros((), device=acc.device)
-            for i in range(0, len(mine), self.micro):
-                indices = mine[i : i + self.micro]
-                batch = move_to_device(self.collate_fn([self.val_set[j] for j in indices]), acc.device)
-                with acc.autocast():
-                    parts = loss_parts(model(batch))
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() * len(indices)
-                count += len(indices)
-            names = sorted(sums)
-            totals = torch.stack([torch.as_tensor(sums[k], device=acc.device) for k in names] + [count])
-            if self.world_size > 1:
-                totals = acc.reduce(totals, reduction="sum")
-            n = float(totals[-1])
-            return {f"val_{k}": float(v) / n for k, v in zip(names, totals[:-1].tolist())}
+                metrics.update(self.validate_fn(model, self.accelerator))
+            return metrics
         finally:
             model.train()
+
+    def _validation_loss(self) -> dict[str, float]:
+        acc = self.accelerator
+        mine = list(range(self.rank, len(self.val_set), self.world_size))  # type: ignore[arg-type]
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for i in range(0, len(mine), self.micro):
+            indices = mine[i : i + self.micro]
+            batch = move_to_device(self.collate_fn([self.val_set[j] for j in indices]), acc.device)  # type: ignore[index]
+            with acc.autocast():
+                parts = loss_parts(self.model(batch))
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * len(indices)
+            count += len(indices)
+        names = sorted(sums)
+        totals = torch.tensor([float(sums[k]) for k in names] + [float(count)], device=acc.device)
+        if self.world_size > 1:
+            totals = acc.reduce(totals, reduction="sum")
+        n = float(totals[-1])
+        return {f"val_{k}": float(v) / n for k, v in zip(names, totals[:-1].tolist())}
 
     def _is_better(self, value: float) -> bool:
         if self.best_value is None:

@@ -1,0 +1,220 @@
+"""`prima train`: build the data, the processor and `PrimaModel` from a `RunConfig`, train, export the model.
+
+RUN_DIR gets ``config.yaml`` (the resolved run config), ``processor/`` (the tokenizer, trained once on the
+training text so a resumed run reuses it), ``log.jsonl``, ``checkpoints/`` and, at the end, ``final/`` and
+``best/`` model folders that `PrimaModel.from_pretrained` (and `prima eval --checkpoint`) load.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prima.config import save_config, to_dict
+from prima.data.schema import Sample, Segment
+from prima.errors import PrimaError
+from prima.train.checkpoint import list_checkpoints
+from prima.train.config import RunConfig, load_run_config
+from prima.train.data import FeatureCache, SampleSet, load_samples, module_digest
+from prima.train.trainer import Trainer, TrainResult, make_accelerator
+
+CONFIG_FILE = "config.yaml"
+PROCESSOR_DIR = "processor"
+
+
+class TrainCollator:
+    """Samples -> the model's batch; with a `FeatureCache`, cached frozen-encoder features replace pixels."""
+
+    def __init__(self, model: Any, cache: FeatureCache | None = None, encode_batch: int = 32):
+        self.model = model  # the unwrapped PrimaModel
+        self.processor = model.processor
+        self.cfg = model.config
+        self.cache = cache
+        self.encode_batch = encode_batch
+
+    def encode(self, paths: list[str]) -> list[list[torch.Tensor]]:
+        """Frozen-encoder features of image files, one list of per-scale tensors per image."""
+        from prima.model.vision import split_image_features
+
+        out: list[list[torch.Tensor]] = []
+        for i in range(0, len(paths), self.encode_batch):
+            pixels = self.processor.preprocess_images(paths[i : i + self.encode_batch])
+            with torch.no_grad():
+                out.extend(split_image_features(self.model.encode_images(pixels)))
+        return [[t.cpu() for t in f] for f in out]
+
+    def __call__(self, samples: list[Sample]) -> dict[str, Any]:
+        from prima.data.collate import collate_samples
+        from prima.model.vision import stack_image_features
+
+        batch = collate_samples(samples, None, self.processor, self.cfg, include_pixels=self.cache is None)
+        if self.cache is not None:
+            paths = [p for s in samples for p in s.images]
+            batch["image_features"] = stack_image_features(self.cache.features(paths, self.encode))
+        return batch
+
+
+def make_feature_cache(model: Any, folder: str | os.PathLike) -> FeatureCache:
+    """A cache keyed by the encoder's kind, input size, normalisation and weights."""
+    cfg = model.config
+    if not cfg.vision.frozen:
+        raise PrimaError("data.feature_cache needs a frozen vision encoder (model.vision.frozen: true)")
+    proc = model.processor
+    key = f"{cfg.vision.kind}|size={proc.image_size}|mean={proc.image_mean}|std={proc.image_std}"
+    return FeatureCache(folder, key, module_digest(model.vision))
+
+
+def fill_cache(collator: TrainCollator, samples: Sequence[Sample], accelerator: Any, batch: int = 64) -> None:
+    """Encode every image not cached yet (processes split the images), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    assert collator.cache is not None
+    paths = sorted({p for s in samples for p in s.images})[accelerator.process_index :: accelerator.num_processes]
+    todo = [p for p in paths if collator.cache.get(p) is None]
+    bar = tqdm(total=len(todo), desc="cache features", unit="img", disable=not accelerator.is_main_process)
+    for i in range(0, len(todo), batch):
+        chunk = todo[i : i + batch]
+        collator.cache.features(chunk, collator.encode)
+        bar.update(len(chunk))
+    bar.close()
+    accelerator.wait_for_everyone()
+
+
+def make_generation_validator(val_samples: list[Sample], limit: int, threshold: float = 0.5) -> Any:
+    """validate_fn: greedy answers + masks for the first ``limit`` validation samples, scored like `prima eval`."""
+    from accelerate.utils import gather_object
+
+    from prima.data.masks import encode_rle
+    from prima.evaluation.scorer import M4SegEvaluator, PredictionRecord
+
+    samples = val_samples[:limit]
+    evaluator = M4SegEvaluator(wordnet="none")  # METEOR is not used for model selection
+
+    def validate(model: Any, accelerator: Any) -> dict[str, float]:
+        net = accelerator.unwrap_model(model)
+        rows = []
+        for i in range(accelerator.process_index, len(samples), accelerator.num_processes):
+            s = samples[i]
+            out = net.generate(s.images, s.question)
+            segs = [Segment(g.phrase, g.image, encode_rle(g.mask >= threshold), score=g.score) for g in out.segments]
+            rows.append((i, out.answer, [seg.to_dict() for seg in segs]))
+        if accelerator.num_processes > 1:
+            rows = gather_object(rows)
+        evaluator.reset()
+        for i, answer, segs in sorted(rows, key=lambda r: r[0]):
+            segments = [Segment(d["phrase"], d["image"], d["mask"], d["kind"], d.get("score")) for d in segs]
+            evaluator.process(samples[i], PredictionRecord(samples[i].id, answer, segments))
+        result = evaluator.evaluate()
+        keys = ("miou", "recall", "ss", "siou", "no_mask_acc", "giou")
+        return {f"val_{k}": float(result[k]) for k in keys if result.get(k) is not None}
+
+    return validate
+
+
+def _load_config(config: str | None, overrides: Sequence[str], run_dir: Path, resume: bool) -> RunConfig:
+    saved = run_dir / CONFIG_FILE
+    if resume:
+        if not saved.is_file():
+            raise PrimaError(f"--resume: {saved} not found; is {run_dir} a run folder made by `prima train --out`?")
+        cfg = load_run_config(saved, overrides)  # the run's own config; overrides may extend it (max_steps)
+        if config is not None:
+            given = load_run_config(config, overrides)
+            if to_dict(given) != to_dict(cfg):
+                raise PrimaError(
+                    f"--resume with --config {config}: it differs from the run's saved {saved}; "
+                    "drop --config (the saved one is used) or start a new --out"
+                )
+        return cfg
+    if config is None:
+        raise PrimaError("prima train needs --config FILE (or --resume to continue a run)")
+    return load_run_config(config, overrides)
+
+
+def _texts(samples: Sequence[Sample]) -> list[str]:
+    return [t for s in samples for t in (s.question, s.answer)]
+
+
+def run_training(
+    config: str | None,
+    overrides: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """Everything `prima train` does; returns where the run ended and its best checkpoint."""
+    from accelerate.utils import set_seed
+
+    from prima.data.processor import PrimaProcessor, load_tokenizers
+    from prima.model.prima import PrimaModel
+
+    run_dir = Path(out)
+    if not resume and list_checkpoints(run_dir):
+        raise PrimaError(f"{run_dir} already has checkpoints; pass --resume to continue it or use a new --out")
+    cfg = _load_config(config, overrides, run_dir, resume)
+    accelerator = make_accelerator(cfg.train)
+    set_seed(cfg.train.seed)  # the same initial weights on every process and every run of this config
+    train_set = SampleSet(cfg.data.train)
+    val_samples = load_samples(cfg.data.val, limit=cfg.data.val_max_samples) if cfg.data.val else None
+
+    processor_dir = run_dir / PROCESSOR_DIR
+    if resume and not processor_dir.is_dir():
+        raise PrimaError(f"--resume: {processor_dir} is missing; the run's tokenizer cannot be recovered")
+    if accelerator.is_main_process and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer, qformer_tokenizer = load_tokenizers(cfg.model, _texts(train_set.samples))
+        PrimaProcessor.from_config(cfg.model, tokenizer, qformer_tokenizer).save_pretrained(processor_dir)
+        save_config(cfg, run_dir / CONFIG_FILE)
+    accelerator.wait_for_everyone()
+    processor = PrimaProcessor.from_pretrained(processor_dir)  # every process: the one saved tokenizer
+    set_seed(cfg.train.seed)
+    model = PrimaModel(cfg.model, processor)
+
+    cache = make_feature_cache(model, cfg.data.feature_cache) if cfg.data.feature_cache else None
+    collator = TrainCollator(model, cache)
+    if cache is not None:
+        fill_cache(collator, train_set.samples + (val_samples or []), accelerator)
+    validate_fn = None
+    if val_samples and cfg.train.val_generate:
+        validate_fn = make_generation_validator(val_samples, cfg.train.val_generate)
+
+    trainer = Trainer(
+        model,
+        train_set,
+        collator,
+        cfg.train,
+        run_dir,
+        sampler=train_set.sampler(cfg.train.seed, cfg.data.epoch_size),
+        val_set=val_samples,
+        validate_fn=validate_fn,
+        config_text=(run_dir / CONFIG_FILE).read_text(encoding="utf-8"),
+        accelerator=accelerator,
+    )
+    result = trainer.fit(resume=resume, stop_at_step=stop_at_step)
+    if result.step >= cfg.train.max_steps:
+        export_models(trainer, result)
+    return result
+
+
+def export_models(trainer: Trainer, result: TrainResult) -> None:
+    """Write RUN_DIR/final (last weights) and RUN_DIR/best (best validation) as `from_pretrained` folders."""
+    from safetensors.torch import load_file
+
+    acc = trainer.accelerator
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return
+    model = acc.unwrap_model(trainer.model)
+    model.save_pretrained(trainer.run_dir / "final")
+    if result.best_checkpoint is not None:
+        state = load_file(str(Path(result.best_checkpoint) / "model.safetensors"))
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(k not in current for k in missing):
+            raise PrimaError(f"{result.best_checkpoint}: weights do not match the model ({unexpected[:3]})")
+        model.save_pretrained(trainer.run_dir / "best")
+        model.load_state_dict(current)

@@ -1,0 +1,86 @@
+"""`prima train` end to end with a very small PrimaModel on a few synthetic samples (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prima.cli import main
+from prima.errors import PrimaError
+from prima.train.checkpoint import list_checkpoints
+
+SMALL_MODEL = [
+    "model.vision.image_size=64",
+    "model.qformer.num_queries=4",
+    "model.qformer.config={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64, "
+    "cross_attention_frequency: 1, max_position_embeddings: 64}",
+    "model.language.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+    "num_key_value_heads: 2, max_position_embeddings: 512, tie_word_embeddings: true}",
+    "model.grounding.hidden_size=32",
+    "model.grounding.pixel_dim=8",
+    "model.grounding.num_layers=1",
+    "model.grounding.num_heads=2",
+]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from prima.data.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root / "train", num=6, seed=0, split="train", max_images=3, size=64, workers=1)
+    generate_dataset(root / "val", num=2, seed=1, split="val", max_images=3, size=64, workers=1)
+    return root
+
+
+def overrides(synth, tmp_path, **train):
+    items = [
+        f"data.train=[{{path: {synth / 'train' / 'samples.jsonl'}}}]",
+        f"data.val={synth / 'val' / 'samples.jsonl'}",
+        f"data.feature_cache={tmp_path / 'cache'}",
+        "train.batch_size=2",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.val_every=2",
+        "train.val_generate=1",
+        "train.log_every=1",
+        "train.progress_bar=false",
+        *SMALL_MODEL,
+    ]
+    return items + [f"train.{k}={v}" for k, v in train.items()]
+
+
+def log_rows(run, split="train"):
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+@pytest.mark.slow
+def test_prima_train_resumes_exactly_and_exports_loadable_models(synth, tmp_path):
+    from prima.model.prima import PrimaModel
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["train", "--config", "tiny", *overrides(synth, tmp_path), "--out", str(full)]) == 0
+    rows = log_rows(full)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"loss_ce", "loss_bce", "loss_dice"} <= set(rows[0])
+    val = log_rows(full, "val")
+    assert {"val_loss", "val_loss_ce", "val_siou"} <= set(val[0])
+    model = PrimaModel.from_pretrained(full / "final")
+    assert model.config.tokens.seg_token_id is not None
+    PrimaModel.from_pretrained(full / "best")
+    assert any((tmp_path / "cache").rglob("*.safetensors"))
+
+    args = ["train", "--config", "tiny", *overrides(synth, tmp_path), "--out", str(split)]
+    assert main([*args, "--stop-at-step", "2"]) == 0
+    assert [s for s, _ in list_checkpoints(split)] == [2]
+    assert main(["train", "--resume", "--out", str(split)]) == 0
+    assert [r["loss"] for r in log_rows(split)] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
+
+
+def test_train_refuses_missing_config_and_reused_run_dir(synth, tmp_path):
+    with pytest.raises(PrimaError, match="--config"):
+        from prima.train.run import run_training
+
+        run_training(None, [], tmp_path / "run")
+    assert main(["train", "--resume", "--out", str(tmp_path / "nothing")]) == 2
