@@ -563,7 +563,7 @@ class QuestionWriter:
         if group is None:
             return None
         d = Draft("functional", "use-object", group)
-        d.question = f"Which of the things in these images could you {verb}?"
+        d.question = f"What in these images could you {verb}?"
         found = [f"the {d.seg(i.name, e, i.rle)}" for e in group for i in self._users(verb, e)]
         d.answer_parts = [f"You could {verb} {join_words(found)}."]
         return d
