@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _synth(args: argparse.Namespace) -> int:
     from prima.data.synth import generate_dataset
 
-    generate_dataset(
+    path = generate_dataset(
         args.out,
         num=args.num,
         seed=args.seed,
@@ -47,6 +47,7 @@ def _synth(args: argparse.Namespace) -> int:
         size=args.size,
         workers=args.workers,
     )
+    print(f"{path}: {args.num} samples ({args.split}, seed {args.seed}, {args.size} px)")
     return 0
 
 

@@ -224,9 +224,7 @@ def image_size(path: Path, *, where: dict | None = None, index: int = 0) -> tupl
     return h, w
 
 
-def iter_samples(
-    path: str | os.PathLike, *, validate: bool = True, check_images: bool = True
-) -> Iterator[Sample]:
+def iter_samples(path: str | os.PathLike, *, validate: bool = True, check_images: bool = True) -> Iterator[Sample]:
     """Stream the samples of a JSONL file, validating each (images relative to the file's folder)."""
     path = Path(path)
     if not path.is_file():

@@ -156,7 +156,7 @@ def render(
 
 
 def centre_x(obj: PlacedObject) -> float:
-    """Horizontal centre of the visible pixels: what a person judges 'left of' by."""
+    """Mean of the columns the visible pixels cover: where the object is, left to right, as a person sees it."""
     xs = np.nonzero(obj.mask.any(axis=0))[0]
     return float(xs.mean())
 
@@ -466,7 +466,7 @@ PART_USES: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
 )
 
 
-def _scatter(rng: np.random.Generator, n: int, categories: Sequence[str], negative: bool) -> tuple[Plan, int]:
+def _scatter(rng: np.random.Generator, n: int, categories: Sequence[str], negative: bool) -> Plan:
     """1-3 objects of ``categories`` over random images (none when ``negative``), distractors elsewhere."""
     plan: Plan = [[] for _ in range(n)]
     wanted = 0 if negative else int(rng.integers(1, 4))
@@ -477,12 +477,12 @@ def _scatter(rng: np.random.Generator, n: int, categories: Sequence[str], negati
         if len(plan[k]) < 2:
             plan[k].append(new_spec(rng, category, avoid=taken))
     fill(rng, plan, ban_categories=categories)
-    return plan, wanted
+    return plan
 
 
 def functional(rng: np.random.Generator, n: int, size: int) -> Draft:
     verb, categories = choice(rng, USES)
-    plan, _ = _scatter(rng, n, categories, negative=rng.uniform() < 0.2)
+    plan = _scatter(rng, n, categories, negative=rng.uniform() < 0.2)
     scenes = render(rng, plan, size)
     g = Grounder()
     found = [g.obj(k, scenes[k].find(s)) for k in range(n) for s in plan[k] if s.category in categories]
@@ -497,7 +497,7 @@ def functional(rng: np.random.Generator, n: int, size: int) -> Draft:
 def functional_part(rng: np.random.Generator, n: int, size: int) -> Draft:
     verb, purpose, targets = choice(rng, PART_USES)
     part_of = dict(targets)
-    plan, _ = _scatter(rng, n, list(part_of), negative=rng.uniform() < 0.2)
+    plan = _scatter(rng, n, list(part_of), negative=rng.uniform() < 0.2)
     scenes = render(rng, plan, size)
     g = Grounder()
     found = [
