@@ -13,10 +13,17 @@ import pytest
 from PIL import Image
 
 from prima.cli import main
+from prima.data.schema import strip_markup as prediction_text
 from prima.inference.batch import read_queries
 from prima.inference.predictor import MAX_QUESTION_CHARS
+from test_predictor import build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory)  # the random checkpoint of test_predictor, built once
 
 
 @pytest.fixture()
@@ -121,3 +128,67 @@ def test_demo_without_the_bundled_checkpoint_says_so_in_one_line(tmp_path):
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and "bundled checkpoint is not there yet" in done.stderr
     assert not (tmp_path / "demo").exists()
+
+
+def test_predict_prints_the_answer_and_writes_json_and_one_overlay_per_image(
+    pictures, tmp_path, capsys, tiny_checkpoint
+):
+    out = tmp_path / "out"
+    argv = ["predict", "--images", pictures[0], pictures[1], "--question", "Which object is in both?"]
+    code, stdout, err = _run([*argv, "--checkpoint", tiny_checkpoint, "--out", out], capsys)
+    assert code == 0, err
+    data = json.loads((out / "prediction.json").read_text())
+    assert data["question"] == "Which object is in both?" and isinstance(data["answer"], str)
+    assert isinstance(data["segments"], list)
+    assert stdout.startswith(prediction_text(data["answer"]))
+    for k in (1, 2):
+        with Image.open(out / f"image{k}_overlay.png") as im:
+            assert im.size == (32, 24) and im.mode == "RGB"
+    assert "wrote" in stdout and str(out / "image2_overlay.png") in stdout
+
+
+def test_predict_jsonl_answers_every_query_into_one_file(pictures, tmp_path, capsys, tiny_checkpoint):
+    q = tmp_path / "queries.jsonl"
+    rows = [
+        {"id": "one", "images": [pictures[0].name], "question": "What is this?"},
+        {"id": "two", "images": [pictures[1].name, pictures[2].name], "question": "Which is brighter?"},
+    ]
+    q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    code, stdout, err = _run(
+        ["predict", "--jsonl", q, "--checkpoint", tiny_checkpoint, "--out", out, "--overlays"], capsys
+    )
+    assert code == 0, err
+    written = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [w["id"] for w in written] == ["one", "two"]
+    assert written[1]["images"] == rows[1]["images"] and written[1]["question"] == "Which is brighter?"
+    assert all({"answer", "segments"} <= set(w) for w in written)
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == [
+        "one_image1_overlay.png",
+        "two_image1_overlay.png",
+        "two_image2_overlay.png",
+    ]
+    assert stdout.splitlines()[0].startswith("one: ")
+
+
+def test_demo_answers_every_example_with_a_given_checkpoint(tmp_path, capsys, tiny_checkpoint):
+    out = tmp_path / "demo"
+    code, stdout, err = _run(["demo", "--checkpoint", tiny_checkpoint, "--out", out], capsys)
+    assert code == 0, err
+    queries = read_queries(REPO / "examples" / "queries.jsonl")
+    assert 2 <= len(queries) <= 3
+    for q in queries:
+        assert f"[{q.id}]" in stdout and f"Q: {q.question}" in stdout
+        assert (out / q.id / "prediction.json").is_file()
+        assert len(list((out / q.id).glob("image*_overlay.png"))) == len(q.images)
+    assert "reference answer:" in stdout and "cold start to first answer:" in stdout
+
+
+def test_example_images_are_small_and_valid_samples():
+    from prima.data.schema import read_samples
+
+    samples = read_samples(REPO / "examples" / "queries.jsonl")  # checks masks, tags and that images open
+    assert len(samples) >= 2
+    for s in samples:
+        for p in s.images:
+            assert (REPO / "examples" / p).stat().st_size <= 100 * 1024

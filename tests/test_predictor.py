@@ -18,7 +18,7 @@ from prima.inference.render import answer_html, render_overlays
 from prima.visualize import color_for, color_hex
 
 # A tiny random PRIMA (hidden 32, 2 layers): built once per test session through the model's own constructor
-# and save_pretrained, then loaded the way a real checkpoint is. Other test files import this fixture.
+# and save_pretrained, then loaded the way a real checkpoint is. The other inference test files reuse it.
 TINY_OVERRIDES = [
     "vision.image_size=64",
     "language.config.hidden_size=32",
@@ -42,9 +42,14 @@ TINY_TEXTS = ["Which object appears in every image? The <p> mug </p> [SEG] (IMAG
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from prima.model import create_model, load_model_config
+    return build_tiny_checkpoint(tmp_path_factory)
 
+
+def build_tiny_checkpoint(tmp_path_factory) -> Path:
+    """The random tiny checkpoint's folder, built on first use in this pytest session."""
     import torch
+
+    from prima.model import create_model, load_model_config
 
     path = tmp_path_factory.getbasetemp() / "prima-tiny-random"  # shared with the files that import this fixture
     if not (path / "model.safetensors").is_file():

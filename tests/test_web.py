@@ -23,9 +23,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_predictor import tiny_checkpoint as tiny_checkpoint_fixture  # noqa: F401  (session: built once)
+from test_predictor import build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory)  # the random checkpoint of test_predictor, built once
+
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -56,7 +63,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_checkpoint_fixture):
+def server(tmp_path_factory, tiny_checkpoint):
     """`prima demo --web` on a free port; yields (url, its TMPDIR, its working folder)."""
     root = tmp_path_factory.mktemp("web")
     workdir, tmpdir = root / "cwd", root / "tmp"
@@ -67,7 +74,7 @@ def server(tmp_path_factory, tiny_checkpoint_fixture):
     env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1"}
     log = (root / "server.log").open("w")
     cmd = [sys.executable, "-m", "prima", "demo", "--web", "--port", str(port)]
-    cmd += ["--checkpoint", str(tiny_checkpoint_fixture), "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
+    cmd += ["--checkpoint", str(tiny_checkpoint), "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + WAIT_MS / 1000
