@@ -226,5 +226,8 @@ def vision_grid_size(vision: VisionConfig) -> int:
     from transformers import CLIPVisionConfig, InstructBlipVisionConfig
 
     config_cls = InstructBlipVisionConfig if vision.kind == "instructblip" else CLIPVisionConfig
-    hf = config_cls(**{**vision.config, "image_size": vision.image_size})
+    if vision.pretrained and Path(vision.pretrained).is_dir():  # the checkpoint's own patch size decides
+        hf = config_cls.from_pretrained(vision.pretrained, local_files_only=True)
+    else:
+        hf = config_cls(**{**vision.config, "image_size": vision.image_size})
     return hf.image_size // hf.patch_size
