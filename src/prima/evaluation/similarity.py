@@ -101,7 +101,8 @@ class PhraseEmbedder:
 
     def __call__(self, phrases: Sequence[str]) -> np.ndarray:
         """(len(phrases), dim) unit rows; zero rows for blank phrases."""
-        self.prefetch(phrases)
+        if any(p not in self._cache and p.strip() for p in phrases):
+            self.prefetch(phrases)
         if self._model is None:  # only blank phrases so far: load anyway, so every call has the same width
             self._load()
         zero = np.zeros(self.dim, dtype=np.float32)

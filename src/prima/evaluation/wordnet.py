@@ -33,9 +33,47 @@ _POS_NUMBER = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
 LEXNAMES_TEXT = "".join(f"{i:02d}\t{name}\t{_POS_NUMBER[name.split('.')[0]]}\n" for i, name in enumerate(_LEXNAMES))
 
 
+class SynonymCache:
+    """A WordNet reader as METEOR uses it, memoised: ``synsets(word)`` gives one stand-in synset whose
+    lemmas are all the word's distinct lemma names. METEOR only takes the set of those names, so its
+    scores are unchanged; each word's synsets are read from WordNet once per process instead of once
+    per answer.
+    """
+
+    def __init__(self, reader: Any):
+        self.reader = reader
+        self._memo: dict[str, list[_Synset]] = {}
+
+    def synsets(self, word: str) -> list[_Synset]:
+        out = self._memo.get(word)
+        if out is None:
+            names = dict.fromkeys(lemma.name() for s in self.reader.synsets(word) for lemma in s.lemmas())
+            out = self._memo[word] = [_Synset(tuple(_Lemma(n) for n in names))] if names else []
+        return out
+
+    def get_version(self) -> str:
+        return self.reader.get_version()
+
+
+@dataclass(frozen=True)
+class _Lemma:
+    _name: str
+
+    def name(self) -> str:
+        return self._name
+
+
+@dataclass(frozen=True)
+class _Synset:
+    _lemmas: tuple[_Lemma, ...]
+
+    def lemmas(self) -> tuple[_Lemma, ...]:
+        return self._lemmas
+
+
 @dataclass(frozen=True)
 class MeteorResources:
-    """The WordNet reader METEOR uses (None: exact + stem only) and a sentence saying which, for reports."""
+    """The WordNet METEOR uses (a SynonymCache; None: exact + stem only) and a sentence saying which, for reports."""
 
     wordnet: Any
     description: str
@@ -57,7 +95,8 @@ def load_wordnet(spec: str | os.PathLike = "auto") -> MeteorResources:
     else:
         from nltk.corpus import wordnet
 
-        return MeteorResources(wordnet, f"exact + Porter-stem + WordNet {wordnet.get_version()} synonyms (nltk_data)")
+        version = wordnet.get_version()
+        return MeteorResources(SynonymCache(wordnet), f"exact + Porter-stem + WordNet {version} synonyms (nltk_data)")
     if (DEBIAN_WORDNET / "data.noun").is_file():
         return _cached(str(DEBIAN_WORDNET))
     return MeteorResources(
@@ -97,4 +136,5 @@ def _cached(root: str) -> MeteorResources:
         except (OSError, ValueError, AssertionError) as e:
             raise PrimaError(f"cannot read the WordNet database in {path}: {e}") from None
     source = "Debian wordnet-base" if path == DEBIAN_WORDNET else "local folder"
-    return MeteorResources(reader, f"exact + Porter-stem + WordNet {reader.get_version()} synonyms ({source}, {path})")
+    description = f"exact + Porter-stem + WordNet {reader.get_version()} synonyms ({source}, {path})"
+    return MeteorResources(SynonymCache(reader), description)
