@@ -95,6 +95,21 @@ def write_inputs(folder: Path, num: int, fmt: str, seed: int = 0) -> Path:
     return path
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started its program.
+
+    Linux's VmHWM belongs to the address space that exec creates; ``ru_maxrss`` would also carry the
+    parent's peak over from before the fork.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def convert(path: Path) -> None:
     """Convert ``path`` in this process and print speed and this process's peak memory."""
     folder = path.parent
@@ -103,7 +118,7 @@ def convert(path: Path) -> None:
     report = convert_m4seg(path, sources=sources, out=folder / "out", log=io.StringIO())
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     total = report.converted + report.rejected
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(
         f"{path.suffix[1:]}: {total} records ({path.stat().st_size / 1e6:.0f} MB), converted {report.converted}, "
         f"rejected {report.rejected}, {seconds:.1f} s wall ({total / seconds:.0f} records/s), {cpu:.1f} s CPU "
