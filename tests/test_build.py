@@ -172,25 +172,23 @@ def test_cli_builds_and_reports(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("flag", "value", "message"),
     [
-        (["--min-images", "1"], "--min-images"),
-        (["--num", "0"], "--num"),
-        (["--coco", "missing.json"], "COCO annotation file not found"),
-        (["--images", "no_such_folder"], "no such folder"),
+        ("--min-images", "1", "--min-images"),
+        ("--num", "0", "--num"),
+        ("--coco", "{tmp}/missing.json", "COCO annotation file not found"),
+        ("--images", "{tmp}/no_such_folder", "no such folder"),
     ],
 )
-def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, extra, message):
-    base = {
+def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, flag, value, message):
+    args = {
         "--coco": str(HANDMADE / "instances.json"),
         "--images": str(HANDMADE / "images"),
         "--out": str(tmp_path),
         "--num": "4",
     }
-    for flag, value in zip(extra[::2], extra[1::2]):
-        base[flag] = value if not value.endswith(".json") and value != "no_such_folder" else str(tmp_path / value)
-    args = [item for pair in base.items() for item in pair]
-    rc = main(["data", "build", *args])
+    args[flag] = value.format(tmp=tmp_path)
+    rc = main(["data", "build", *[item for pair in args.items() for item in pair]])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err
 
