@@ -534,7 +534,7 @@ class QuestionWriter:
             return None
 
         def centre(e: ImageEntry) -> float:
-            x0, _, x1, _ = e.unique(name).box  # type: ignore[union-attr]
+            x0, _, x1, _ = e.instances[name][0].box  # the only one: ``unique`` lists images with exactly one
             return (x0 + x1) / 2 / e.info.width
 
         ranked = sorted(group, key=centre)
@@ -542,10 +542,10 @@ class QuestionWriter:
             return None  # too close to call
         d = Draft("spatial", "leftmost", group)
         best = ranked[0]
+        seg = d.seg(name, best, best.instances[name][0].rle)
         d.question = f"Each image shows one {name}. In which image is the {name} furthest to the left?"
         d.answer_parts = [
-            f"In image {d.k(best)}: the {d.seg(name, best, best.unique(name).rle)} sits further left in its "  # type: ignore[union-attr]
-            f"picture than the {name} in any other image."
+            f"In image {d.k(best)}: the {seg} sits further left in its picture than the {name} in any other image."
         ]
         return d
 
