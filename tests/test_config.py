@@ -21,7 +21,12 @@ def test_presets_describe_the_intended_architectures():
     assert not tiny.language.lora.enabled and not tiny.language.freeze_base  # the tiny LLM trains from scratch
     assert (paper.vision.kind, paper.grounding.kind, paper.qformer.num_queries) == ("instructblip", "sam", 32)
     assert paper.language.lora.enabled and paper.language.freeze_base
-    assert (glamm.vision.kind, glamm.vision.image_size, glamm.cross_image, glamm.qformer) == ("clip", 336, "concat", None)
+    assert (glamm.vision.kind, glamm.vision.image_size, glamm.cross_image, glamm.qformer) == (
+        "clip",
+        336,
+        "concat",
+        None,
+    )
     assert image_tokens_per_image(glamm) == 576 and image_tokens_per_image(lisa) == 256
     assert (lisa.cross_image, lisa.vision.image_size) == ("none", 224)
     assert lisa.language == glamm.language == paper.language  # baselines differ from PRIMA only in the vision side
@@ -38,8 +43,7 @@ def test_each_ablation_config_changes_only_cross_image(variant):
 
 def test_base_inheritance_merges_nested_sections(tmp_path):
     (tmp_path / "child.yaml").write_text(
-        f"base: {CONFIG_DIR / 'tiny.yaml'}\n"
-        "model:\n  language:\n    config:\n      num_hidden_layers: 2\n"
+        f"base: {CONFIG_DIR / 'tiny.yaml'}\nmodel:\n  language:\n    config:\n      num_hidden_layers: 2\n"
     )
     cfg = load_model_config(tmp_path / "child.yaml")
     assert cfg.language.config["num_hidden_layers"] == 2
@@ -47,8 +51,16 @@ def test_base_inheritance_merges_nested_sections(tmp_path):
 
 
 def test_dotted_overrides_with_or_without_the_model_prefix():
-    cfg = load_model_config("tiny", ["model.cross_image=pooling", "language.lora.enabled=true", "train.lr=0.1",
-                                     "grounding.mask_stride=4", "loss.bce=1.5"])
+    cfg = load_model_config(
+        "tiny",
+        [
+            "model.cross_image=pooling",
+            "language.lora.enabled=true",
+            "train.lr=0.1",
+            "grounding.mask_stride=4",
+            "loss.bce=1.5",
+        ],
+    )
     assert cfg.cross_image == "pooling" and cfg.language.lora.enabled
     assert cfg.grounding.mask_stride == 4 and cfg.loss.bce == 1.5
     assert load_model_config("tiny", ["qformer=null", "cross_image=concat"]).qformer is None

@@ -5,13 +5,37 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import grounded_sample, make_batch, negative_sample, random_images
 
 from prima.config import from_dict
 from prima.model import ModelConfig, PrimaModel, create_model
+from test_model import grounded_sample, make_batch, negative_sample, random_images
 
-WORDS = ["the", "chair", "is", "by", "desk", "and", "its", "legs", "where", "can", "i", "sit", "no", "none", "of",
-         "images", "shows", "a", "lamp", "is", "there", ",", ".", "?"]
+WORDS = [
+    "the",
+    "chair",
+    "is",
+    "by",
+    "desk",
+    "and",
+    "its",
+    "legs",
+    "where",
+    "can",
+    "i",
+    "sit",
+    "no",
+    "none",
+    "of",
+    "images",
+    "shows",
+    "a",
+    "lamp",
+    "is",
+    "there",
+    ",",
+    ".",
+    "?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,25 +56,59 @@ def checkpoints(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(0)
-    InstructBlipVisionModel(InstructBlipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
-    )).save_pretrained(root / "vision")
-    InstructBlipQFormerModel(InstructBlipQFormerConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, encoder_hidden_size=32,
-        vocab_size=64, cross_attention_frequency=1, max_position_embeddings=64,
-    )).save_pretrained(root / "qformer")
-    LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        vocab_size=40, max_position_embeddings=256,
-    )).save_pretrained(root / "llm")
-    SamModel(SamConfig(
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, global_attn_indexes=[1],
-                           image_size=64, patch_size=16, output_channels=32, mlp_dim=64, window_size=2,
-                           num_pos_feats=16),
-        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                                 iou_head_hidden_dim=32),
-    )).save_pretrained(root / "sam")
+    InstructBlipVisionModel(
+        InstructBlipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+    ).save_pretrained(root / "vision")
+    InstructBlipQFormerModel(
+        InstructBlipQFormerConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            encoder_hidden_size=32,
+            vocab_size=64,
+            cross_attention_frequency=1,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(root / "qformer")
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=40,
+            max_position_embeddings=256,
+        )
+    ).save_pretrained(root / "llm")
+    SamModel(
+        SamConfig(
+            vision_config=dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                global_attn_indexes=[1],
+                image_size=64,
+                patch_size=16,
+                output_channels=32,
+                mlp_dim=64,
+                window_size=2,
+                num_pos_feats=16,
+            ),
+            prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=4),
+            mask_decoder_config=dict(
+                hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=32
+            ),
+        )
+    ).save_pretrained(root / "sam")
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *dict.fromkeys(WORDS)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -61,16 +119,28 @@ def checkpoints(tmp_path_factory):
 
 
 def config(root, *, lora: bool = True) -> ModelConfig:
-    return from_dict(ModelConfig, {
-        "cross_image": "square",
-        "vision": {"kind": "instructblip", "image_size": 28, "package_weights": False, "pretrained": str(root / "vision")},
-        "qformer": {"num_queries": 4, "pretrained": str(root / "qformer"), "frozen": True},
-        "relational": {"num_heads": 2},
-        "language": {"pretrained": str(root / "llm"), "freeze_base": True,
-                     "lora": {"enabled": lora, "r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}},
-        "grounding": {"kind": "sam", "pretrained": str(root / "sam"), "image_size": 64},
-        "tokenizer": {"kind": "pretrained", "pretrained": str(root / "tokenizer")},
-    }, prefix="model")
+    return from_dict(
+        ModelConfig,
+        {
+            "cross_image": "square",
+            "vision": {
+                "kind": "instructblip",
+                "image_size": 28,
+                "package_weights": False,
+                "pretrained": str(root / "vision"),
+            },
+            "qformer": {"num_queries": 4, "pretrained": str(root / "qformer"), "frozen": True},
+            "relational": {"num_heads": 2},
+            "language": {
+                "pretrained": str(root / "llm"),
+                "freeze_base": True,
+                "lora": {"enabled": lora, "r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+            },
+            "grounding": {"kind": "sam", "pretrained": str(root / "sam"), "image_size": 64},
+            "tokenizer": {"kind": "pretrained", "pretrained": str(root / "tokenizer")},
+        },
+        prefix="model",
+    )
 
 
 def _same(module: torch.nn.Module, reference: torch.nn.Module) -> bool:
@@ -96,7 +166,9 @@ def test_components_carry_the_saved_weights(model, checkpoints):
     assert torch.equal(layer.q_proj.base_layer.weight, llama.model.layers[0].self_attn.q_proj.weight)
     assert torch.equal(layer.k_proj.weight, llama.model.layers[0].self_attn.k_proj.weight)
     # the tokenizer's 24 words + 3 specials grew by PRIMA's 11 tokens, the image slot and a pad token
-    assert model.config.tokens.vocab_size == len(model.processor.tokenizer) == base.get_input_embeddings().num_embeddings
+    assert (
+        model.config.tokens.vocab_size == len(model.processor.tokenizer) == base.get_input_embeddings().num_embeddings
+    )
     assert torch.equal(base.get_input_embeddings().weight[:27], llama.get_input_embeddings().weight[:27])
 
 
@@ -139,4 +211,3 @@ def test_checkpoint_stores_only_trained_weights_and_round_trips(model, tmp_path)
     with torch.no_grad():
         a, b = model(batch), loaded(batch)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.mask_logits[0], b.mask_logits[0])
-

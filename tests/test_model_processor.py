@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_model import SMALL, TEXTS, grounded_sample, negative_sample, random_images
 
 from prima.constants import SPECIAL_TOKENS
 from prima.data.collate import collate_samples
@@ -20,6 +19,7 @@ from prima.data.processor import (
 from prima.data.schema import Segment
 from prima.errors import PrimaError, SampleError
 from prima.model.config import load_model_config
+from test_model import SMALL, TEXTS, grounded_sample, negative_sample, random_images
 
 
 @pytest.fixture(scope="module", params=["wordlevel", "bpe"])

@@ -82,8 +82,9 @@ def collate_samples(
         offset = len(sizes)
         for k, seg in enumerate(sample.segments):
             if not 1 <= seg.image <= n:
-                raise SampleError(f"image index {seg.image} is out of range 1..{n}", field=f"segments[{k}].image",
-                                  **where)
+                raise SampleError(
+                    f"image index {seg.image} is out of range 1..{n}", field=f"segments[{k}].image", **where
+                )
             mask = decode_rle(seg.mask)
             if mask.shape != image_sizes[seg.image - 1]:
                 raise SampleError(

@@ -286,8 +286,9 @@ class PrimaProcessor:
     # images -------------------------------------------------------------------------------------------------------
     def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
         """(N, 3, S, S) normalised pixels for the vision encoder."""
-        return torch.stack([image_to_tensor(load_image(im), self.image_size, self.image_mean, self.image_std)
-                            for im in images])
+        return torch.stack(
+            [image_to_tensor(load_image(im), self.image_size, self.image_mean, self.image_std) for im in images]
+        )
 
     def preprocess_grounding_images(self, images: Sequence[Any]) -> torch.Tensor | None:
         """(N, 3, G, G) pixels for a separate grounding encoder (SAM), or None when grounding reuses the vision one."""

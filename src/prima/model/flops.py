@@ -55,9 +55,18 @@ def synthetic_token_ids(vocab: int = BASE_VOCAB) -> TokenIds:
     """Token ids as a pretrained Llama tokenizer plus PRIMA's 11 special tokens and the image slot would give."""
     extra = list(range(vocab, vocab + 12))
     return TokenIds(
-        vocab_size=vocab + 12, qformer_vocab_size=QFORMER_VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        seg_token_id=extra[0], phrase_start_id=extra[1], phrase_end_id=extra[2], image_start_id=extra[3],
-        image_end_id=extra[4], image_tag_ids=extra[5:10], image_slot_id=extra[11],
+        vocab_size=vocab + 12,
+        qformer_vocab_size=QFORMER_VOCAB,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        seg_token_id=extra[0],
+        phrase_start_id=extra[1],
+        phrase_end_id=extra[2],
+        image_start_id=extra[3],
+        image_end_id=extra[4],
+        image_tag_ids=extra[5:10],
+        image_slot_id=extra[11],
     )
 
 
@@ -103,8 +112,9 @@ def measure(model: Any, num_images: int, grounded_images: int, num_masks: int = 
     from transformers import DynamicCache
 
     # an (empty) cache keeps transformers from inspecting position ids for packed sequences, which needs values
-    out["llm"] = count_flops(lambda: model.language(inputs_embeds=embeds, past_key_values=DynamicCache(),
-                                                    use_cache=True))
+    out["llm"] = count_flops(
+        lambda: model.language(inputs_embeds=embeds, past_key_values=DynamicCache(), use_cache=True)
+    )
 
     def grounding() -> None:
         images = torch.arange(grounded_images)
@@ -135,14 +145,21 @@ def flops_table(presets: Sequence[str] = PRESETS, images: Sequence[int] = (1, 2,
                 variants.append(1)  # lazy grounding: only the one image the answer names
             for grounded in variants:
                 parts = measure(model, n, grounded)
-                rows.append(FlopsRow(
-                    preset=preset if grounded == n else f"{preset} (lazy, 1 image grounded)",
-                    cross_image=cfg.cross_image, num_images=n, grounded_images=grounded,
-                    tflops=round(sum(parts.values()) / 1e12, 2),
-                    vision=round(parts["vision"] / 1e12, 3), query=round(parts["query"] / 1e12, 3),
-                    llm=round(parts["llm"] / 1e12, 3), grounding=round(parts["grounding"] / 1e12, 3),
-                    params_total=total, params_trainable=trainable,
-                ))
+                rows.append(
+                    FlopsRow(
+                        preset=preset if grounded == n else f"{preset} (lazy, 1 image grounded)",
+                        cross_image=cfg.cross_image,
+                        num_images=n,
+                        grounded_images=grounded,
+                        tflops=round(sum(parts.values()) / 1e12, 2),
+                        vision=round(parts["vision"] / 1e12, 3),
+                        query=round(parts["query"] / 1e12, 3),
+                        llm=round(parts["llm"] / 1e12, 3),
+                        grounding=round(parts["grounding"] / 1e12, 3),
+                        params_total=total,
+                        params_trainable=trainable,
+                    )
+                )
     return rows
 
 
@@ -160,8 +177,10 @@ def component_parameters(preset: str) -> dict[str, int]:
 
 
 def format_table(rows: Sequence[FlopsRow]) -> str:
-    header = (f"{'preset':<34} {'cross_image':<11} {'images':>6} {'TFLOPs':>8} {'vision':>7} {'query':>7} "
-              f"{'llm':>7} {'ground':>7} {'params':>8} {'trainable':>10}")
+    header = (
+        f"{'preset':<34} {'cross_image':<11} {'images':>6} {'TFLOPs':>8} {'vision':>7} {'query':>7} "
+        f"{'llm':>7} {'ground':>7} {'params':>8} {'trainable':>10}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(

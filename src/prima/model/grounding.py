@@ -34,8 +34,9 @@ class GroundingImages:
 class OneWayMaskDecoder(nn.Module):
     """Small SAM-style prompt encoder + one-way mask decoder over multi-scale CNN features."""
 
-    def __init__(self, cfg: GroundingConfig, channels: list[int], strides: tuple[int, ...], image_size: int,
-                 token_stride: int):
+    def __init__(
+        self, cfg: GroundingConfig, channels: list[int], strides: tuple[int, ...], image_size: int, token_stride: int
+    ):
         super().__init__()
         d, p = cfg.hidden_size, cfg.pixel_dim
         self.prompt_dim = d
@@ -70,8 +71,9 @@ class OneWayMaskDecoder(nn.Module):
             x = self.refine[k](x)
         return GroundingImages(tokens=tokens, pixels=x)
 
-    def decode(self, images: GroundingImages, image_index: torch.Tensor, prompts: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, images: GroundingImages, image_index: torch.Tensor, prompts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (Q, h, w) at the mask stride and predicted IoU (Q,) in 0..1 for prompts (Q, D) on
         ``images[image_index]``."""
         q = prompts.shape[0]
@@ -122,16 +124,16 @@ class SamGrounding(nn.Module):
         """SAM image embeddings of n images from their (n, 3, 1024, 1024) grounding pixels."""
         return GroundingImages(tokens=None, pixels=self.sam.vision_encoder(pixel_values)[0])
 
-    def decode(self, images: GroundingImages, image_index: torch.Tensor, prompts: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, images: GroundingImages, image_index: torch.Tensor, prompts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res mask logits (Q, 256, 256) and SAM's predicted IoU (Q,) clipped to 0..1, one call per image."""
         masks = prompts.new_zeros(prompts.shape[0], 0, 0)
         out_masks: list[torch.Tensor | None] = [None] * prompts.shape[0]
         out_scores: list[torch.Tensor | None] = [None] * prompts.shape[0]
         positional = self.sam.get_image_wide_positional_embeddings()
         dense_size = self.sam.config.prompt_encoder_config.image_embedding_size
-        dense = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(-1, -1, dense_size,
-                                                                                            dense_size)
+        dense = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(-1, -1, dense_size, dense_size)
         for i in torch.unique(image_index).tolist():
             rows = (image_index == i).nonzero().flatten()
             sparse = prompts[rows].reshape(1, len(rows), 1, -1)
@@ -149,8 +151,15 @@ class SamGrounding(nn.Module):
         return torch.stack(out_masks), torch.stack(out_scores)  # type: ignore[arg-type]
 
 
-def build_grounding(cfg: GroundingConfig, *, channels: list[int], strides: tuple[int, ...], image_size: int,
-                    token_stride: int, load_weights: bool = True) -> nn.Module:
+def build_grounding(
+    cfg: GroundingConfig,
+    *,
+    channels: list[int],
+    strides: tuple[int, ...],
+    image_size: int,
+    token_stride: int,
+    load_weights: bool = True,
+) -> nn.Module:
     if cfg.kind == "sam":
         return SamGrounding(cfg, load_weights=load_weights)
     return OneWayMaskDecoder(cfg, channels, strides, image_size, token_stride)

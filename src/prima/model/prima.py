@@ -160,7 +160,11 @@ class PrimaModel(nn.Module):
         mask decoder).
         """
         groups: dict[str, list[nn.Parameter]] = {
-            "language": [], "query_module": [], "square": [], "projector": [], "grounding": []
+            "language": [],
+            "query_module": [],
+            "square": [],
+            "projector": [],
+            "grounding": [],
         }
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -223,8 +227,13 @@ class PrimaModel(nn.Module):
         embeds = self.language.get_input_embeddings()(input_ids)
         return embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
 
-    def seg_targets(self, input_ids: torch.Tensor, image_offsets: torch.Tensor, num_images: torch.Tensor,
-                    labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def seg_targets(
+        self,
+        input_ids: torch.Tensor,
+        image_offsets: torch.Tensor,
+        num_images: torch.Tensor,
+        labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (rows, cols) of the answer's [SEG] tokens and the batch image each is routed to (its tag)."""
         t = self.config.tokens
         is_seg = input_ids == t.seg_token_id
@@ -243,8 +252,7 @@ class PrimaModel(nn.Module):
             images.append(int(image_offsets[r]) + k)
         return torch.stack([rows, cols]), torch.tensor(images, dtype=torch.long, device=input_ids.device)
 
-    def encode_grounding(self, batch: dict[str, Any], features: ImageFeatures, images: torch.Tensor
-                         ) -> GroundingImages:
+    def encode_grounding(self, batch: dict[str, Any], features: ImageFeatures, images: torch.Tensor) -> GroundingImages:
         """Grounding state for the given batch images only (lazy: unnamed images are never encoded)."""
         if self.config.grounding.kind == "sam":
             if batch.get("grounding_features") is not None:
@@ -256,8 +264,9 @@ class PrimaModel(nn.Module):
                 return self.grounding.encode(pixels[images].to(self.device, self.dtype))
         return self.grounding.encode([f[images].to(self.dtype) for f in features])
 
-    def predict_masks(self, hidden: torch.Tensor, seg_images: torch.Tensor, batch: dict[str, Any],
-                      features: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_masks(
+        self, hidden: torch.Tensor, seg_images: torch.Tensor, batch: dict[str, Any], features: ImageFeatures
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (M, m, m) at the model's mask size and scores (M,) for [SEG] hidden states (M, H)."""
         used, local = torch.unique(seg_images, return_inverse=True)
         state = self.encode_grounding(batch, features, used)
@@ -284,7 +293,9 @@ class PrimaModel(nn.Module):
         image_sample_index = batch["image_sample_index"].to(dev)
         num_images = torch.bincount(image_sample_index, minlength=input_ids.shape[0])
         if int(num_images.max()) > self.config.max_images:
-            raise PrimaError(f"a sample has {int(num_images.max())} images; this model takes 1..{self.config.max_images}")
+            raise PrimaError(
+                f"a sample has {int(num_images.max())} images; this model takes 1..{self.config.max_images}"
+            )
         image_offsets = torch.cumsum(num_images, 0) - num_images
         if batch.get("image_features") is not None:
             features = [f.to(dev) for f in batch["image_features"]]
@@ -294,12 +305,15 @@ class PrimaModel(nn.Module):
             raise PrimaError("the batch has neither 'pixel_values' nor 'image_features'")
         qids, qmask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
         visual = self.visual_tokens(
-            features, image_sample_index, qids.to(dev) if qids is not None else None,
+            features,
+            image_sample_index,
+            qids.to(dev) if qids is not None else None,
             qmask.to(dev) if qmask is not None else None,
         )
         embeds = self.embed_prompt(input_ids, visual, num_images)
-        out = self.language(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True,
-                            use_cache=False)
+        out = self.language(
+            inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        )
         logits = out.logits
         positions, seg_images = self.seg_targets(input_ids, image_offsets, num_images, labels)
         mask_logits = logits.new_zeros(0, 1, 1)
@@ -328,9 +342,15 @@ class PrimaModel(nn.Module):
             loss = loss + w.bce * loss_bce + w.dice * loss_dice + w.score * loss_score
         per_sample = torch.bincount(positions[0], minlength=input_ids.shape[0]).tolist()
         return PrimaOutput(
-            loss=loss, loss_ce=loss_ce, loss_bce=loss_bce, loss_dice=loss_dice, loss_score=loss_score,
-            logits=logits, mask_logits=list(torch.split(mask_logits, per_sample)),
-            mask_scores=list(torch.split(scores, per_sample)), seg_image_index=seg_images,
+            loss=loss,
+            loss_ce=loss_ce,
+            loss_bce=loss_bce,
+            loss_dice=loss_dice,
+            loss_score=loss_score,
+            logits=logits,
+            mask_logits=list(torch.split(mask_logits, per_sample)),
+            mask_scores=list(torch.split(scores, per_sample)),
+            seg_image_index=seg_images,
         )
 
     # --- generation ---------------------------------------------------------------------------------------------
@@ -359,8 +379,14 @@ class PrimaModel(nn.Module):
         embeds = self.embed_prompt(prompt, visual, torch.tensor([n]))
 
         banned = torch.zeros(t.vocab_size, dtype=torch.bool, device=dev)  # type: ignore[arg-type]
-        for tid in (t.image_slot_id, t.image_start_id, t.image_end_id, t.bos_token_id, t.pad_token_id,
-                    *t.image_tag_ids[n:]):
+        for tid in (
+            t.image_slot_id,
+            t.image_start_id,
+            t.image_end_id,
+            t.bos_token_id,
+            t.pad_token_id,
+            *t.image_tag_ids[n:],
+        ):
             if tid is not None and tid != t.eos_token_id:
                 banned[tid] = True
         tag_only = torch.ones_like(banned)
@@ -380,19 +406,31 @@ class PrimaModel(nn.Module):
             if token == t.eos_token_id:
                 break
             token_embed = self.language.get_input_embeddings()(torch.tensor([[token]], device=dev))
-            out = self.language(inputs_embeds=token_embed, past_key_values=past, use_cache=True,
-                                output_hidden_states=token == t.seg_token_id)
+            out = self.language(
+                inputs_embeds=token_embed,
+                past_key_values=past,
+                use_cache=True,
+                output_hidden_states=token == t.seg_token_id,
+            )
             past, logits = out.past_key_values, out.logits[0, -1]
             if token == t.seg_token_id:  # its hidden state (as an input position) is the grounding query
                 seg_hidden.append(out.hidden_states[-1][0, -1])
 
         answer_ids = [i for i in generated if i != t.eos_token_id]
         segments, grounded = self._segments(answer_ids, seg_hidden, batch, features, pil, n)
-        return GenerationOutput(answer=proc.decode(answer_ids), segments=segments, token_ids=answer_ids,
-                                grounded_images=grounded)
+        return GenerationOutput(
+            answer=proc.decode(answer_ids), segments=segments, token_ids=answer_ids, grounded_images=grounded
+        )
 
-    def _segments(self, ids: list[int], seg_hidden: list[torch.Tensor], batch: dict[str, Any],
-                  features: ImageFeatures, pil: list[Any], n: int) -> tuple[list[GeneratedSegment], list[int]]:
+    def _segments(
+        self,
+        ids: list[int],
+        seg_hidden: list[torch.Tensor],
+        batch: dict[str, Any],
+        features: ImageFeatures,
+        pil: list[Any],
+        n: int,
+    ) -> tuple[list[GeneratedSegment], list[int]]:
         t = self.config.tokens
         tag_to_image = {tid: k for k, tid in enumerate(t.image_tag_ids[:n])}
         phrases, images = [], []
@@ -413,8 +451,9 @@ class PrimaModel(nn.Module):
             prob = torch.sigmoid(
                 F.interpolate(logits[q][None, None].float(), size=(h, w), mode="bilinear", align_corners=False)
             )[0, 0]
-            segments.append(GeneratedSegment(phrases[q], k + 1, prob.cpu().numpy().astype(np.float32),
-                                             float(scores[q])))
+            segments.append(
+                GeneratedSegment(phrases[q], k + 1, prob.cpu().numpy().astype(np.float32), float(scores[q]))
+            )
         return segments, sorted({k + 1 for k in images})
 
     def _phrase_before(self, ids: list[int], seg_pos: int) -> str:
@@ -454,8 +493,11 @@ class PrimaModel(nn.Module):
         for name, tensor in self.state_dict().items():
             if prefixes and (name.startswith(prefixes)):
                 continue
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.device.type != "meta" \
+            key = (
+                (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+                if tensor.device.type != "meta"
                 else (id(tensor), 0)
+            )
             if key in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
                 continue
             seen.add(key)
@@ -478,8 +520,9 @@ class PrimaModel(nn.Module):
         self.processor.save_pretrained(directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> PrimaModel:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> PrimaModel:
         """Load a checkpoint folder; missing or unexpected weights are an error, nothing is unpickled."""
         from safetensors.torch import load_file
 

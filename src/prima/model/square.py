@@ -27,15 +27,21 @@ from prima.model.vision import load_transformers_model
 class RelationalAttention(nn.Module):
     """Learnable relational queries that cross-attend to the tokens of ALL images of a sample at once."""
 
-    def __init__(self, num_queries: int, dim: int, token_dim: int, num_heads: int, num_layers: int, max_images: int,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        num_queries: int,
+        dim: int,
+        token_dim: int,
+        num_heads: int,
+        num_layers: int,
+        max_images: int,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
         self.token_proj = nn.Linear(token_dim, dim)
         self.image_embed = nn.Embedding(max_images, dim)  # tells the queries which image a token came from
-        self.layers = nn.ModuleList(
-            [_CrossAttentionBlock(dim, num_heads, dropout) for _ in range(num_layers)]
-        )
+        self.layers = nn.ModuleList([_CrossAttentionBlock(dim, num_heads, dropout) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens: torch.Tensor, image_position: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
