@@ -190,3 +190,28 @@ def test_compare_command_makes_one_table_of_several_runs(tmp_path, capsys):
 
     assert main(["compare", str(tmp_path / "square"), str(tmp_path / "nothing")]) == 2
     assert "no metrics.json in" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_command_end_to_end_with_a_real_random_checkpoint(
+    dataset, tmp_path, tmp_path_factory, monkeypatch, capsys
+):
+    """The whole path a user takes: from_pretrained on a saved (random, tiny) checkpoint, predict, score."""
+    from prima.evaluation import similarity
+    from test_predictor import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint(tmp_path_factory)
+    monkeypatch.setattr(similarity, "PhraseEmbedder", BagOfWordsEmbedder)  # the model test lives in test_scorer
+    out = tmp_path / "run"
+    argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(dataset), "--out", str(out), "--limit", "2"]
+    assert main([*argv, "--wordnet", "none"]) == 0, capsys.readouterr().err
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["s0", "s1"]
+    for r in rows:
+        assert isinstance(r["answer"], str)
+        for s in r["segments"]:
+            assert s["mask"]["size"] == [16, 16] and 1 <= s["image"] <= 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 2 and metrics["num_missing_predictions"] == 0
+    assert metrics["checkpoint"] == str(checkpoint)
+    assert all(metrics[k] is None or 0.0 <= metrics[k] <= 1.0 for k in ("miou", "recall", "giou", "meteor"))
