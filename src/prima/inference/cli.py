@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_PORT = 7860
+THREADS_HELP = "CPU threads for torch (default: torch's choice; 1 is faster when other jobs share the cores)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 or float16")
     p.add_argument("--overlays", action="store_true", help="with --jsonl: also write overlay PNGs per query")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser(
@@ -32,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: checkpoints/prima-tiny-synth)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--out", default="out/demo", help="output folder without --web (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--web", action="store_true", help="start the Gradio web demo instead")
     p.add_argument("--host", default="127.0.0.1", help="address to bind with --web (default: %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port with --web (default: %(default)s)")
@@ -41,9 +44,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
+def _set_threads(threads: int | None) -> None:
+    """The user's --threads for this process (asked for on the command line, so not a library default)."""
+    if threads is None:
+        return
+    from prima.errors import PrimaError
+
+    if threads < 1:
+        raise PrimaError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from prima.errors import PrimaError
 
+    _set_threads(args.threads)
     if args.jsonl is not None:
         if args.question is not None:
             raise PrimaError("--question goes with --images; with --jsonl each line carries its own question")
@@ -100,6 +117,7 @@ def _predict_jsonl(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
     if args.web:
         from prima.inference.web import serve
 
