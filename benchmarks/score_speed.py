@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -107,16 +108,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {args.samples} samples in {time.perf_counter() - t:.1f} s (not timed below)")
         assert "torch" not in sys.modules, "torch must load inside the timed call"
 
-        start = time.perf_counter()
+        load_before = os.getloadavg()[0]
+        start, cpu_start = time.perf_counter(), time.process_time()
         from prima.evaluation.scorer import score_predictions
 
         result = score_predictions(pred, gt, folder / "out", wordnet=args.wordnet)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        load_after = os.getloadavg()[0]
 
     print(
         f"scored {result['num_samples']} samples x {args.images} images x {args.segments} segments at "
         f"{args.size} px in {seconds:.1f} s ({result['num_samples'] / seconds:.0f} samples/s), "
         "imports, phrase model and WordNet loading included"
+    )
+    # The machine is shared: CPU time says what the scorer costs, wall time what this run waited.
+    print(
+        f"process CPU time {cpu_seconds:.1f} s (all threads); 1-min load average {load_before:.1f} before, "
+        f"{load_after:.1f} after, on {os.cpu_count()} cores"
     )
     print(f"distinct phrases: {args.phrases} in the vocabulary; phrase model: {result['phrase_model']}")
     print(f"METEOR: {result['meteor_resources']}")
