@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -310,12 +311,18 @@ def part_colours(category: Category, colour: str, recolour: tuple[tuple[str, str
     return np.asarray(rows, dtype=np.uint8)
 
 
+@lru_cache(maxsize=512)
 def draw_object(category: Category, style: int, height: int, flip: bool) -> np.ndarray:
-    """Part-label array (h, w) of one object ``height`` pixels tall; ``style`` fixes its proportions."""
+    """Part-label array (h, w) of one object ``height`` pixels tall; ``style`` fixes its proportions.
+
+    Cached (read-only): a scene laid out again, or the same object in another image, often asks again.
+    """
     rng = np.random.default_rng(style)
     aspect = _u(rng, *category.aspect)
     width = max(8, int(round(height * aspect)))
     pen = Pen(width, height, category)
     category.draw(pen, rng)
     labels = pen.labels()
-    return labels[:, ::-1] if flip else labels
+    labels = labels[:, ::-1] if flip else labels
+    labels.flags.writeable = False
+    return labels
