@@ -10,7 +10,7 @@ from __future__ import annotations
 import colorsys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
@@ -145,14 +145,20 @@ def make_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 BACKGROUNDS = 512  # distinct backgrounds per image size; each is also used mirrored
+BANK_BYTES = 256 * 2**20  # memory the bank may hold per process; beyond it the oldest are dropped
+_bank: dict[tuple[int, int], np.ndarray] = {}
 
 
-@lru_cache(maxsize=BACKGROUNDS)
 def _banked_background(size: int, number: int) -> np.ndarray:
-    rng = np.random.default_rng(np.random.SeedSequence([0x42A4, size, number]))
-    background = make_background(rng, size)
-    background.flags.writeable = False  # shared by every scene that draws this number
-    return background
+    key = (size, number)
+    if key not in _bank:
+        rng = np.random.default_rng(np.random.SeedSequence([0x42A4, size, number]))
+        background = make_background(rng, size)
+        background.flags.writeable = False  # shared by every scene that draws this number
+        while _bank and (len(_bank) + 1) * background.nbytes > BANK_BYTES:
+            del _bank[next(iter(_bank))]  # large images: keep fewer; a dropped one is redrawn identically
+        _bank[key] = background
+    return _bank[key]
 
 
 def pick_background(rng: np.random.Generator, size: int) -> np.ndarray:
