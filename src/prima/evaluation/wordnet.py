@@ -35,7 +35,7 @@ LEXNAMES_TEXT = "".join(f"{i:02d}\t{name}\t{_POS_NUMBER[name.split('.')[0]]}\n" 
 
 class SynonymCache:
     """A WordNet reader as METEOR uses it, memoised: ``synsets(word)`` gives one stand-in synset whose
-    lemmas are all the word's distinct lemma names. METEOR only takes the set of those names, so its
+    lemmas are all the word's distinct single-word lemma names. METEOR only takes the set of those names, so its
     scores are unchanged; each word's synsets are read from WordNet once per process instead of once
     per answer.
     """
@@ -47,7 +47,10 @@ class SynonymCache:
     def synsets(self, word: str) -> list[_Synset]:
         out = self._memo.get(word)
         if out is None:
-            names = dict.fromkeys(lemma.name() for s in self.reader.synsets(word) for lemma in s.lemmas())
+            # METEOR skips multi-word lemmas ("fall_guy"); leaving them out here changes nothing but time.
+            names = dict.fromkeys(
+                lemma.name() for s in self.reader.synsets(word) for lemma in s.lemmas() if "_" not in lemma.name()
+            )
             out = self._memo[word] = [_Synset(tuple(_Lemma(n) for n in names))] if names else []
         return out
 
