@@ -214,4 +214,5 @@ def test_eval_command_end_to_end_with_a_real_random_checkpoint(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_samples"] == 2 and metrics["num_missing_predictions"] == 0
     assert metrics["checkpoint"] == str(checkpoint)
+    assert f"- Checkpoint: `{checkpoint}`" in (out / "report.md").read_text()
     assert all(metrics[k] is None or 0.0 <= metrics[k] <= 1.0 for k in ("miou", "recall", "giou", "meteor"))

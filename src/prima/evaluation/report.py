@@ -63,6 +63,8 @@ def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
 def markdown_report(result: dict[str, Any], plot_names: Sequence[str] = ()) -> str:
     """The human-readable report: provenance, overall table, one table per grouping, plots, deviations."""
     lines = ["# M4Seg evaluation", ""]
+    if "checkpoint" in result:
+        lines.append(f"- Checkpoint: `{result['checkpoint']}`")
     lines += [
         f"- Predictions: `{result.get('predictions', '?')}`",
         f"- Ground truth: `{result.get('ground_truth', '?')}`",
