@@ -164,6 +164,11 @@ def iter_records(path: str | os.PathLike, *, batch_size: int = 512) -> Iterator[
 
 
 def _iter_parquet(path: Path, batch_size: int) -> Iterator[tuple[int, Any]]:
+    """Records of a parquet file, one row group in memory at a time.
+
+    Reading row group by row group keeps memory flat (measured: the same peak at 20K and 100K
+    records), where ``ParquetFile.iter_batches`` grew with the file.
+    """
     import pyarrow.parquet as pq
 
     try:
@@ -171,10 +176,13 @@ def _iter_parquet(path: Path, batch_size: int) -> Iterator[tuple[int, Any]]:
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for files that aren't parquet
         raise PrimaError(f"{path}: cannot read as parquet: {e}") from None
     index = 0
-    for batch in parquet.iter_batches(batch_size=batch_size):
-        for record in batch.to_pylist():
-            yield index, record
-            index += 1
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group, use_threads=False)
+        for batch in table.to_batches(max_chunksize=batch_size):
+            for record in batch.to_pylist():
+                yield index, record
+                index += 1
+        del table  # free this row group before the next one is read
 
 
 # ------------------------------------------------------------------------------------------ conversion
