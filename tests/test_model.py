@@ -339,3 +339,14 @@ def test_cross_image_context_depends_on_the_other_images():
             imgs = random_images(2, 1)[:1] + random_images(1, 9)
             b = model.visual_tokens(model.encode_images(proc.preprocess_images(imgs)), index, qids)
         assert (not torch.allclose(a[0], b[0])) == should_change, variant
+
+
+def test_batch_without_seg_still_uses_the_mask_branch(model):
+    """Distributed training needs every trainable parameter in the graph, also when no sample has a mask."""
+    model.train()
+    model.zero_grad()
+    out = model(make_batch(model, [negative_sample("a"), negative_sample("b", 3)]))
+    assert float(out.loss_bce.detach()) == 0.0 and float(out.loss_dice.detach()) == 0.0
+    out.loss.backward()
+    for name, p in [*model.grounding.named_parameters(), *model.seg_projector.named_parameters()]:
+        assert p.grad is not None, name

@@ -338,7 +338,8 @@ class PrimaModel(nn.Module):
                 loss_bce, loss_dice = mask_losses(mask_logits, targets, seg_images)
                 loss_score = score_loss(scores, mask_logits.detach(), targets)
             else:  # keep the mask branch in the graph so distributed training sees every parameter used
-                loss_bce = loss_dice = loss_score = sum(p.sum() for p in self.seg_projector.parameters()) * 0.0
+                branch = [*self.seg_projector.parameters(), *self.grounding.parameters()]
+                loss_bce = loss_dice = loss_score = sum(p.sum() for p in branch if p.requires_grad) * 0.0
             loss = loss + w.bce * loss_bce + w.dice * loss_dice + w.score * loss_score
         per_sample = torch.bincount(positions[0], minlength=input_ids.shape[0]).tolist()
         return PrimaOutput(
