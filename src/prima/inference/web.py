@@ -165,7 +165,6 @@ def serve(
     temp_dir = prepare_temp_dir()
     try:
         app = build_app(predictor, max_upload_mb)
-        print(f"PRIMA web demo on http://{host}:{port}  (uploads and overlays kept in {temp_dir}; Ctrl-C stops)")
         try:
             app.launch(
                 server_name=host,
@@ -178,9 +177,15 @@ def serve(
                 footer_links=[],
                 css=CSS,
                 quiet=True,
+                prevent_thread_lock=True,
             )
         except OSError as e:  # e.g. the port is taken
             raise PrimaError(f"cannot start the web demo on {host}:{port}: {e}") from None
+        print(
+            f"PRIMA web demo on http://{host}:{port}  (uploads and overlays kept in {temp_dir}; Ctrl-C stops)",
+            flush=True,
+        )
+        app.block_thread()  # until Ctrl-C, then Gradio closes the server
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
     return 0
