@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -109,6 +110,40 @@ def test_counts_never_use_an_image_with_a_skipped_instance(tmp_path):
         if s.family == "count-total":
             total = int(re.search(r"There (?:is|are) (\d+)", s.answer).group(1))
             assert total == len(s.segments)
+
+
+def test_parts_inside_the_coco_file_are_found_and_checked(tmp_path):
+    # PACO keeps objects and parts in one file; a part must belong to an object of its own category.
+    instances = json.loads((HANDMADE / "instances.json").read_text())
+    parts = json.loads((HANDMADE / "parts.json").read_text())
+    instances["categories"] += parts["categories"]
+    instances["annotations"] += parts["annotations"]
+    instances["annotations"].append(
+        {
+            "id": 1100,
+            "image_id": 3,
+            "category_id": 101,
+            "obj_ann_id": 30,
+            "iscrowd": 0,
+            "segmentation": [[2, 2, 5, 2, 5, 5]],
+        }
+    )  # a chair's seat on a cup
+    merged = tmp_path / "paco_style.json"
+    merged.write_text(json.dumps(instances))
+    report = BuildReport(out=tmp_path)
+    entries = load_images(
+        load_coco(merged),
+        None,
+        image_dir=HANDMADE / "images",
+        out=tmp_path,
+        options=BuildOptions(num=1, min_area=0.01),
+        report=report,
+    )
+    by_file = {e.info.file_name: e for e in entries}
+    assert sorted(by_file["a.png"].instances["chair"][0].parts) == ["back", "seat"]
+    assert sorted(by_file["c.png"].instances["cup"][0].parts) == ["handle"]
+    assert report.skipped["part whose object has another category"] == 1
+    assert report.skipped["part without obj_ann_id"] == 1
 
 
 def test_build_is_deterministic_by_seed(tmp_path):

@@ -15,7 +15,7 @@ four categories (the ``family`` field names the template):
 What is skipped, and counted in the report: crowd annotations (a region of many instances, not one
 object: never grounded), masks smaller than ``min_area`` of their image, segmentations that can't be
 decoded, annotations on unknown images or categories, images whose file is missing or whose size
-differs from the annotation file, parts without a known object. Because a skipped crowd or tiny
+differs from the annotation file, parts without a known object of their own category. Because a skipped crowd or tiny
 instance would make a count wrong, a category with a skipped instance in an image is never counted
 or called absent in that image. Stuff classes (``isthing: 0``, e.g. COCO-panoptic sky and grass) are
 only used in open-ended questions: they can't be counted and have no position.
@@ -210,6 +210,12 @@ def load_images(
         obj = instances.get(ann.obj_ann_id)
         if obj is None:
             report.skip("part of an unknown or skipped object", f"{where}: object {ann.obj_ann_id} is not usable")
+            continue
+        if display_name(category.part_of or "") != obj.name:
+            report.skip(
+                "part whose object has another category",
+                f"{where}: object {ann.obj_ann_id} is a {obj.name}, not a {display_name(category.part_of or '')}",
+            )
             continue
         info = coco.images.get(ann.image_id)
         if info is None or info.id not in entries:
