@@ -117,6 +117,9 @@ def test_bad_image_files_give_one_clear_error_naming_the_image(tmp_path):
         with pytest.raises(PrimaError, match=words) as e:
             load_images([good, path], max_images=5)
         assert str(e.value).startswith("image 2 (") and "\n" not in str(e.value)
+    with Image.open(truncated) as lazy:  # opened by the caller, not yet decoded
+        with pytest.raises(PrimaError, match="image 1 \\(<PIL image>\\): truncated or corrupt"):
+            load_images([lazy], max_images=5)
 
 
 def test_image_count_is_checked():

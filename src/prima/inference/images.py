@@ -50,6 +50,10 @@ def load_image(source: ImageInput, index: int = 1, *, max_side: int = MAX_IMAGE_
         image, name = _open_file(Path(source), index), str(source)
     elif isinstance(source, Image.Image):
         image, name = source, "<PIL image>"
+        try:
+            image.load()  # a lazily opened PIL image of a truncated file fails here, not in the model
+        except (OSError, SyntaxError, ValueError) as e:
+            raise PrimaError(f"image {index} ({name}): truncated or corrupt image data ({e})") from None
     elif isinstance(source, np.ndarray):
         image, name = _from_array(source, index), "<array>"
     else:
