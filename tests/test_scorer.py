@@ -205,3 +205,29 @@ def test_phrase_model_path_that_is_not_a_model_is_an_error(tmp_path):
 
     with pytest.raises(PrimaError, match="has no config.json"):
         PhraseEmbedder(tmp_path)
+
+
+def test_evaluator_accepts_predictor_outputs_in_a_loop():
+    """reset / process / evaluate with what a predictor returns (objects with to_json, or dicts)."""
+    from prima.data.schema import sample_from_dict
+    from prima.evaluation.scorer import M4SegEvaluator
+
+    class Output:
+        def __init__(self, d):
+            self.d = d
+
+        def to_json(self):
+            return self.d
+
+    evaluator = M4SegEvaluator(bag_of_words, wordnet="none")
+    gts = [sample_from_dict(g) for g in GT]
+    evaluator.process(gts[0], Output({"answer": GT[0]["answer"], "segments": GT[0]["segments"]}))
+    evaluator.process(gts[1], {"answer": "No.", "segments": []})
+    first = evaluator.evaluate()
+    assert first["num_samples"] == 2 and first["miou"] == 1.0 and first["no_mask_acc"] == 1.0
+    evaluator.reset()
+    evaluator.process(gts[2], None)
+    second = evaluator.evaluate()
+    assert second["num_samples"] == 1 and second["miou"] == 0.0 and second["missing_prediction_ids"] == ["c"]
+    with pytest.raises(SampleError, match=r"segments\[0\]\.image"):
+        evaluator.process(gts[2], {"answer": "", "segments": [{"phrase": "car", "image": 9, "mask": box(0, 0, 2, 2)}]})

@@ -154,12 +154,19 @@ class M4SegEvaluator:
     def reset(self) -> None:
         self._pending: list[_Pending] = []
 
-    def process(self, gt: Sample, prediction: PredictionRecord | None) -> None:
-        """Score the masks and answer text of one sample (``prediction`` None: nothing was predicted)."""
+    def process(self, gt: Sample, prediction: PredictionRecord | dict | Any | None) -> None:
+        """Score the masks and answer text of one sample.
+
+        ``prediction`` is a PredictionRecord, its JSON dict (``{"answer", "segments"}``, id optional),
+        an object with ``to_json()`` such as the predictor's `Prediction`, or None (nothing predicted).
+        """
         missing = prediction is None
         if missing:
             prediction = PredictionRecord(gt.id, "", [])
         else:
+            if not isinstance(prediction, PredictionRecord):
+                d = prediction.to_json() if hasattr(prediction, "to_json") else prediction
+                prediction = prediction_from_dict({"id": gt.id, **d} if isinstance(d, dict) else d)
             check_prediction(prediction, gt)
         pred = prediction.segments
         inter, union = metrics.intersection_union(pred, gt.segments)
