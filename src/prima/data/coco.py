@@ -73,7 +73,7 @@ def split_part_name(name: str) -> tuple[str, str] | None:
     return obj, part
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageInfo:
     id: Id
     file_name: str
@@ -94,7 +94,7 @@ class Category:
         return split[0] if split else None
 
 
-@dataclass
+@dataclass(slots=True)
 class Annotation:
     id: Id
     image_id: Id
