@@ -67,6 +67,14 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(pictures, tmp_p
         _assert_one_line_error(code, err, *words)
 
 
+def test_an_output_folder_that_is_a_file_is_a_clear_error(pictures, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    argv = ["predict", "--images", pictures[0], "--question", "q?", "--out", taken, "--checkpoint", tmp_path]
+    code, _, err = _run(argv, capsys)
+    _assert_one_line_error(code, err, "cannot write to the output folder", str(taken))
+
+
 def test_missing_checkpoint_and_unavailable_device(pictures, tmp_path, capsys):
     code, _, err = _run(
         ["predict", "--images", pictures[0], "--question", "q?", "--checkpoint", tmp_path / "x"], capsys

@@ -77,6 +77,19 @@ def _query_from_dict(d: Any, path: Path, line: int) -> Query:
     return Query(str(qid), list(images), paths, question, line, reference)
 
 
+def prepare_out_dir(path: str | Path) -> Path:
+    """Create the output folder (and parents); a PrimaError if it is a file or cannot be written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".prima-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise PrimaError(f"cannot write to the output folder {path}: {e.strerror or e}") from None
+    return path
+
+
 def write_prediction(out_dir: str | Path, prediction: Prediction, extra: dict[str, Any] | None = None) -> Path:
     """Write ``out_dir/prediction.json`` (the prediction plus ``extra`` fields first); returns its path."""
     out_dir = Path(out_dir)

@@ -76,7 +76,7 @@ def _predict_one(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from prima.constants import MAX_IMAGES
-    from prima.inference.batch import write_prediction
+    from prima.inference.batch import prepare_out_dir, write_prediction
     from prima.inference.images import load_images
     from prima.inference.predictor import PrimaPredictor, check_question
     from prima.inference.render import format_summary, save_overlays
@@ -84,6 +84,7 @@ def _predict_one(args: argparse.Namespace) -> int:
     # Check the cheap things before the model loads, so a typo fails in milliseconds.
     question = check_question(args.question)
     images = load_images(args.images, max_images=MAX_IMAGES)
+    prepare_out_dir(args.out)
     predictor = PrimaPredictor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
     prediction = predictor.predict_loaded(images, question)
     pictures = save_overlays(images, prediction, args.out)
@@ -98,10 +99,11 @@ def _predict_one(args: argparse.Namespace) -> int:
 def _predict_jsonl(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from prima.inference.batch import predict_queries, read_queries, write_predictions
+    from prima.inference.batch import predict_queries, prepare_out_dir, read_queries, write_predictions
     from prima.inference.predictor import PrimaPredictor
 
     queries = read_queries(args.jsonl)
+    prepare_out_dir(args.out)
     predictor = PrimaPredictor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
     out = Path(args.out)
     overlay_dir = out / "overlays" if args.overlays else None

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from prima.data.schema import strip_markup
-from prima.inference.batch import read_queries, write_prediction
+from prima.inference.batch import prepare_out_dir, read_queries, write_prediction
 from prima.inference.predictor import REPO_ROOT, PrimaPredictor, resolve_checkpoint
 from prima.inference.render import format_summary, save_overlays
 
@@ -23,6 +23,7 @@ def run_demo(
     start = time.perf_counter()
     resolve_checkpoint(checkpoint)  # say first that the checkpoint is missing: that is what a newcomer hits
     queries = read_queries(queries_path)
+    prepare_out_dir(out_dir)
     predictor = PrimaPredictor.from_pretrained(checkpoint, device=device)
     loaded = time.perf_counter()
     print(f"checkpoint: {checkpoint or 'bundled'} (loaded in {loaded - start:.1f} s)")
