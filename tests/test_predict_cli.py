@@ -200,3 +200,26 @@ def test_example_images_are_small_and_valid_samples():
     for s in samples:
         for p in s.images:
             assert (REPO / "examples" / p).stat().st_size <= 100 * 1024
+
+
+@pytest.mark.slow
+def test_make_demo_on_the_bundled_checkpoint_answers_every_example(tmp_path):
+    """What `make demo` runs, in a fresh process, on the checkpoint shipped in the repository."""
+    import prima.inference.predictor as predictor_module
+
+    if not predictor_module.BUNDLED_CHECKPOINT.is_dir():
+        pytest.skip("the bundled checkpoint checkpoints/prima-tiny-synth is not in the repository yet")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "prima", "demo", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    for q in read_queries(REPO / "examples" / "queries.jsonl"):
+        prediction = json.loads((out / q.id / "prediction.json").read_text())
+        assert prediction["answer"].strip(), q.id
+        assert f"[{q.id}]" in done.stdout
