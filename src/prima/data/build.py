@@ -85,6 +85,7 @@ class Instance:
     """One usable object annotation: its mask, box and the masks of its annotated parts."""
 
     ann_id: Id
+    image_id: Id
     name: str  # display name of the category
     isthing: bool
     rle: RLE
@@ -135,7 +136,7 @@ class BuildReport:
     def skip(self, reason: str, detail: str) -> None:
         self.skipped[reason] += 1
         if len(self.examples) < 20:
-            self.examples.append(detail)
+            self.examples.append(f"{detail} [{reason}]")
 
     def summary(self) -> str:
         lines = [f"wrote {self.written} of {self.requested} samples -> {self.out / 'samples.jsonl'}"]
@@ -147,6 +148,8 @@ class BuildReport:
         lines.append(f"  images with usable annotations: {self.images_used}")
         for reason, n in self.skipped.most_common():
             lines.append(f"  skipped, {reason}: {n}")
+        for detail in self.examples[:5]:
+            lines.append(f"    e.g. {detail}")
         return "\n".join(lines)
 
 
@@ -217,10 +220,13 @@ def load_images(
                 f"{where}: object {ann.obj_ann_id} is a {obj.name}, not a {display_name(category.part_of or '')}",
             )
             continue
-        info = coco.images.get(ann.image_id)
-        if info is None or info.id not in entries:
-            report.skip("part of an unknown or skipped object", f"{where}: image {ann.image_id} is not usable")
+        if ann.image_id != obj.image_id:
+            report.skip(
+                "part on another image than its object",
+                f"{where} is on image {ann.image_id}, its object {ann.obj_ann_id} on image {obj.image_id}",
+            )
             continue
+        info = coco.images[obj.image_id]
         if ann.iscrowd:
             report.skip("crowd part annotation", where)
             continue
@@ -275,7 +281,7 @@ def _instance(
     if area < options.min_area * info.height * info.width:
         report.skip("tiny mask", f"{where}: {area} pixels")
         return None
-    return Instance(ann.id, name, isthing, rle, area, rle_box(rle))
+    return Instance(ann.id, ann.image_id, name, isthing, rle, area, rle_box(rle))
 
 
 # -------------------------------------------------------------------------------------------- wording
