@@ -350,3 +350,13 @@ def test_batch_without_seg_still_uses_the_mask_branch(model):
     out.loss.backward()
     for name, p in [*model.grounding.named_parameters(), *model.seg_projector.named_parameters()]:
         assert p.grad is not None, name
+
+
+def test_spatial_prior_is_a_switch_and_old_configs_load_without_it():
+    from prima.model.config import GroundingConfig
+
+    assert GroundingConfig().spatial_prior is False  # checkpoints written before the switch existed load unchanged
+    with_prior, without = small_model(), small_model("grounding.spatial_prior=false")
+    assert with_prior.grounding.locator is not None and without.grounding.locator is None
+    out = without(make_batch(without, [grounded_sample()]))
+    assert out.mask_logits[0].shape == (3, 64, 64)

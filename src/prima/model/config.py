@@ -100,6 +100,9 @@ class GroundingConfig:
     num_layers: int = 2
     num_heads: int = 4
     mask_stride: int = 2  # pixel features are computed at this stride (2 or 4) of the input image
+    # add a coarse, query-specific location map (the mask token's similarity to each image token, upsampled) to
+    # the mask logits: the pixel-feature kernel alone cannot say WHERE (two same-looking objects, "the left one")
+    spatial_prior: bool = False
     # sam
     sam: dict[str, Any] = field(default_factory=dict)  # kwargs of SamConfig (vision_config, ...)
     pretrained: str | None = None  # a local folder saved by SamModel.save_pretrained

@@ -60,6 +60,8 @@ class OneWayMaskDecoder(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.hypernetwork = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, p))
         self.score_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.grid = grid
+        self.locator = nn.Linear(d, d) if cfg.spatial_prior else None  # mask token -> query over image tokens
 
     def encode(self, features: list[torch.Tensor]) -> GroundingImages:
         """Image tokens and pixel features of n images from their multi-scale features (each (n, C_s, H_s, W_s))."""
@@ -85,6 +87,10 @@ class OneWayMaskDecoder(nn.Module):
         kernels = self.hypernetwork(x[:, 0])  # (Q, P)
         pixels = images.pixels[image_index]  # (Q, P, h, w)
         masks = torch.einsum("qp,qphw->qhw", kernels, pixels)
+        if self.locator is not None:
+            where = torch.einsum("qd,qtd->qt", self.locator(x[:, 0]), memory) / memory.shape[-1] ** 0.5
+            where = where.view(q, 1, self.grid, self.grid)
+            masks = masks + F.interpolate(where, size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return masks, torch.sigmoid(self.score_head(x[:, 1]).squeeze(-1))
 
 
