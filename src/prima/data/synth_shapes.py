@@ -192,7 +192,7 @@ def _boat(p: Pen, r: np.random.Generator) -> None:
 
 
 def _kettle(p: Pen, r: np.random.Generator) -> None:
-    p.polygon([(0.0, 0.3), (0.1, 0.3), (0.35, 0.6), (0.3, 0.75)], "spout")
+    p.polygon([(0.0, 0.2), (0.15, 0.2), (0.42, 0.5), (0.38, 0.82)], "spout")
     p.ellipse(0.62, 0.28, 1.0, 0.82, "handle")
     p.ellipse(0.72, 0.4, 0.9, 0.7, None)
     p.rounded(0.22, 0.28, 0.82, 1.0, _u(r, 0.2, 0.3), "body")
