@@ -157,6 +157,10 @@ def test_stats_count_what_the_file_holds(dataset):
     assert stats["no_mask_samples"] == sum(not s.segments for s in samples)
     assert sum(stats["object_classes"].values()) + sum(stats["part_classes"].values()) == stats["segments"]
     assert set(stats["object_classes"]) <= set(OBJECT_CATEGORIES)
+    areas = stats["median_mask_area_px"]
+    assert set(areas) == set(stats["object_classes"]) | set(stats["part_classes"])
+    assert all(0 < a <= SIZE * SIZE for a in areas.values())
+    assert list(areas.values()) == sorted(areas.values())
     assert "per_category" not in format_stats(stats) and "category" in format_stats(stats)
 
 

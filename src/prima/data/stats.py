@@ -7,6 +7,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from prima.data.masks import rle_area
 from prima.data.schema import iter_samples
 from prima.data.synth_shapes import COLOURS
 from prima.errors import PrimaError
@@ -45,6 +48,7 @@ def dataset_stats(path: str | os.PathLike) -> dict[str, Any]:
     per_segments: Counter = Counter()
     objects: Counter = Counter()
     parts: Counter = Counter()
+    areas: dict[str, list[int]] = {}  # class -> mask areas in pixels
     kinds: Counter = Counter()
     n = no_mask = answer_words = 0
     for sample in iter_samples(samples_path(path), validate=True, check_images=False):
@@ -62,6 +66,7 @@ def dataset_stats(path: str | os.PathLike) -> dict[str, Any]:
                 objects[obj] += 1
             else:
                 parts[part] += 1
+            areas.setdefault(part or obj, []).append(rle_area(seg.mask))
     total_segments = sum(k * v for k, v in per_segments.items())
     return {
         "samples": n,
@@ -76,6 +81,10 @@ def dataset_stats(path: str | os.PathLike) -> dict[str, Any]:
         "segment_kinds": dict(sorted(kinds.items())),
         "object_classes": dict(sorted(objects.items(), key=lambda kv: (-kv[1], kv[0]))),
         "part_classes": dict(sorted(parts.items(), key=lambda kv: (-kv[1], kv[0]))),
+        # smallest first: what a model at this resolution finds hardest to segment
+        "median_mask_area_px": {
+            k: int(np.median(v)) for k, v in sorted(areas.items(), key=lambda kv: (np.median(kv[1]), kv[0]))
+        },
     }
 
 
@@ -96,6 +105,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         ("segment kind", "segment_kinds"),
         ("object class (segments)", "object_classes"),
         ("part class (segments)", "part_classes"),
+        ("median mask area in pixels, per class", "median_mask_area_px"),
     ):
         table = stats[key]
         lines += ["", title]
