@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,9 +30,17 @@ def _as_compressed(rle: RLE) -> dict:
     return {"size": [int(size[0]), int(size[1])], "counts": counts}
 
 
+def _decode(rle: dict) -> np.ndarray:
+    # pycocotools' Cython decoder trips numpy 2's copy-keyword DeprecationWarning on every call; the
+    # result is correct, so hide that one warning instead of flooding every caller's log.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
+        return mask_utils.decode(rle)
+
+
 def decode_rle(rle: RLE) -> np.ndarray:
     """Decode compressed (string/bytes counts) or uncompressed (list counts) RLE to an HxW bool array."""
-    return mask_utils.decode(_as_compressed(rle)).astype(bool)
+    return _decode(_as_compressed(rle)).astype(bool)
 
 
 def rle_area(rle: RLE) -> int:
@@ -45,7 +54,7 @@ def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: in
         if len(p) < 6 or len(p) % 2:
             raise ValueError(f"polygon {i} has {len(p)} coordinates; need an even number, at least 6")
     rles = mask_utils.frPyObjects(polys, height, width)
-    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+    return _decode(mask_utils.merge(rles)).astype(bool)
 
 
 def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
