@@ -90,6 +90,48 @@ def make_data(
     return pred_path, gt_path
 
 
+def breakdown(pred: Path, gt: Path, wordnet: str) -> None:
+    """CPU seconds of each stage of scoring, done one after the other (what `score_predictions` does)."""
+    stages: list[tuple[str, float]] = []
+    clock = time.process_time()
+
+    def stage(name: str) -> None:
+        nonlocal clock
+        now = time.process_time()
+        stages.append((name, now - clock))
+        clock = now
+
+    import nltk.translate.meteor_score  # noqa: F401
+
+    from prima.data.schema import read_samples
+    from prima.evaluation.report import write_outputs
+    from prima.evaluation.scorer import M4SegEvaluator, read_predictions
+    from prima.evaluation.wordnet import load_wordnet
+
+    stage("import prima.evaluation + nltk")
+    preds = read_predictions(pred)
+    gts = read_samples(gt, check_images=False)
+    stage("read + check both JSONL files")
+    resources = load_wordnet(wordnet)
+    stage("load WordNet")
+    from prima.evaluation.similarity import PhraseEmbedder
+
+    embedder = PhraseEmbedder()
+    embedder._load()
+    stage("import torch/transformers + load the phrase model")
+    evaluator = M4SegEvaluator(embedder, wordnet=resources)
+    for sample in gts:
+        evaluator.process(sample, preds.get(sample.id))
+    stage("masks (IoU, I/U) + METEOR, per sample")
+    result = evaluator.evaluate()
+    stage(f"embed {len(embedder._cache)} distinct phrases + phrase metrics + aggregation")
+    write_outputs(result, pred.parent / "out-breakdown")
+    stage("metrics.json, report.md, plots")
+    for name, seconds in stages:
+        print(f"  {seconds:6.1f} s  {name}")
+    print(f"  {sum(s for _, s in stages):6.1f} s  total CPU")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=10000)
@@ -99,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phrases", type=int, default=500, help="distinct phrases the data draws from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wordnet", default="auto", help="auto, none or a folder (as prima score --wordnet)")
+    parser.add_argument("--breakdown", action="store_true", help="CPU seconds per stage instead of one timing")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="prima-score-bench-") as tmp:
@@ -107,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         pred, gt = make_data(folder, args.samples, args.images, args.segments, args.size, args.phrases, args.seed)
         print(f"generated {args.samples} samples in {time.perf_counter() - t:.1f} s (not timed below)")
         assert "torch" not in sys.modules, "torch must load inside the timed call"
+        if args.breakdown:
+            breakdown(pred, gt, args.wordnet)
+            return 0
 
         load_before = os.getloadavg()[0]
         start, cpu_start = time.perf_counter(), time.process_time()
