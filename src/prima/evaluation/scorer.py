@@ -112,9 +112,14 @@ def check_prediction(pred: PredictionRecord, gt: Sample) -> None:
 
 @dataclass
 class _Pending:
-    """A sample after the mask stage, waiting for phrase embeddings."""
+    """A sample after the mask stage, waiting for phrase embeddings (no masks kept: memory stays small)."""
 
-    gt: Sample
+    id: str
+    category: str
+    num_images: int
+    family: str | None
+    gt_phrases: list[str]
+    gt_images: list[int]
     iou: np.ndarray
     intersection: int
     union: int
@@ -172,7 +177,12 @@ class M4SegEvaluator:
         inter, union = metrics.intersection_union(pred, gt.segments)
         self._pending.append(
             _Pending(
-                gt=gt,
+                id=gt.id,
+                category=gt.category,
+                num_images=len(gt.images),
+                family=gt.family,
+                gt_phrases=[s.phrase for s in gt.segments],
+                gt_images=[s.image for s in gt.segments],
                 iou=metrics.iou_matrix(pred, gt.segments),
                 intersection=inter,
                 union=union,
@@ -188,23 +198,23 @@ class M4SegEvaluator:
         prefetch = getattr(self.embed, "prefetch", None)
         if prefetch is not None:
             phrases = {p for x in self._pending for p in x.pred_phrases}
-            phrases.update(s.phrase for x in self._pending for s in x.gt.segments)
+            phrases.update(p for x in self._pending for p in x.gt_phrases)
             prefetch(sorted(phrases))
         return [
             metrics.finish_sample(
-                x.gt.id,
+                x.id,
                 x.iou,
                 x.intersection,
                 x.union,
                 x.pred_phrases,
                 x.pred_images,
-                [s.phrase for s in x.gt.segments],
-                [s.image for s in x.gt.segments],
+                x.gt_phrases,
+                x.gt_images,
                 x.meteor,
                 self.embed,
-                category=x.gt.category,
-                num_images=len(x.gt.images),
-                family=x.gt.family,
+                category=x.category,
+                num_images=x.num_images,
+                family=x.family,
                 missing=x.missing,
             )
             for x in self._pending
