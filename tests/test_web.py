@@ -205,3 +205,15 @@ def test_nothing_is_written_outside_the_temp_folder(server):
     assert list(workdir.iterdir()) == []
     apps = [p.name for p in tmpdir.iterdir()]
     assert apps and all(name.startswith("prima-web-") for name in apps), apps
+
+
+def test_an_example_from_the_repository_fills_in_images_and_question(server, page):
+    from prima.inference.batch import read_queries
+
+    url, _, _ = server
+    example = read_queries(REPO / "examples" / "queries.jsonl")[-1]
+    _open(page, url)
+    page.get_by_text(example.question).first.click()
+    page.wait_for_function("q => document.querySelector('#prima-question textarea').value === q", arg=example.question)
+    files = page.inner_text("#prima-files")
+    assert all(Path(p).stem in files for p in example.images), files

@@ -109,6 +109,21 @@ def error_html(message: str) -> str:
     return f'<div class="prima-error">error: {html.escape(message)}</div>'
 
 
+def example_queries(max_images: int) -> list[list]:
+    """``[[image paths], question]`` of each scene in examples/queries.jsonl (none if the file is absent)."""
+    from prima.inference.batch import read_queries
+    from prima.inference.demo import EXAMPLES
+
+    if not EXAMPLES.is_file():
+        return []
+    try:
+        queries = read_queries(EXAMPLES)
+    except PrimaError as e:  # a broken examples file must not stop the demo
+        log.warning("web demo: no examples: %s", e)
+        return []
+    return [[[str(p) for p in q.paths], q.question] for q in queries if len(q.paths) <= max_images]
+
+
 def build_app(predictor: PrimaPredictor, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> Any:
     """The Gradio Blocks app (call `prepare_temp_dir` before this, so Gradio stores files there)."""
     import gradio as gr
@@ -143,6 +158,9 @@ def build_app(predictor: PrimaPredictor, max_upload_mb: float = DEFAULT_MAX_UPLO
                     elem_id="prima-overlays",
                 )
                 details = gr.JSON(label="Segments", elem_id="prima-details")
+        examples = example_queries(predictor.max_images)
+        if examples:
+            gr.Examples(examples=examples, inputs=[files, question], label="Examples (from examples/)")
         ask.click(handler, inputs=[files, question], outputs=[answer, overlays, details])
         question.submit(handler, inputs=[files, question], outputs=[answer, overlays, details])
     return app
