@@ -1,0 +1,64 @@
+"""CPU time of one tiny-PRIMA training step (forward + backward + AdamW) on cached features, per thread count.
+
+Uses the first samples of a synthetic training set (``prima data synth``) and the `tiny` preset with a
+word-level tokenizer trained on them; frozen EfficientNet features are computed once beforehand, as the
+trainer's feature cache does. Prints the median step time for each ``--threads`` value, and the machine's
+load average (on a shared machine intra-op threads wait on each other: compare thread counts in one run).
+
+    .venv/bin/python benchmarks/model_step.py --data data/synth/train/samples.jsonl --threads 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from prima.data.collate import collate_samples
+from prima.data.schema import read_samples
+from prima.model import create_model, load_model_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data/synth/train/samples.jsonl")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+
+    samples = read_samples(args.data, validate=False)[: args.batch * args.steps]
+    torch.manual_seed(0)
+    model = create_model(load_model_config("tiny"), [t for s in samples for t in (s.question, s.answer)])
+    root = Path(args.data).parent
+    batches = []
+    for i in range(0, len(samples), args.batch):
+        batch = collate_samples(samples[i : i + args.batch], root, model.processor, model.config)
+        with torch.no_grad():
+            batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
+        batches.append(batch)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
+    print(f"tiny, batch {args.batch}, {tokens:.0f} LLM tokens per batch on average, load {os.getloadavg()[0]:.1f}")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+        model.train()
+        times = []
+        for batch in batches:
+            start = time.perf_counter()
+            model(batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            times.append(time.perf_counter() - start)
+        print(
+            f"threads {threads}: median step {statistics.median(times):.2f} s "
+            f"(all: {', '.join(f'{t:.2f}' for t in times)}), load {os.getloadavg()[0]:.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
