@@ -113,6 +113,9 @@ def test_queries_file_errors_name_the_line_and_id(pictures, tmp_path):
     q.write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[0]) + "\n")
     with pytest.raises(PrimaError, match="duplicate id"):
         read_queries(q)
+    q.write_bytes(json.dumps(lines[0]).encode() + b'\n{"id": "\xff"}\n')
+    with pytest.raises(PrimaError, match=r"queries.jsonl:2: not UTF-8 text"):
+        read_queries(q)
     q.write_text(json.dumps(lines[0]) + "\n")
     (query,) = read_queries(q)
     assert query.paths == [pictures[0], pictures[1]] and query.images == lines[0]["images"]

@@ -36,12 +36,14 @@ def read_queries(path: str | Path) -> list[Query]:
         raise PrimaError(f"queries file not found: {path}")
     queries = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                d = json.loads(text)
+                d = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise SampleError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path, line=line_no) from None
             except json.JSONDecodeError as e:
                 raise SampleError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=line_no) from None
             queries.append(_query_from_dict(d, path, line_no))
