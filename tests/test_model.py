@@ -240,29 +240,29 @@ def test_generate_forces_an_image_tag_after_seg(model, monkeypatch):
 
 
 def test_generate_greedy_with_cache_matches_full_recompute(model):
-    """The KV-cached loop gives the tokens a cache-free argmax over the whole sequence gives."""
+    """Every token of the KV-cached loop is the (constrained) argmax of a cache-free pass over the whole sequence."""
     model.eval()
     images, question = random_images(2, seed=3), "Which object could you sit on?"
-    result = model.generate(images, question, max_new_tokens=6)
-    proc = model.processor
+    result = model.generate(images, question, max_new_tokens=12)
+    assert result.token_ids
+    proc, t = model.processor, model.config.tokens
     with torch.no_grad():
         feats = model.encode_images(proc.preprocess_images(images))
         qids = torch.tensor([proc.encode_qformer_text(question)])
         visual = model.visual_tokens(feats, torch.zeros(2, dtype=torch.long), qids, torch.ones_like(qids))
-        ids = proc.encode_prompt(question, 2)
-        first = model.language(inputs_embeds=model.embed_prompt(torch.tensor([ids]), visual, torch.tensor([2]))).logits[
-            0, -1
-        ]
-    banned = {
-        model.config.tokens.image_slot_id,
-        model.config.tokens.pad_token_id,
-        model.config.tokens.bos_token_id,
-        model.config.tokens.image_start_id,
-        model.config.tokens.image_end_id,
-        *model.config.tokens.image_tag_ids[2:],
-    }
-    first[list(banned)] = float("-inf")
-    assert result.token_ids[:1] == [int(first.argmax())] or result.token_ids == []
+        prompt = proc.encode_prompt(question, 2)
+        ids = torch.tensor([prompt + result.token_ids])
+        logits = model.language(inputs_embeds=model.embed_prompt(ids, visual, torch.tensor([2]))).logits[0]
+    banned = [t.image_slot_id, t.pad_token_id, t.bos_token_id, t.image_start_id, t.image_end_id, *t.image_tag_ids[2:]]
+    for j, token in enumerate(result.token_ids):
+        step = logits[len(prompt) - 1 + j].clone()
+        if j and result.token_ids[j - 1] == t.seg_token_id:
+            allowed = torch.full_like(step, float("-inf"))
+            allowed[t.image_tag_ids[:2]] = step[t.image_tag_ids[:2]]
+            step = allowed
+        else:
+            step[banned] = float("-inf")
+        assert int(step.argmax()) == token, f"token {j}"
 
 
 def test_save_and_load_round_trip_gives_identical_outputs(model, tmp_path):
