@@ -155,3 +155,14 @@ def test_cli_prints_one_line_error_and_exits_2(folder, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "samples.jsonl:2" in err and "s-9" in err and "category" in err
+
+
+def test_written_jsonl_is_readable_by_others_as_usual(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "s.jsonl"
+    write_samples(path, [])
+    old = os.umask(0o022)
+    os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~old
