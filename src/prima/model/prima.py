@@ -19,7 +19,7 @@ from torch import nn
 from prima.config import save_config, to_dict
 from prima.constants import IMAGE_END, IMAGE_START, IMAGE_TAGS, PHRASE_END, PHRASE_START, SEG_TOKEN
 from prima.errors import PrimaError
-from prima.model.config import ModelConfig, TokenIds, load_model_config, mask_size
+from prima.model.config import ModelConfig, TokenIds, image_tokens_per_image, load_model_config, mask_size
 from prima.model.grounding import GroundingImages, build_grounding
 from prima.model.language import build_language_model, hidden_size
 from prima.model.losses import IGNORE_INDEX, mask_losses, score_loss, text_loss
@@ -127,14 +127,7 @@ class PrimaModel(nn.Module):
         self.seg_projector = nn.Sequential(
             nn.Linear(llm_hidden, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, prompt_dim)
         )
-        self.tokens_per_image = (
-            cfg.qformer.num_queries if cfg.uses_qformer else self._grid_tokens()  # type: ignore[union-attr]
-        )
-
-    def _grid_tokens(self) -> int:
-        from prima.model.config import vision_grid_size
-
-        return vision_grid_size(self.config.vision) ** 2
+        self.tokens_per_image = image_tokens_per_image(cfg)  # V_i length: the slots per image block
 
     @property
     def device(self) -> torch.device:

@@ -130,10 +130,6 @@ class ImageQueryModule(nn.Module):
         if qc.frozen:
             self.qformer.requires_grad_(False)
 
-    @property
-    def tokens_per_image(self) -> int:
-        return self.num_queries if self.uses_qformer else self.token_pos.shape[1] if self.token_pos is not None else -1
-
     def forward(
         self,
         tokens: torch.Tensor,
