@@ -211,3 +211,77 @@ def test_checkpoint_stores_only_trained_weights_and_round_trips(model, tmp_path)
     with torch.no_grad():
         a, b = model(batch), loaded(batch)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.mask_logits[0], b.mask_logits[0])
+
+
+TINY_SAM = {
+    "vision_config": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "global_attn_indexes": [1],
+        "image_size": 64,
+        "patch_size": 16,
+        "output_channels": 32,
+        "mlp_dim": 64,
+        "window_size": 2,
+        "num_pos_feats": 16,
+    },
+    "prompt_encoder_config": {"hidden_size": 32, "image_size": 64, "patch_size": 16, "mask_input_channels": 4},
+    "mask_decoder_config": {
+        "hidden_size": 32,
+        "mlp_dim": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "iou_head_hidden_dim": 32,
+    },
+}
+
+
+@pytest.mark.parametrize("variant", ["concat", "none"])
+def test_glamm_and_lisa_style_models_at_tiny_scale(variant):
+    """CLIP patch tokens through the MLP projector (no Q-Former), SAM grounding: the baselines' code path."""
+    from test_model import TEXTS
+
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "cross_image": variant,
+            "qformer": None,
+            "vision": {
+                "kind": "clip",
+                "image_size": 28,
+                "package_weights": False,
+                "select_layer": -2,
+                "config": {
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "patch_size": 14,
+                    "projection_dim": 16,
+                },
+            },
+            "language": {
+                "config": {
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "num_key_value_heads": 2,
+                }
+            },
+            "grounding": {"kind": "sam", "sam": TINY_SAM, "image_size": 64, "freeze_encoder": True},
+            "tokenizer": {"kind": "wordlevel"},
+        },
+        prefix="model",
+    )
+    torch.manual_seed(0)
+    model = create_model(cfg, TEXTS)
+    assert model.tokens_per_image == 4  # (28 / 14)^2 patch tokens, CLS dropped
+    model.train()
+    out = model(make_batch(model, [grounded_sample(), negative_sample()]))
+    out.loss.backward()
+    assert [m.shape for m in out.mask_logits] == [(3, 16, 16), (0, 16, 16)]
+    assert model.query.projector[0].weight.grad is not None
+    model.eval()
+    assert isinstance(model.generate(random_images(3), "Where?", max_new_tokens=4).answer, str)
