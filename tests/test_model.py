@@ -360,3 +360,27 @@ def test_spatial_prior_is_a_switch_and_old_configs_load_without_it():
     assert with_prior.grounding.locator is not None and without.grounding.locator is None
     out = without(make_batch(without, [grounded_sample()]))
     assert out.mask_logits[0].shape == (3, 64, 64)
+
+
+def test_forward_and_generate_under_bf16_autocast(model):
+    """The GPU recipe (bf16 autocast over fp32 weights) mixes dtypes correctly; run here with CPU autocast."""
+    model.train()
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    out.loss.backward()
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = model.generate(random_images(2), "Where?", max_new_tokens=4)
+    assert all(s.mask.dtype == np.float32 for s in result.segments)
+
+
+def test_loading_in_bfloat16_generates(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    half = PrimaModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.language.get_input_embeddings().weight.dtype == torch.bfloat16
+    monkey = ScriptedLogits(half, ["<p>", "chair", "</p>", "[SEG]", "(IMAGE1)", "</s>"])
+    half.language.forward = monkey
+    result = half.generate(random_images(2), "Where?", max_new_tokens=8)
+    assert len(result.segments) == 1 and result.segments[0].mask.dtype == np.float32
