@@ -384,3 +384,19 @@ def test_loading_in_bfloat16_generates(model, tmp_path):
     half.language.forward = monkey
     result = half.generate(random_images(2), "Where?", max_new_tokens=8)
     assert len(result.segments) == 1 and result.segments[0].mask.dtype == np.float32
+
+
+def test_generate_batch_equals_one_at_a_time(model):
+    model.eval()
+    requests = [
+        (random_images(1, 11), "Is there a lamp?"),
+        (random_images(3, 12), "Which object could you sit on?"),
+        (random_images(2, 13), "Where?"),
+    ]
+    batched = model.generate_batch(requests, max_new_tokens=10)
+    for (images, question), got in zip(requests, batched):
+        alone = model.generate(images, question, max_new_tokens=10)
+        assert got.token_ids == alone.token_ids and got.answer == alone.answer
+        assert [(s.phrase, s.image) for s in got.segments] == [(s.phrase, s.image) for s in alone.segments]
+        for a, b in zip(got.segments, alone.segments):
+            assert np.allclose(a.mask, b.mask, atol=1e-4)

@@ -356,65 +356,95 @@ class PrimaModel(nn.Module):
         (the most likely of them), so each mask is bound to exactly one of the given images. Tags of images
         that were not given, image-block tokens and padding are never generated.
         """
+        return self.generate_batch([(images, question)], max_new_tokens=max_new_tokens)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, requests: list[tuple[list[Any], str]], max_new_tokens: int = 96) -> list[GenerationOutput]:
+        """`generate` for several (images, question) pairs at once: prompts left-padded, one cached greedy loop."""
         from prima.data.processor import load_image
 
         if self.processor is None:
             raise PrimaError("generate needs the model's processor (tokenizer); load with PrimaModel.from_pretrained")
-        n = len(images)
-        if not 1 <= n <= self.config.max_images:
-            raise PrimaError(f"got {n} images; this model takes 1..{self.config.max_images}")
-        pil = [load_image(im) for im in images]
         proc, t, dev = self.processor, self.config.tokens, self.device
-        batch: dict[str, Any] = {"image_sample_index": torch.zeros(n, dtype=torch.long, device=dev)}
-        features = self.encode_images(proc.preprocess_images(pil))
-        qids = torch.tensor([proc.encode_qformer_text(question)], device=dev)
-        visual = self.visual_tokens(features, batch["image_sample_index"], qids, torch.ones_like(qids))
-        prompt = torch.tensor([proc.encode_prompt(question, n)], device=dev)
-        embeds = self.embed_prompt(prompt, visual, torch.tensor([n]))
+        counts = [len(images) for images, _ in requests]
+        for n in counts:
+            if not 1 <= n <= self.config.max_images:
+                raise PrimaError(f"got {n} images; this model takes 1..{self.config.max_images}")
+        pil = [[load_image(im) for im in images] for images, _ in requests]
+        sample_index = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts)).to(dev)
+        features = self.encode_images(proc.preprocess_images([im for images in pil for im in images]))
+        qrows = [proc.encode_qformer_text(question) for _, question in requests]
+        # the Q-Former reads questions right-padded, as in training (its text positions are absolute)
+        qids, qmask = _pad(qrows, (proc.qformer_tokenizer or proc.tokenizer).pad_token_id, dev, left=False)
+        visual = self.visual_tokens(features, sample_index, qids, qmask)
+        ids, attention = _pad(
+            [proc.encode_prompt(q, n) for (_, q), n in zip(requests, counts)], t.pad_token_id, dev, left=True
+        )
+        embeds = self.embed_prompt(ids, visual, torch.tensor(counts))
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
 
-        banned = torch.zeros(t.vocab_size, dtype=torch.bool, device=dev)  # type: ignore[arg-type]
-        for tid in (
-            t.image_slot_id,
-            t.image_start_id,
-            t.image_end_id,
-            t.bos_token_id,
-            t.pad_token_id,
-            *t.image_tag_ids[n:],
-        ):
-            if tid is not None and tid != t.eos_token_id:
-                banned[tid] = True
+        banned = torch.zeros(len(requests), t.vocab_size, dtype=torch.bool, device=dev)  # type: ignore[arg-type]
         tag_only = torch.ones_like(banned)
-        tag_only[t.image_tag_ids[:n]] = False
+        for b, n in enumerate(counts):
+            for tid in (
+                t.image_slot_id,
+                t.image_start_id,
+                t.image_end_id,
+                t.bos_token_id,
+                t.pad_token_id,
+                *t.image_tag_ids[n:],
+            ):
+                if tid is not None and tid != t.eos_token_id:
+                    banned[b, tid] = True
+            tag_only[b, t.image_tag_ids[:n]] = False
 
-        out = self.language(inputs_embeds=embeds, use_cache=True)
-        past, logits = out.past_key_values, out.logits[0, -1]
-        generated: list[int] = []
-        seg_hidden: list[torch.Tensor] = []
+        out = self.language(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        generated: list[list[int]] = [[] for _ in requests]
+        seg_hidden: list[list[torch.Tensor]] = [[] for _ in requests]
+        done = [False] * len(requests)
         while True:
-            after_seg = bool(generated) and generated[-1] == t.seg_token_id
-            if len(generated) >= max_new_tokens and not after_seg:
+            after_seg = torch.tensor([bool(g) and g[-1] == t.seg_token_id for g in generated], device=dev)
+            for b, g in enumerate(generated):
+                done[b] = done[b] or (len(g) >= max_new_tokens and not bool(after_seg[b]))
+            if all(done):
                 break
-            step_logits = logits.float().masked_fill(tag_only if after_seg else banned, float("-inf"))
-            token = int(step_logits.argmax())
-            generated.append(token)
-            if token == t.eos_token_id:
+            allowed = torch.where(after_seg[:, None], tag_only, banned)
+            tokens = logits.float().masked_fill(allowed, float("-inf")).argmax(-1)
+            fed_seg = []
+            for b, token in enumerate(tokens.tolist()):
+                if done[b]:
+                    tokens[b] = t.pad_token_id  # finished rows idle along; their outputs are ignored
+                    continue
+                generated[b].append(token)
+                done[b] = token == t.eos_token_id
+                if token == t.seg_token_id:
+                    fed_seg.append(b)
+            if all(done):
                 break
-            token_embed = self.language.get_input_embeddings()(torch.tensor([[token]], device=dev))
+            attention = torch.cat([attention, attention.new_ones(len(requests), 1)], dim=1)
+            positions = positions[:, -1:] + 1
             out = self.language(
-                inputs_embeds=token_embed,
+                inputs_embeds=self.language.get_input_embeddings()(tokens[:, None]),
+                attention_mask=attention,
+                position_ids=positions,
                 past_key_values=past,
                 use_cache=True,
-                output_hidden_states=token == t.seg_token_id,
+                output_hidden_states=bool(fed_seg),
             )
-            past, logits = out.past_key_values, out.logits[0, -1]
-            if token == t.seg_token_id:  # its hidden state (as an input position) is the grounding query
-                seg_hidden.append(out.hidden_states[-1][0, -1])
+            past, logits = out.past_key_values, out.logits[:, -1]
+            for b in fed_seg:  # a [SEG]'s hidden state (as an input position) is its grounding query
+                seg_hidden[b].append(out.hidden_states[-1][b, -1])
 
-        answer_ids = [i for i in generated if i != t.eos_token_id]
-        segments, grounded = self._segments(answer_ids, seg_hidden, batch, features, pil, n)
-        return GenerationOutput(
-            answer=proc.decode(answer_ids), segments=segments, token_ids=answer_ids, grounded_images=grounded
-        )
+        results, offset = [], 0
+        for b, n in enumerate(counts):
+            answer_ids = [i for i in generated[b] if i != t.eos_token_id]
+            own = {"image_sample_index": torch.zeros(n, dtype=torch.long, device=dev)}
+            own_features = [f[offset : offset + n] for f in features]
+            segments, grounded = self._segments(answer_ids, seg_hidden[b], own, own_features, pil[b], n)
+            results.append(GenerationOutput(proc.decode(answer_ids), segments, answer_ids, grounded))
+            offset += n
+        return results
 
     def _segments(
         self,
@@ -540,6 +570,18 @@ class PrimaModel(nn.Module):
         model.load_state_dict(state, strict=False)  # the rest are external weights, loaded from their source
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
         return model.eval()
+
+
+def _pad(rows: list[list[int]], pad_id: int, device: torch.device, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ids and their attention mask; prompts are padded on the left so generation appends to all alike."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        cols = slice(length - len(r), length) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
 
 
 @dataclass
