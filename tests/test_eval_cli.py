@@ -166,6 +166,7 @@ def test_score_command_writes_outputs_and_malformed_input_is_a_one_line_error(da
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["missing_prediction_ids"] == ["s1", "s2"]
     assert metrics["no_mask_acc"] == 1.0 and metrics["miou"] == 0.0
+    assert "by_family" not in metrics and not (out / "by_family.png").exists()  # no sample has a family
     capsys.readouterr()
 
     pred.write_text('{"id": "s0", "answer": "x", "segments": []}\n{"id": "s1", "answer": 3}\n')
