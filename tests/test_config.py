@@ -80,6 +80,7 @@ def test_unknown_key_is_named():
         ("max_images=7", r"model\.max_images must be in 1\.\.5"),
         ("vision.image_size=100", r"multiple of 32"),
         ("grounding.mask_stride=3", r"mask_stride must be 2 or 4"),
+        ("vision.kind=clip", r"'one_way' reads the multi-scale CNN features"),
     ],
 )
 def test_wrong_types_and_values_are_errors_that_name_the_key(override, message):

@@ -179,6 +179,11 @@ class ModelConfig:
     def validate(self) -> None:
         if not 1 <= self.max_images <= MAX_IMAGES:
             raise ConfigError(f"model.max_images must be in 1..{MAX_IMAGES}, got {self.max_images}")
+        if self.grounding.kind == "one_way" and self.vision.kind != "efficientnet_lite0":
+            raise ConfigError(
+                "model.grounding.kind 'one_way' reads the multi-scale CNN features of efficientnet_lite0; "
+                f"with model.vision.kind {self.vision.kind!r} use model.grounding.kind: sam"
+            )
         if self.cross_image in ("square", "projection", "pooling") and self.qformer is None:
             raise ConfigError(f"model.cross_image={self.cross_image!r} needs a 'model.qformer' section")
 
