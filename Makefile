@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+
+# Debian packages for the browser test (chromium) and METEOR's synonyms (wordnet-base); needs root.
+system-deps:
+	@if ! command -v chromium >/dev/null 2>&1 || [ ! -d /usr/share/wordnet ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium wordnet-base >/dev/null; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache
