@@ -400,3 +400,55 @@ def test_generate_batch_equals_one_at_a_time(model):
         assert [(s.phrase, s.image) for s in got.segments] == [(s.phrase, s.image) for s in alone.segments]
         for a, b in zip(got.segments, alone.segments):
             assert np.allclose(a.mask, b.mask, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_model_learns_to_answer_and_ground_two_samples():
+    """60 AdamW steps on two samples: the answers come back word for word and the mask covers the red box."""
+    rng = np.random.default_rng(0)
+
+    def scene(box, color):
+        pixels = rng.integers(0, 60, (64, 64, 3)).astype(np.uint8)
+        mask = np.zeros((64, 64), bool)
+        y, x, h, w = box
+        mask[y : y + h, x : x + w] = True
+        pixels[mask] = color
+        return Image.fromarray(pixels), mask
+
+    blue, _ = scene((5, 5, 10, 10), (0, 0, 255))
+    red, red_mask = scene((30, 20, 20, 25), (255, 0, 0))
+    other, _ = scene((10, 35, 25, 15), (255, 0, 0))
+    samples = [
+        Sample(
+            "a",
+            ["1", "2"],
+            "Which object is red?",
+            "The <p> red box </p> [SEG] (IMAGE2).",
+            "functional",
+            [Segment("red box", 2, encode_rle(red_mask))],
+        ),
+        Sample("b", ["1", "3"], "Is there a lamp?", "No, there is no lamp.", "functional", []),
+    ]
+    torch.manual_seed(0)
+    texts = [t for s in samples for t in (s.question, s.answer)]
+    model = create_model(load_model_config("tiny", [*SMALL, "vision.package_weights=true"]), texts)
+    batch = collate_samples(samples, None, model.processor, model.config, images=[[blue, red], [blue, other]])
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+    model.train()
+    first = None
+    for _ in range(60):
+        out = model(batch)
+        first = first if first is not None else float(out.loss.detach())
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float(out.loss.detach()) < 0.2 * first
+    model.eval()
+    grounded = model.generate([blue, red], "Which object is red?", max_new_tokens=12)
+    assert grounded.answer == samples[0].answer
+    (segment,) = grounded.segments
+    assert (segment.phrase, segment.image) == ("red box", 2)
+    predicted = segment.mask > 0.5
+    assert (predicted & red_mask).sum() / (predicted | red_mask).sum() > 0.8
+    negative = model.generate([blue, other], "Is there a lamp?", max_new_tokens=12)
+    assert negative.answer == samples[1].answer and negative.segments == []
