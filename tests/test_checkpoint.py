@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch import nn
 
-from prima.train.checkpoint import latest_checkpoint, list_checkpoints
+from prima.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from prima.train.trainer import Trainer
 from test_train import ToyModel, collate, losses, toy_cfg, toy_data
 
@@ -77,3 +78,29 @@ if __name__ == "__main__":  # the process killed by test_kill_mid_save_keeps_pre
     trainer = make_trainer(run_dir)
     break_save_state(trainer, lambda: os.kill(os.getpid(), signal.SIGKILL))
     trainer.fit(resume=True, stop_at_step=8)
+
+
+class ToyWithFrozenEncoder(ToyModel):
+    """The toy plus a frozen 'encoder' that, like PrimaModel's, is rebuilt from its source, not the checkpoint."""
+
+    def __init__(self, encoder_layers: int = 1):
+        super().__init__()
+        self.encoder = nn.Sequential(*[nn.Linear(4, 4) for _ in range(encoder_layers)]).requires_grad_(False)
+
+    def external_weight_prefixes(self) -> list[str]:
+        return ["encoder."]
+
+
+def test_resume_ignores_a_changed_frozen_encoder_but_not_changed_trainable_weights(tmp_path):
+    run = tmp_path / "run"
+    Trainer(ToyWithFrozenEncoder(1), toy_data(), collate, toy_cfg(val_every=0), run).fit(stop_at_step=4)
+    changed = Trainer(ToyWithFrozenEncoder(2), toy_data(), collate, toy_cfg(val_every=0), run)
+    assert changed.fit(resume=True, stop_at_step=6).step == 6
+
+    class Wider(ToyModel):
+        def __init__(self):
+            super().__init__()
+            self.extra = nn.Linear(2, 2)
+
+    with pytest.raises(CheckpointError, match=r"missing weight\(s\) \['extra.weight'"):
+        Trainer(Wider(), toy_data(), collate, toy_cfg(val_every=0), run).fit(resume=True)

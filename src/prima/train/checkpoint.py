@@ -116,8 +116,49 @@ def load_checkpoint(accelerator: Any, folder: str | os.PathLike) -> dict[str, An
     state_file = folder / STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {STATE_FILE}); pick another one")
-    accelerator.load_state(str(folder))
+    handle = accelerator.register_load_state_pre_hook(_load_models_checked)
+    try:
+        accelerator.load_state(str(folder))
+    finally:
+        handle.remove()
     return json.loads(state_file.read_text(encoding="utf-8"))
+
+
+def _load_models_checked(models: list, input_dir: str) -> None:
+    # Accelerate would load model.safetensors strictly, so a frozen encoder whose module layout changed
+    # (it is rebuilt from its own source anyway) would block every resume. Load it here instead: weights the
+    # model reloads from their source (`external_weight_prefixes()`) may differ, anything else must match.
+    for i, model in enumerate(list(models)):
+        path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        if not path.is_file():
+            return  # another format (e.g. pickled weights): accelerate loads it, strictly
+        load_model_weights(getattr(model, "module", model), path)
+    models.clear()
+
+
+def load_model_weights(model: Any, path: str | os.PathLike) -> None:
+    """Load a checkpoint's model.safetensors; a CheckpointError naming the keys if trainable weights differ.
+
+    Keys under ``model.external_weight_prefixes()`` (frozen weights rebuilt from their source) are skipped,
+    and a missing key is fine when it shares storage with a loaded one (tied weights are saved once).
+    """
+    from safetensors.torch import load_file
+
+    external = tuple(model.external_weight_prefixes()) if hasattr(model, "external_weight_prefixes") else ()
+    state = {k: v for k, v in load_file(str(path)).items() if not (external and k.startswith(external))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded_storage = {own[k].untyped_storage().data_ptr() for k in state if k in own}
+    missing = [
+        k
+        for k in missing
+        if not (external and k.startswith(external)) and own[k].untyped_storage().data_ptr() not in loaded_storage
+    ]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match the model: {len(missing)} missing weight(s) {missing[:4]}, "
+            f"{len(unexpected)} unexpected {list(unexpected)[:4]}; was the model config or code changed since?"
+        )
 
 
 def _discard(folder: Path) -> None:

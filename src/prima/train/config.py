@@ -36,6 +36,7 @@ class DataConfig:
     val_max_samples: int | None = 200  # the first N validation samples (None: all)
     epoch_size: int | None = None  # samples per epoch; None: the sum of the sources' sizes
     feature_cache: str | None = None  # folder for cached frozen-encoder features (None: no cache)
+    prefill_cache: bool = False  # encode every image before step 1 (else: on first use, paid once either way)
 
     def validate(self) -> None:
         if self.epoch_size is not None and self.epoch_size <= 0:

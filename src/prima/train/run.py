@@ -17,7 +17,7 @@ import torch
 from prima.config import save_config, to_dict
 from prima.data.schema import Sample, Segment
 from prima.errors import PrimaError
-from prima.train.checkpoint import list_checkpoints
+from prima.train.checkpoint import list_checkpoints, load_model_weights
 from prima.train.config import RunConfig, load_run_config
 from prima.train.data import FeatureCache, SampleSet, load_samples, module_digest
 from prima.train.trainer import Trainer, TrainResult, make_accelerator
@@ -168,6 +168,8 @@ def run_training(
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer, qformer_tokenizer = load_tokenizers(cfg.model, _texts(train_set.samples))
         PrimaProcessor.from_config(cfg.model, tokenizer, qformer_tokenizer).save_pretrained(processor_dir)
+    if accelerator.is_main_process and (not resume or overrides):
+        # a resume may change the run (e.g. train.max_steps to train longer): the saved config follows it
         save_config(cfg, run_dir / CONFIG_FILE)
     accelerator.wait_for_everyone()
     processor = PrimaProcessor.from_pretrained(processor_dir)  # every process: the one saved tokenizer
@@ -176,7 +178,7 @@ def run_training(
 
     cache = make_feature_cache(model, cfg.data.feature_cache) if cfg.data.feature_cache else None
     collator = TrainCollator(model, cache)
-    if cache is not None:
+    if cache is not None and cfg.data.prefill_cache:
         fill_cache(collator, train_set.samples + (val_samples or []), accelerator)
     validate_fn = None
     if val_samples and cfg.train.val_generate:
@@ -202,8 +204,6 @@ def run_training(
 
 def export_models(trainer: Trainer, result: TrainResult) -> None:
     """Write RUN_DIR/final (last weights) and RUN_DIR/best (best validation) as `from_pretrained` folders."""
-    from safetensors.torch import load_file
-
     acc = trainer.accelerator
     acc.wait_for_everyone()
     if not acc.is_main_process:
@@ -211,10 +211,7 @@ def export_models(trainer: Trainer, result: TrainResult) -> None:
     model = acc.unwrap_model(trainer.model)
     model.save_pretrained(trainer.run_dir / "final")
     if result.best_checkpoint is not None:
-        state = load_file(str(Path(result.best_checkpoint) / "model.safetensors"))
         current = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(k not in current for k in missing):
-            raise PrimaError(f"{result.best_checkpoint}: weights do not match the model ({unexpected[:3]})")
+        load_model_weights(model, Path(result.best_checkpoint) / "model.safetensors")
         model.save_pretrained(trainer.run_dir / "best")
         model.load_state_dict(current)
