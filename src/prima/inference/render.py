@@ -90,8 +90,10 @@ def _phrase_span(phrase: str, image: int | None, color_index: int | None) -> str
     where = f'<sub class="prima-image">image {image}</sub>' if image is not None else ""
     if color_index is None:
         return f'<span class="prima-phrase">{html.escape(phrase)}</span>{where}'
+    r, g, b = color_for(color_index)
+    text = "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"  # readable on light and dark colours
     return (
         f'<span class="prima-phrase" data-segment="{color_index + 1}" '
-        f'style="background:{color_hex(color_index)};color:#000;padding:0 3px;border-radius:3px">'
+        f'style="background:{color_hex(color_index)};color:{text};padding:0 3px;border-radius:3px">'
         f"{html.escape(phrase)}</span>{where}"
     )
