@@ -452,3 +452,20 @@ def test_model_learns_to_answer_and_ground_two_samples():
     assert (predicted & red_mask).sum() / (predicted | red_mask).sum() > 0.8
     negative = model.generate([blue, other], "Is there a lamp?", max_new_tokens=12)
     assert negative.answer == samples[1].answer and negative.segments == []
+
+
+def test_qformer_shortcut_is_a_switch_that_passes_each_image_on_its_own():
+    from prima.model.config import QFormerConfig
+
+    assert QFormerConfig().shortcut is False  # checkpoints written before the switch existed load unchanged
+    model = small_model("qformer.shortcut=true").eval()
+    assert model.query.shortcut is not None
+    assert any(p is model.query.shortcut.weight for p in model.parameter_groups()["projector"])
+    proc = model.processor
+    qids = torch.tensor([proc.encode_qformer_text("Where?")])
+    with torch.no_grad():
+        features = model.encode_images(proc.preprocess_images(random_images(2, 4)))
+        with_path = model.visual_tokens(features, torch.zeros(2, dtype=torch.long), qids)
+        model.query.shortcut = None
+        without = model.visual_tokens(features, torch.zeros(2, dtype=torch.long), qids)
+    assert with_path.shape == without.shape and not torch.allclose(with_path, without)

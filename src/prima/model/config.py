@@ -54,6 +54,9 @@ class QFormerConfig:
     pretrained: str | None = None  # a local folder saved by InstructBlipQFormerModel.save_pretrained
     frozen: bool = False  # the paper freezes a pretrained Q-Former; tiny trains it
     max_text_length: int = 32  # question tokens the Q-Former reads (the rest is cut)
+    # add to each query output a linear map of the image's own tokens average-pooled into one chunk per query:
+    # a residual path around the (from-scratch) Q-Former so the LLM sees what is in the image from the first step
+    shortcut: bool = False
 
     def validate(self) -> None:
         if self.num_queries < 1:

@@ -166,7 +166,7 @@ class PrimaModel(nn.Module):
                 groups["language"].append(p)
             elif name.startswith(("query.relational.", "query.context_proj.")):
                 groups["square"].append(p)
-            elif name.startswith(("query.projection.", "query.projector.")):
+            elif name.startswith(("query.projection.", "query.projector.", "query.shortcut.")):
                 groups["projector"].append(p)
             elif name.startswith("query."):
                 groups["query_module"].append(p)

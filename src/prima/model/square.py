@@ -127,6 +127,7 @@ class ImageQueryModule(nn.Module):
         elif cfg.cross_image in ("projection", "pooling"):
             self.context_proj = nn.Linear(token_dim, dim)
         self.projection = nn.Linear(dim, llm_hidden)  # Q-Former width -> LLM width
+        self.shortcut = nn.Linear(token_dim, llm_hidden) if qc.shortcut else None
         if qc.frozen:
             self.qformer.requires_grad_(False)
 
@@ -163,7 +164,11 @@ class ImageQueryModule(nn.Module):
             query_embeds=queries,
             encoder_hidden_states=tokens,
         ).last_hidden_state
-        return self.projection(out[:, : self.num_queries])
+        visual = self.projection(out[:, : self.num_queries])
+        if self.shortcut is not None:  # this image's own tokens, pooled into one chunk per query (no cross-image)
+            pooled = F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.num_queries).transpose(1, 2)
+            visual = visual + self.shortcut(pooled)
+        return visual
 
     def cross_image_context(self, tokens: torch.Tensor, image_sample_index: torch.Tensor) -> torch.Tensor | None:
         """Z for every image (N, Q, dim): the sample-level context added to the global queries, or None."""
