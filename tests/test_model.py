@@ -469,3 +469,18 @@ def test_qformer_shortcut_is_a_switch_that_passes_each_image_on_its_own():
         model.query.shortcut = None
         without = model.visual_tokens(features, torch.zeros(2, dtype=torch.long), qids)
     assert with_path.shape == without.shape and not torch.allclose(with_path, without)
+
+
+def test_phrase_pooling_switch_trains_and_generates(monkeypatch):
+    from prima.model.config import GroundingConfig
+
+    assert GroundingConfig().phrase_pooling is False
+    model = small_model("grounding.phrase_pooling=true")
+    out = model(make_batch(model, [grounded_sample(), negative_sample()]))
+    out.loss.backward()
+    assert out.mask_logits[0].shape == (3, 64, 64) and model.seg_projector[0].in_features == 64
+    model.eval()
+    script = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert [(s.phrase, s.image) for s in result.segments] == [("chair", 2)]

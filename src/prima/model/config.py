@@ -106,6 +106,9 @@ class GroundingConfig:
     # add a coarse, query-specific location map (the mask token's similarity to each image token, upsampled) to
     # the mask logits: the pixel-feature kernel alone cannot say WHERE (two same-looking objects, "the left one")
     spatial_prior: bool = False
+    # the grounding query reads the mean last-layer state of the phrase's tokens (<p> ... </p> before the [SEG])
+    # next to the [SEG] state: a small LM's [SEG] state is shaped to predict the image tag, not to name the object
+    phrase_pooling: bool = False
     # sam
     sam: dict[str, Any] = field(default_factory=dict)  # kwargs of SamConfig (vision_config, ...)
     pretrained: str | None = None  # a local folder saved by SamModel.save_pretrained

@@ -124,8 +124,9 @@ class PrimaModel(nn.Module):
         )
         prompt_dim = self.grounding.prompt_dim
         # the [SEG] hidden state -> the grounding prompt (LISA's text_hidden_fcs)
+        query_in = 2 * llm_hidden if cfg.grounding.phrase_pooling else llm_hidden
         self.seg_projector = nn.Sequential(
-            nn.Linear(llm_hidden, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, prompt_dim)
+            nn.Linear(query_in, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, prompt_dim)
         )
         self.tokens_per_image = image_tokens_per_image(cfg)  # V_i length: the slots per image block
 
@@ -270,6 +271,29 @@ class PrimaModel(nn.Module):
             logits = logits.squeeze(1)
         return logits, scores
 
+    def phrase_states(self, ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Mean hidden state (M, H) of each [SEG]'s phrase tokens (the `<p> ... </p>` right before it; 0 if none)."""
+        out = hidden.new_zeros(positions.shape[1], hidden.shape[-1])
+        rows = ids.tolist()
+        for q, (r, c) in enumerate(zip(positions[0].tolist(), positions[1].tolist())):
+            start, end = self._phrase_span(rows[r], c)
+            if end > start:
+                out[q] = hidden[r, start:end].mean(0)
+        return out
+
+    def _phrase_span(self, ids: list[int], seg_pos: int) -> tuple[int, int]:
+        """[start, end) of the tokens inside the `<p> ... </p>` that ends right before position ``seg_pos``."""
+        t = self.config.tokens
+        end = seg_pos - 1
+        if end < 0 or ids[end] != t.phrase_end_id:
+            return 0, 0
+        start = end - 1
+        while start >= 0 and ids[start] not in (t.phrase_start_id, t.seg_token_id, t.phrase_end_id):
+            start -= 1
+        if start < 0 or ids[start] != t.phrase_start_id:
+            return 0, 0
+        return start + 1, end
+
     # --- forward ------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> PrimaOutput:
         """Losses and outputs for a batch made by `prima.data.collate.collate_samples`.
@@ -312,7 +336,10 @@ class PrimaModel(nn.Module):
         mask_logits = logits.new_zeros(0, 1, 1)
         scores = logits.new_zeros(0)
         if seg_images.numel():
-            hidden = out.hidden_states[-1][positions[0], positions[1]]
+            last = out.hidden_states[-1]
+            hidden = last[positions[0], positions[1]]
+            if self.config.grounding.phrase_pooling:
+                hidden = torch.cat([hidden, self.phrase_states(input_ids, positions, last)], dim=-1)
             mask_logits, scores = self.predict_masks(hidden, seg_images, batch, features)
 
         loss = loss_ce = loss_bce = loss_dice = loss_score = None
@@ -402,6 +429,8 @@ class PrimaModel(nn.Module):
         past, logits = out.past_key_values, out.logits[:, -1]
         generated: list[list[int]] = [[] for _ in requests]
         seg_hidden: list[list[torch.Tensor]] = [[] for _ in requests]
+        pooling = self.config.grounding.phrase_pooling
+        fed_hidden: list[list[torch.Tensor]] = [[] for _ in requests]  # phrase pooling: the state of each fed token
         done = [False] * len(requests)
         while True:
             after_seg = torch.tensor([bool(g) and g[-1] == t.seg_token_id for g in generated], device=dev)
@@ -430,18 +459,28 @@ class PrimaModel(nn.Module):
                 position_ids=positions,
                 past_key_values=past,
                 use_cache=True,
-                output_hidden_states=bool(fed_seg),
+                output_hidden_states=bool(fed_seg) or pooling,
             )
             past, logits = out.past_key_values, out.logits[:, -1]
             for b in fed_seg:  # a [SEG]'s hidden state (as an input position) is its grounding query
                 seg_hidden[b].append(out.hidden_states[-1][b, -1])
+            if pooling:
+                for b in range(len(requests)):
+                    fed_hidden[b].append(out.hidden_states[-1][b, -1])
 
         results, offset = [], 0
         for b, n in enumerate(counts):
             answer_ids = [i for i in generated[b] if i != t.eos_token_id]
             own = {"image_sample_index": torch.zeros(n, dtype=torch.long, device=dev)}
             own_features = [f[offset : offset + n] for f in features]
-            segments, grounded = self._segments(answer_ids, seg_hidden[b], own, own_features, pil[b], n)
+            queries = seg_hidden[b]
+            if pooling and queries:
+                states = torch.stack(fed_hidden[b])  # row j: generated token j, fed back as input
+                seg_at = [j for j, tok in enumerate(generated[b]) if tok == t.seg_token_id][: len(queries)]
+                pos = torch.tensor([[0] * len(seg_at), seg_at])
+                phrase = self.phrase_states(torch.tensor([generated[b]]), pos, states.unsqueeze(0))
+                queries = list(torch.cat([torch.stack(queries), phrase], dim=-1))
+            segments, grounded = self._segments(answer_ids, queries, own, own_features, pil[b], n)
             results.append(GenerationOutput(proc.decode(answer_ids), segments, answer_ids, grounded))
             offset += n
         return results
@@ -482,16 +521,8 @@ class PrimaModel(nn.Module):
 
     def _phrase_before(self, ids: list[int], seg_pos: int) -> str:
         """The text of the `<p> ... </p>` that ends right before the [SEG] at ``seg_pos`` ('' if there is none)."""
-        t = self.config.tokens
-        end = seg_pos - 1
-        if end < 0 or ids[end] != t.phrase_end_id:
-            return ""
-        start = end - 1
-        while start >= 0 and ids[start] not in (t.phrase_start_id, t.seg_token_id, t.phrase_end_id):
-            start -= 1
-        if start < 0 or ids[start] != t.phrase_start_id:
-            return ""
-        return self.processor.decode(ids[start + 1 : end]).strip()
+        start, end = self._phrase_span(ids, seg_pos)
+        return self.processor.decode(ids[start:end]).strip() if end > start else ""
 
     # --- persistence --------------------------------------------------------------------------------------------
     def external_weight_prefixes(self) -> list[str]:
