@@ -9,6 +9,7 @@ for every image). One thread, seed 0.
 
     .venv/bin/python benchmarks/model_shortcut_ab.py false 300
     .venv/bin/python benchmarks/model_shortcut_ab.py true 300
+    .venv/bin/python benchmarks/model_shortcut_ab.py grounding.phrase_pooling=true 200   # any model override
 """
 
 import math
@@ -36,7 +37,8 @@ for s in val:
 torch.manual_seed(0)
 random.seed(0)
 model = create_model(
-    load_model_config("tiny", [f"qformer.shortcut={flag}"]), [t for s in train for t in (s.question, s.answer)]
+    load_model_config("tiny", [flag if "=" in flag else f"qformer.shortcut={flag}"]),
+    [t for s in train for t in (s.question, s.answer)],
 )
 cache = make_feature_cache(model, ".cache/features")
 
