@@ -224,24 +224,33 @@ def image_size(path: Path, *, where: dict | None = None, index: int = 0) -> tupl
     return h, w
 
 
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for every non-blank line of a JSONL file; a SampleError names the line
+    of any text that is not UTF-8 or not JSON. The one JSONL reader for samples, predictions and queries."""
+    path = Path(path)
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield line_no, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise SampleError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path, line=line_no) from None
+            except json.JSONDecodeError as e:
+                raise SampleError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=line_no) from None
+
+
 def iter_samples(path: str | os.PathLike, *, validate: bool = True, check_images: bool = True) -> Iterator[Sample]:
     """Stream the samples of a JSONL file, validating each (images relative to the file's folder)."""
     path = Path(path)
     if not path.is_file():
         raise SampleError(f"no such file: {path}")
     root = path.parent
-    with path.open("r", encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                d = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise SampleError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=line_no) from None
-            sample = sample_from_dict(d, path=path, line=line_no)
-            if validate:
-                validate_sample(sample, root=root, path=path, line=line_no, check_images=check_images)
-            yield sample
+    for line_no, d in iter_jsonl(path):
+        sample = sample_from_dict(d, path=path, line=line_no)
+        if validate:
+            validate_sample(sample, root=root, path=path, line=line_no, check_images=check_images)
+        yield sample
 
 
 def read_samples(path: str | os.PathLike, **kwargs: Any) -> list[Sample]:

@@ -10,7 +10,6 @@ computed once per distinct phrase, in batches, after all masks are scored.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from prima.data.schema import Sample, Segment, iter_samples, segment_from_dict
+from prima.data.schema import Sample, Segment, iter_jsonl, iter_samples, segment_from_dict
 from prima.errors import PrimaError, SampleError
 from prima.evaluation import metrics
 from prima.evaluation.wordnet import MeteorResources, load_wordnet
@@ -65,24 +64,17 @@ def read_predictions(path: str | os.PathLike) -> dict[str, PredictionRecord]:
     if not path.is_file():
         raise PrimaError(f"no such predictions file: {path}")
     out: dict[str, PredictionRecord] = {}
-    with path.open("r", encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                d = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise SampleError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=line_no) from None
-            rec = prediction_from_dict(d, path=path, line=line_no)
-            if rec.id in out:
-                raise SampleError(
-                    f"a second prediction for this id (the first is on line {out[rec.id].line})",
-                    path=path,
-                    line=line_no,
-                    sample_id=rec.id,
-                    field="id",
-                )
-            out[rec.id] = rec
+    for line_no, d in iter_jsonl(path):
+        rec = prediction_from_dict(d, path=path, line=line_no)
+        if rec.id in out:
+            raise SampleError(
+                f"a second prediction for this id (the first is on line {out[rec.id].line})",
+                path=path,
+                line=line_no,
+                sample_id=rec.id,
+                field="id",
+            )
+        out[rec.id] = rec
     return out
 
 

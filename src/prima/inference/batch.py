@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prima.data.schema import write_jsonl
+from prima.data.schema import iter_jsonl, write_jsonl
 from prima.errors import PrimaError, SampleError
 from prima.inference.predictor import Prediction, PrimaPredictor, check_question
 from prima.inference.render import save_overlays
@@ -36,21 +36,12 @@ def read_queries(path: str | Path) -> list[Query]:
         raise PrimaError(f"queries file not found: {path}")
     queries = []
     seen: dict[str, int] = {}
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                d = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise SampleError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path, line=line_no) from None
-            except json.JSONDecodeError as e:
-                raise SampleError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=line_no) from None
-            queries.append(_query_from_dict(d, path, line_no))
-            qid = queries[-1].id
-            if qid in seen:
-                raise SampleError(f"duplicate id (first on line {seen[qid]})", path=path, line=line_no, field="id")
-            seen[qid] = line_no
+    for line_no, d in iter_jsonl(path):
+        queries.append(_query_from_dict(d, path, line_no))
+        qid = queries[-1].id
+        if qid in seen:
+            raise SampleError(f"duplicate id (first on line {seen[qid]})", path=path, line=line_no, field="id")
+        seen[qid] = line_no
     if not queries:
         raise PrimaError(f"{path}: no queries in the file")
     return queries
