@@ -8,24 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from phrase_vectors import bag_of_words
 from prima.cli import main
 from prima.data.masks import encode_rle
 from prima.evaluation.eval_run import run_eval
-from prima.evaluation.metrics import phrase_words
-
-_VOCAB: dict[str, int] = {}
-
-
-def bag_of_words(phrases):
-    """Unit-norm word-count vectors: exact cosines without loading a sentence model."""
-    out = np.zeros((len(phrases), 256))
-    for i, p in enumerate(phrases):
-        for w in phrase_words(p):
-            out[i, _VOCAB.setdefault(w, len(_VOCAB))] += 1.0
-        n = np.linalg.norm(out[i])
-        if n:
-            out[i] /= n
-    return out
 
 
 class BagOfWordsEmbedder:

@@ -11,24 +11,11 @@ import math
 import numpy as np
 import pytest
 
+from phrase_vectors import bag_of_words
 from prima.data.masks import encode_rle
 from prima.data.schema import Segment
 from prima.evaluation import metrics
 from prima.evaluation.wordnet import load_wordnet
-
-_VOCAB: dict[str, int] = {}
-
-
-def bag_of_words(phrases):
-    """Unit-norm word-count vectors, one dimension per word ever seen; zero rows for phrases without words."""
-    out = np.zeros((len(phrases), 256))
-    for i, p in enumerate(phrases):
-        for w in metrics.phrase_words(p):
-            out[i, _VOCAB.setdefault(w, len(_VOCAB))] += 1.0
-        n = np.linalg.norm(out[i])
-        if n:
-            out[i] /= n
-    return out
 
 
 def box(y0, x0, y1, x1, size=(10, 10)):

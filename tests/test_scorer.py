@@ -7,24 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from phrase_vectors import bag_of_words
 from prima.data.masks import encode_rle
 from prima.errors import PrimaError, SampleError
-from prima.evaluation.metrics import METRIC_KEYS, phrase_words
+from prima.evaluation.metrics import METRIC_KEYS
 from prima.evaluation.scorer import read_predictions, score_predictions
-
-_VOCAB: dict[str, int] = {}
-
-
-def bag_of_words(phrases):
-    """Unit-norm word-count vectors, so phrase cosines are exact by hand (cos("cup", "mug") = 0)."""
-    out = np.zeros((len(phrases), 256))
-    for i, p in enumerate(phrases):
-        for w in phrase_words(p):
-            out[i, _VOCAB.setdefault(w, len(_VOCAB))] += 1.0
-        n = np.linalg.norm(out[i])
-        if n:
-            out[i] /= n
-    return out
 
 
 def box(y0, x0, y1, x1, size=(20, 20)):
