@@ -484,3 +484,33 @@ def test_phrase_pooling_switch_trains_and_generates(monkeypatch):
     monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
     assert [(s.phrase, s.image) for s in result.segments] == [("chair", 2)]
+
+
+def test_visual_words_loss_reads_each_phrase_word_from_its_own_image():
+    from prima.model.config import LossConfig
+
+    assert LossConfig().visual_words == 0.0  # off unless a preset asks: no head, no term
+    plain = small_model("loss.visual_words=0.0")
+    assert plain.visual_words is None
+    assert plain(make_batch(plain, [grounded_sample()])).loss_words is None
+
+    model = small_model("loss.visual_words=1.0").eval()  # no dropout: the hand computation must match
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    out = model(batch)
+    # by hand: "chair" and "legs" are named in image 2, "desk" in image 1 of the first sample (batch images 1, 0)
+    with torch.no_grad():
+        visual = model.visual_tokens(
+            batch["image_features"] if "image_features" in batch else model.encode_images(batch["pixel_values"]),
+            batch["image_sample_index"],
+            batch["qformer_input_ids"],
+            batch["qformer_attention_mask"],
+        )
+        scores = torch.logsumexp(model.visual_words(torch.nn.functional.rms_norm(visual, visual.shape[-1:])), dim=1)
+        vocab = model.processor.tokenizer.convert_tokens_to_ids
+        words = torch.tensor([vocab("chair"), vocab("desk"), vocab("legs")])
+        expected = torch.nn.functional.cross_entropy(scores[torch.tensor([1, 0, 1])], words)
+    assert torch.allclose(out.loss_words.detach(), expected, atol=1e-5)
+    model.zero_grad()
+    out.loss_words.backward()
+    assert model.query.global_queries.grad.abs().sum() > 0  # it trains the query module that makes V
+    assert any(p is model.visual_words.weight for p in model.parameter_groups()["query_module"])

@@ -84,3 +84,12 @@ def test_train_refuses_missing_config_and_reused_run_dir(synth, tmp_path):
 
         run_training(None, [], tmp_path / "run")
     assert main(["train", "--resume", "--out", str(tmp_path / "nothing")]) == 2
+
+
+def test_train_refuses_a_best_metric_it_will_never_compute_before_step_one(synth, tmp_path):
+    from prima.train.run import run_training
+
+    run = tmp_path / "run"
+    with pytest.raises(PrimaError, match="val_generate"):
+        run_training("tiny", [*overrides(synth, tmp_path, val_generate=0), "train.best_metric=val_miou"], run)
+    assert not (run / "log.jsonl").exists()  # nothing was trained (and so nothing is lost at the end)

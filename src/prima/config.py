@@ -140,9 +140,7 @@ def from_dict(cls: type[T], data: Any, *, source: str = "config", prefix: str = 
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"{source}: unknown key '{where}{unknown[0]}' (known keys here: {', '.join(sorted(fields))})"
-        )
+        raise ConfigError(f"{source}: unknown key '{where}{unknown[0]}' (known keys here: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _check_type(value, hints[name], f"{prefix}.{name}" if prefix else name, source)

@@ -25,8 +25,6 @@ IMAGE_TAGS = tuple(image_tag(k) for k in range(1, MAX_IMAGES + 1))
 SPECIAL_TOKENS = (SEG_TOKEN, PHRASE_START, PHRASE_END, IMAGE_START, IMAGE_END, *IMAGE_TAGS)
 
 # `<p> phrase </p>` optionally followed by `[SEG]` and then optionally by an image tag.
-GROUNDED_PHRASE_RE = re.compile(
-    r"<p>\s*(?P<phrase>.*?)\s*</p>(?P<seg>\s*\[SEG\])?(?:\s*\(IMAGE(?P<image>\d+)\))?"
-)
+GROUNDED_PHRASE_RE = re.compile(r"<p>\s*(?P<phrase>.*?)\s*</p>(?P<seg>\s*\[SEG\])?(?:\s*\(IMAGE(?P<image>\d+)\))?")
 SEG_RE = re.compile(r"\[SEG\]")
 IMAGE_TAG_RE = re.compile(r"\(IMAGE(\d+)\)")

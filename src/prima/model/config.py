@@ -128,6 +128,10 @@ class LossConfig:
     bce: float = 2.0
     dice: float = 0.5
     score: float = 0.1  # the score head's MSE onto each predicted mask's IoU
+    # auxiliary "what is in this image" loss on the visual tokens V_i: each word of an answer phrase grounded in
+    # image i must be predictable from V_i (a linear word head, max over the image's tokens via logsumexp).
+    # Keeps a from-scratch query module from collapsing V_i to an image-independent constant (docs/TRAINING.md)
+    visual_words: float = 0.0
 
 
 @dataclass

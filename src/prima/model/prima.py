@@ -40,6 +40,7 @@ class PrimaOutput:
     loss_dice: torch.Tensor | None
     loss_score: torch.Tensor | None
     logits: torch.Tensor  # (B, L, V)
+    loss_words: torch.Tensor | None = None  # the auxiliary visual-words loss (only when ``loss.visual_words`` > 0)
     mask_logits: list[torch.Tensor] = field(default_factory=list)  # per sample: (num [SEG], m, m)
     mask_scores: list[torch.Tensor] = field(default_factory=list)  # per sample: (num [SEG],) predicted IoU
     seg_image_index: torch.Tensor | None = None  # (M,) the image (index into the batch's images) of each [SEG]
@@ -129,6 +130,8 @@ class PrimaModel(nn.Module):
             nn.Linear(query_in, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, prompt_dim)
         )
         self.tokens_per_image = image_tokens_per_image(cfg)  # V_i length: the slots per image block
+        # auxiliary head: the words of the phrases grounded in an image, read from that image's visual tokens
+        self.visual_words = nn.Linear(llm_hidden, cfg.tokens.vocab_size) if cfg.loss.visual_words > 0 else None
 
     @property
     def device(self) -> torch.device:
@@ -149,7 +152,7 @@ class PrimaModel(nn.Module):
         """Trainable parameters by component (frozen encoders and frozen LLM base excluded).
 
         Groups: ``language`` (the whole LM when trained from scratch, else LoRA adapters + embeddings),
-        ``query_module`` (Q-Former, global queries, token positions), ``square`` (relational attention or the
+        ``query_module`` (Q-Former, global queries, token positions, the visual-words head), ``square`` (relational attention or the
         ablation's context layer), ``projector`` (to LLM width), ``grounding`` ([SEG] MLP + prompt encoder +
         mask decoder).
         """
@@ -361,6 +364,10 @@ class PrimaModel(nn.Module):
                 branch = [*self.seg_projector.parameters(), *self.grounding.parameters()]
                 loss_bce = loss_dice = loss_score = sum(p.sum() for p in branch if p.requires_grad) * 0.0
             loss = loss + w.bce * loss_bce + w.dice * loss_dice + w.score * loss_score
+        loss_words = None
+        if self.visual_words is not None and labels is not None:
+            loss_words = self.visual_words_loss(visual, input_ids, positions, seg_images)
+            loss = loss + w.visual_words * loss_words
         per_sample = torch.bincount(positions[0], minlength=input_ids.shape[0]).tolist()
         return PrimaOutput(
             loss=loss,
@@ -372,7 +379,30 @@ class PrimaModel(nn.Module):
             mask_logits=list(torch.split(mask_logits, per_sample)),
             mask_scores=list(torch.split(scores, per_sample)),
             seg_image_index=seg_images,
+            loss_words=loss_words,
         )
+
+    def visual_words_loss(
+        self, visual: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, seg_images: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean CE of every word of every grounded phrase under its image's word scores (see ``loss.visual_words``).
+
+        An image's score for a word is the logsumexp over its visual tokens of the word head applied to each token
+        (RMS-normalised, as the LLM's first layer reads it): some token of the image must name the word.
+        """
+        assert self.visual_words is not None
+        rows = input_ids.tolist()
+        words: list[int] = []
+        images: list[int] = []
+        for q, (r, c) in enumerate(zip(positions[0].tolist(), positions[1].tolist())):
+            start, end = self._phrase_span(rows[r], c)
+            words += rows[r][start:end]
+            images += [int(seg_images[q])] * (end - start)
+        if not words:  # keep the head in the graph so distributed training sees every parameter used
+            return self.visual_words.weight.sum() * 0.0
+        scores = torch.logsumexp(self.visual_words(F.rms_norm(visual, visual.shape[-1:])), dim=1)  # (N, vocab)
+        target = torch.tensor(words, device=visual.device)
+        return F.cross_entropy(scores[torch.tensor(images, device=visual.device)].float(), target)
 
     # --- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -84,6 +84,24 @@ def fill_cache(collator: TrainCollator, samples: Sequence[Sample], accelerator: 
     accelerator.wait_for_everyone()
 
 
+GENERATION_METRICS = ("miou", "recall", "ss", "siou", "no_mask_acc", "giou")  # logged as val_<name>
+
+
+def check_best_metric(cfg: RunConfig) -> None:
+    """Fail before step 1, not at the first validation, when ``train.best_metric`` will never be computed."""
+    metric, train = cfg.train.best_metric, cfg.train
+    if not train.val_every or not metric.startswith("val_"):
+        return
+    if metric.removeprefix("val_") in GENERATION_METRICS and not (cfg.data.val and train.val_generate):
+        raise PrimaError(
+            f"train.best_metric={metric!r} comes from generated validation answers, but "
+            f"{'train.val_generate is 0' if cfg.data.val else 'data.val names no validation set'}; set "
+            "train.val_generate (e.g. 16) or pick train.best_metric=val_loss"
+        )
+    if metric.startswith("val_loss") and not cfg.data.val:
+        raise PrimaError(f"train.best_metric={metric!r} needs a validation set: set data.val")
+
+
 def make_generation_validator(val_samples: list[Sample], limit: int, threshold: float = 0.5) -> Any:
     """validate_fn: greedy answers + masks for the first ``limit`` validation samples, scored like `prima eval`."""
     from accelerate.utils import gather_object
@@ -109,8 +127,7 @@ def make_generation_validator(val_samples: list[Sample], limit: int, threshold: 
             segments = [Segment(d["phrase"], d["image"], d["mask"], d["kind"], d.get("score")) for d in segs]
             evaluator.process(samples[i], PredictionRecord(samples[i].id, answer, segments))
         result = evaluator.evaluate()
-        keys = ("miou", "recall", "ss", "siou", "no_mask_acc", "giou")
-        return {f"val_{k}": float(result[k]) for k in keys if result.get(k) is not None}
+        return {f"val_{k}": float(result[k]) for k in GENERATION_METRICS if result.get(k) is not None}
 
     return validate
 
@@ -156,6 +173,7 @@ def run_training(
     if not resume and list_checkpoints(run_dir):
         raise PrimaError(f"{run_dir} already has checkpoints; pass --resume to continue it or use a new --out")
     cfg = _load_config(config, overrides, run_dir, resume)
+    check_best_metric(cfg)
     accelerator = make_accelerator(cfg.train)
     set_seed(cfg.train.seed)  # the same initial weights on every process and every run of this config
     train_set = SampleSet(cfg.data.train)

@@ -1,0 +1,88 @@
+"""Does a checkpoint read its images? Teacher-forced cross-entropy of the answer tokens with each sample's own
+images vs with images taken from other samples (the image features permuted across the batch).
+
+Reported separately for the tokens inside ``<p> ... </p>`` (the object and part names: only the images can tell
+them) and for all answer tokens. A model that ignores its images scores the same with foreign images (gap ~0);
+the larger the gap on phrase tokens, the more the names come from the pixels.
+
+    .venv/bin/python benchmarks/visual_reliance.py runs/tiny/final --data data/synth/val/samples.jsonl \
+        --samples 128 --feature-cache .cache/features
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+from prima.model import PrimaModel
+from prima.model.losses import IGNORE_INDEX
+from prima.train.data import load_samples
+from prima.train.run import TrainCollator, make_feature_cache
+
+
+def phrase_positions(ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
+    """True at the tokens strictly inside a ``<p> ... </p>`` span, row by row."""
+    opened = torch.cumsum((ids == start_id).long() - (ids == end_id).long(), dim=1) > 0
+    return opened & (ids != start_id)
+
+
+def token_losses(model: PrimaModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token next-token CE (B, L-1) and the labels it was computed against."""
+    out = model(batch)
+    labels = batch["labels"][:, 1:]
+    ce = F.cross_entropy(
+        out.logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return ce, labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data", default="data/synth/val/samples.jsonl")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--feature-cache", default=None, help="the training run's data.feature_cache folder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = PrimaModel.from_pretrained(args.checkpoint).eval()
+    t = model.config.tokens
+    cache = make_feature_cache(model, args.feature_cache) if args.feature_cache else None
+    collate = TrainCollator(model, cache)
+    samples = load_samples(args.data, limit=args.samples)
+    gen = torch.Generator().manual_seed(args.seed)
+    sums = {k: 0.0 for k in ("own_phrase", "foreign_phrase", "own_all", "foreign_all")}
+    counts = {"phrase": 0, "all": 0}
+    with torch.no_grad():
+        for i in range(0, len(samples), args.batch):
+            batch = collate(samples[i : i + args.batch])
+            if "image_features" not in batch:
+                batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
+            ce_own, labels = token_losses(model, batch)
+            n = batch["image_features"][0].shape[0]
+            perm = torch.randperm(n, generator=gen)
+            while n > 1 and bool((perm == torch.arange(n)).any()):  # every image replaced by another one
+                perm = torch.randperm(n, generator=gen)
+            foreign = dict(batch, image_features=[f[perm] for f in batch["image_features"]])
+            ce_foreign, _ = token_losses(model, foreign)
+            answer = labels != IGNORE_INDEX
+            phrase = phrase_positions(batch["input_ids"][:, 1:], t.phrase_start_id, t.phrase_end_id) & answer
+            for name, where in (("phrase", phrase), ("all", answer)):
+                sums[f"own_{name}"] += float(ce_own[where].sum())
+                sums[f"foreign_{name}"] += float(ce_foreign[where].sum())
+                counts[name] += int(where.sum())
+    print(f"{args.checkpoint}: {len(samples)} samples of {args.data}")
+    for name in ("phrase", "all"):
+        own, foreign = sums[f"own_{name}"] / counts[name], sums[f"foreign_{name}"] / counts[name]
+        print(
+            f"{name:>6} tokens ({counts[name]}): CE own images {own:.3f} (ppl {math.exp(own):.2f}), "
+            f"foreign images {foreign:.3f} (ppl {math.exp(foreign):.2f}), gap {foreign - own:+.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
