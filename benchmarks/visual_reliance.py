@@ -57,12 +57,20 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     sums = {k: 0.0 for k in ("own_phrase", "foreign_phrase", "own_all", "foreign_all")}
     counts = {"phrase": 0, "all": 0}
+    visual_rows = []
     with torch.no_grad():
         for i in range(0, len(samples), args.batch):
             batch = collate(samples[i : i + args.batch])
             if "image_features" not in batch:
                 batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
             ce_own, labels = token_losses(model, batch)
+            visual = model.visual_tokens(
+                batch["image_features"],
+                batch["image_sample_index"],
+                batch["qformer_input_ids"],
+                batch["qformer_attention_mask"],
+            )
+            visual_rows.append(visual)
             n = batch["image_features"][0].shape[0]
             perm = torch.randperm(n, generator=gen)
             while n > 1 and bool((perm == torch.arange(n)).any()):  # every image replaced by another one
@@ -76,6 +84,13 @@ def main() -> None:
                 sums[f"foreign_{name}"] += float(ce_foreign[where].sum())
                 counts[name] += int(where.sum())
     print(f"{args.checkpoint}: {len(samples)} samples of {args.data}")
+    visual = torch.cat(visual_rows)  # (images, tokens per image, width)
+    words = model.language.get_input_embeddings().weight
+    print(
+        f"visual tokens: mean norm {float(visual.norm(dim=-1).mean()):.2f} (word embeddings "
+        f"{float(words.norm(dim=-1).mean()):.2f}); per-dimension std across images {float(visual.std(0).mean()):.3f}, "
+        f"mean |value| {float(visual.abs().mean()):.3f}"
+    )
     for name in ("phrase", "all"):
         own, foreign = sums[f"own_{name}"] / counts[name], sums[f"foreign_{name}"] / counts[name]
         print(
