@@ -152,9 +152,9 @@ class PrimaModel(nn.Module):
         """Trainable parameters by component (frozen encoders and frozen LLM base excluded).
 
         Groups: ``language`` (the whole LM when trained from scratch, else LoRA adapters + embeddings),
-        ``query_module`` (Q-Former, global queries, token positions, the visual-words head), ``square`` (relational attention or the
-        ablation's context layer), ``projector`` (to LLM width), ``grounding`` ([SEG] MLP + prompt encoder +
-        mask decoder).
+        ``query_module`` (Q-Former, global queries, token positions, the visual-words head), ``square``
+        (relational attention or the ablation's context layer), ``projector`` (to LLM width), ``grounding``
+        ([SEG] MLP + prompt encoder + mask decoder).
         """
         groups: dict[str, list[nn.Parameter]] = {
             "language": [],
