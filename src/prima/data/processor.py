@@ -343,7 +343,7 @@ def load_tokenizers(cfg: Any, texts: Iterable[str] | None = None) -> tuple[Any, 
         if texts is None:
             raise PrimaError(f"a {tc.kind} tokenizer is trained on text; pass the training questions and answers")
         # the prompt's own words (system text, "Question", "Answer") are in the vocabulary too, not <unk>
-        prompt = format_prompt("", 1, getattr(cfg, "system_prompt", None))
+        prompt = format_prompt("", 1, cfg.system_prompt)
         tok = build_tokenizer(
             [prompt, *texts], kind=tc.kind, vocab_size=tc.vocab_size, model_max_length=tc.model_max_length
         )
