@@ -109,6 +109,10 @@ class GroundingConfig:
     # the grounding query reads the mean last-layer state of the phrase's tokens (<p> ... </p> before the [SEG])
     # next to the [SEG] state: a small LM's [SEG] state is shaped to predict the image tag, not to name the object
     phrase_pooling: bool = False
+    # give the decoder the phrase's words (the `<p> ... </p>` before the [SEG], at most this many tokens) as extra
+    # prompt tokens from its own word table, next to the [SEG] state; 0 = the [SEG] state alone (the paper). A
+    # from-scratch LM's [SEG] state says which image tag follows, not which object is meant (docs/MODEL.md)
+    phrase_tokens: int = 0
     # sam
     sam: dict[str, Any] = field(default_factory=dict)  # kwargs of SamConfig (vision_config, ...)
     pretrained: str | None = None  # a local folder saved by SamModel.save_pretrained
@@ -120,6 +124,10 @@ class GroundingConfig:
             raise ConfigError(f"model.grounding.mask_stride must be 2 or 4, got {self.mask_stride}")
         if self.hidden_size % self.num_heads:
             raise ConfigError("model.grounding.hidden_size must be divisible by model.grounding.num_heads")
+        if self.phrase_tokens < 0:
+            raise ConfigError(f"model.grounding.phrase_tokens must be >= 0, got {self.phrase_tokens}")
+        if self.phrase_tokens and self.kind == "sam":
+            raise ConfigError("model.grounding.phrase_tokens needs kind one_way (SAM's decoder takes the [SEG] prompt)")
 
 
 @dataclass

@@ -35,7 +35,13 @@ class OneWayMaskDecoder(nn.Module):
     """Small SAM-style prompt encoder + one-way mask decoder over multi-scale CNN features."""
 
     def __init__(
-        self, cfg: GroundingConfig, channels: list[int], strides: tuple[int, ...], image_size: int, token_stride: int
+        self,
+        cfg: GroundingConfig,
+        channels: list[int],
+        strides: tuple[int, ...],
+        image_size: int,
+        token_stride: int,
+        vocab_size: int = 0,
     ):
         super().__init__()
         d, p = cfg.hidden_size, cfg.pixel_dim
@@ -62,6 +68,9 @@ class OneWayMaskDecoder(nn.Module):
         self.score_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.grid = grid
         self.locator = nn.Linear(d, d) if cfg.spatial_prior else None  # mask token -> query over image tokens
+        # phrase words as extra prompt tokens: the decoder's own word table plus a position per word
+        self.words = nn.Embedding(vocab_size, d) if cfg.phrase_tokens else None
+        self.word_pos = nn.Parameter(torch.randn(cfg.phrase_tokens, d) * 0.02) if cfg.phrase_tokens else None
 
     def encode(self, features: list[torch.Tensor]) -> GroundingImages:
         """Image tokens and pixel features of n images from their multi-scale features (each (n, C_s, H_s, W_s))."""
@@ -74,15 +83,27 @@ class OneWayMaskDecoder(nn.Module):
         return GroundingImages(tokens=tokens, pixels=x)
 
     def decode(
-        self, images: GroundingImages, image_index: torch.Tensor, prompts: torch.Tensor
+        self,
+        images: GroundingImages,
+        image_index: torch.Tensor,
+        prompts: torch.Tensor,
+        words: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (Q, h, w) at the mask stride and predicted IoU (Q,) in 0..1 for prompts (Q, D) on
-        ``images[image_index]``."""
+        ``images[image_index]``; ``words`` (Q, L) are the phrases' token ids, -1 where there is none
+        (with ``phrase_tokens`` only)."""
         q = prompts.shape[0]
         x = torch.cat([self.output_tokens.unsqueeze(0).expand(q, -1, -1), prompts.unsqueeze(1)], dim=1)
+        padding = None
+        if self.words is not None:
+            if words is None:
+                raise ValueError("this decoder was built with phrase_tokens: decode() needs the phrases' words")
+            present = words >= 0
+            x = torch.cat([x, self.words(words.clamp(min=0)) + self.word_pos[: words.shape[1]]], dim=1)
+            padding = torch.cat([present.new_zeros(q, 3), ~present], dim=1)
         memory = images.tokens[image_index]  # type: ignore[index]
         for layer in self.layers:
-            x = layer(x, memory)
+            x = layer(x, memory, padding)
         x = self.norm(x)
         kernels = self.hypernetwork(x[:, 0])  # (Q, P)
         pixels = images.pixels[image_index]  # (Q, P, h, w)
@@ -104,9 +125,10 @@ class OneWayBlock(nn.Module):
         self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """``padding`` (Q, tokens): True at prompt tokens the others must not attend to."""
         h = self.norm1(x)
-        x = x + self.self_attn(h, h, h, need_weights=False)[0]
+        x = x + self.self_attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
         x = x + self.cross_attn(self.norm2(x), memory, memory, need_weights=False)[0]
         return x + self.mlp(self.norm3(x))
 
@@ -131,7 +153,11 @@ class SamGrounding(nn.Module):
         return GroundingImages(tokens=None, pixels=self.sam.vision_encoder(pixel_values)[0])
 
     def decode(
-        self, images: GroundingImages, image_index: torch.Tensor, prompts: torch.Tensor
+        self,
+        images: GroundingImages,
+        image_index: torch.Tensor,
+        prompts: torch.Tensor,
+        words: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res mask logits (Q, 256, 256) and SAM's predicted IoU (Q,) clipped to 0..1, one call per image."""
         masks = prompts.new_zeros(prompts.shape[0], 0, 0)
@@ -164,8 +190,9 @@ def build_grounding(
     strides: tuple[int, ...],
     image_size: int,
     token_stride: int,
+    vocab_size: int,
     load_weights: bool = True,
 ) -> nn.Module:
     if cfg.kind == "sam":
         return SamGrounding(cfg, load_weights=load_weights)
-    return OneWayMaskDecoder(cfg, channels, strides, image_size, token_stride)
+    return OneWayMaskDecoder(cfg, channels, strides, image_size, token_stride, vocab_size)

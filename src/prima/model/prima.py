@@ -121,6 +121,7 @@ class PrimaModel(nn.Module):
             strides=strides,
             image_size=cfg.vision.image_size,
             token_stride=cfg.vision.token_stride,
+            vocab_size=cfg.tokens.vocab_size,
             load_weights=load_weights,
         )
         prompt_dim = self.grounding.prompt_dim
@@ -262,12 +263,18 @@ class PrimaModel(nn.Module):
         return self.grounding.encode([f[images].to(self.dtype) for f in features])
 
     def predict_masks(
-        self, hidden: torch.Tensor, seg_images: torch.Tensor, batch: dict[str, Any], features: ImageFeatures
+        self,
+        hidden: torch.Tensor,
+        seg_images: torch.Tensor,
+        batch: dict[str, Any],
+        features: ImageFeatures,
+        words: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits (M, m, m) at the model's mask size and scores (M,) for [SEG] hidden states (M, H)."""
+        """Mask logits (M, m, m) at the model's mask size and scores (M,) for [SEG] hidden states (M, H)
+        (``words``: see `phrase_words`)."""
         used, local = torch.unique(seg_images, return_inverse=True)
         state = self.encode_grounding(batch, features, used)
-        logits, scores = self.grounding.decode(state, local, self.seg_projector(hidden))
+        logits, scores = self.grounding.decode(state, local, self.seg_projector(hidden), words)
         side = mask_size(self.config)
         if logits.shape[-1] != side:
             logits = F.interpolate(logits.unsqueeze(1), size=(side, side), mode="bilinear", align_corners=False)
@@ -283,6 +290,19 @@ class PrimaModel(nn.Module):
             if end > start:
                 out[q] = hidden[r, start:end].mean(0)
         return out
+
+    def phrase_words(self, rows: list[list[int]], positions: list[tuple[int, int]]) -> torch.Tensor | None:
+        """The grounding decoder's word prompt: (M, phrase_tokens) token ids of the phrase before each [SEG] at
+        (row, column) ``positions``, its first ``grounding.phrase_tokens`` tokens, -1 padded; None when off."""
+        limit = self.config.grounding.phrase_tokens
+        if not limit:
+            return None
+        out = torch.full((len(positions), limit), -1, dtype=torch.long)
+        for q, (r, c) in enumerate(positions):
+            start, end = self._phrase_span(rows[r], c)
+            words = rows[r][start : min(end, start + limit)]
+            out[q, : len(words)] = torch.tensor(words, dtype=torch.long)
+        return out.to(self.device)
 
     def _phrase_span(self, ids: list[int], seg_pos: int) -> tuple[int, int]:
         """[start, end) of the tokens inside the `<p> ... </p>` that ends right before position ``seg_pos``."""
@@ -343,7 +363,8 @@ class PrimaModel(nn.Module):
             hidden = last[positions[0], positions[1]]
             if self.config.grounding.phrase_pooling:
                 hidden = torch.cat([hidden, self.phrase_states(input_ids, positions, last)], dim=-1)
-            mask_logits, scores = self.predict_masks(hidden, seg_images, batch, features)
+            words = self.phrase_words(input_ids.tolist(), list(zip(*positions.tolist())))
+            mask_logits, scores = self.predict_masks(hidden, seg_images, batch, features, words)
 
         loss = loss_ce = loss_bce = loss_dice = loss_score = None
         w = self.config.loss
@@ -526,18 +547,22 @@ class PrimaModel(nn.Module):
     ) -> tuple[list[GeneratedSegment], list[int]]:
         t = self.config.tokens
         tag_to_image = {tid: k for k, tid in enumerate(t.image_tag_ids[:n])}
-        phrases, images = [], []
+        phrases, images, seg_at = [], [], []
         for pos, tok in enumerate(ids):
             if tok != t.seg_token_id:
                 continue
             images.append(tag_to_image[ids[pos + 1]])  # generate() forces a tag after every [SEG]
             phrases.append(self._phrase_before(ids, pos))
+            seg_at.append((0, pos))
         if not images:
             return [], []
         if self.config.grounding.kind == "sam":
             batch["grounding_pixel_values"] = self.processor.preprocess_grounding_images(pil)
         seg_images = torch.tensor(images, device=self.device)
-        logits, scores = self.predict_masks(torch.stack(seg_hidden[: len(images)]), seg_images, batch, features)
+        words = self.phrase_words([ids], seg_at)
+        logits, scores = self.predict_masks(
+            torch.stack(seg_hidden[: len(images)]), seg_images, batch, features, words
+        )
         segments = []
         for q, k in enumerate(images):
             h, w = pil[k].height, pil[k].width
