@@ -6,6 +6,10 @@ trainer's feature cache does. Prints the median step time for each ``--threads``
 load average (on a shared machine intra-op threads wait on each other: compare thread counts in one run).
 
     .venv/bin/python benchmarks/model_step.py --data data/synth/train/samples.jsonl --threads 1 2
+
+``--checkpoint DIR`` times a trained model instead of a fresh one (trained weights can hold denormal floats,
+which a CPU multiplies many times slower); ``--flush-denormal`` sets `torch.set_flush_denormal(True)` first,
+as the trainer does on a CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 
 from prima.data.collate import collate_samples
 from prima.data.schema import read_samples
-from prima.model import create_model, load_model_config
+from prima.model import PrimaModel, create_model, load_model_config
 
 
 def main() -> None:
@@ -29,11 +33,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--checkpoint", default=None, help="time this trained model (default: a fresh tiny one)")
+    parser.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) first")
     args = parser.parse_args()
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
 
     samples = read_samples(args.data, validate=False)[: args.batch * args.steps]
     torch.manual_seed(0)
-    model = create_model(load_model_config("tiny"), [t for s in samples for t in (s.question, s.answer)])
+    if args.checkpoint:
+        model = PrimaModel.from_pretrained(args.checkpoint)
+    else:
+        model = create_model(load_model_config("tiny"), [t for s in samples for t in (s.question, s.answer)])
     root = Path(args.data).parent
     batches = []
     for i in range(0, len(samples), args.batch):
@@ -42,7 +53,7 @@ def main() -> None:
             batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
         batches.append(batch)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
-    print(f"tiny, batch {args.batch}, {tokens:.0f} LLM tokens per batch on average, load {os.getloadavg()[0]:.1f}")
+    print(f"{args.checkpoint or 'fresh tiny'}, flush_denormal {args.flush_denormal}, batch {args.batch}, {tokens:.0f} LLM tokens per batch on average, load {os.getloadavg()[0]:.1f}")
     for threads in args.threads:
         torch.set_num_threads(threads)
         optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)

@@ -3,7 +3,9 @@ images vs with images taken from other samples (the image features permuted acro
 
 Reported separately for the tokens inside ``<p> ... </p>`` (the object and part names: only the images can tell
 them) and for all answer tokens. A model that ignores its images scores the same with foreign images (gap ~0);
-the larger the gap on phrase tokens, the more the names come from the pixels.
+the larger the gap on phrase tokens, the more the names come from the pixels. Also the greedy accuracy of two
+tokens only the images can tell: a phrase's first word (the colour, in the synthetic data) and the image tag
+after each ``[SEG]``.
 
     .venv/bin/python benchmarks/visual_reliance.py runs/tiny/final --data data/synth/val/samples.jsonl \
         --samples 128 --feature-cache .cache/features
@@ -29,14 +31,13 @@ def phrase_positions(ids: torch.Tensor, start_id: int, end_id: int) -> torch.Ten
     return opened & (ids != start_id)
 
 
-def token_losses(model: PrimaModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token next-token CE (B, L-1) and the labels it was computed against."""
+def token_losses(model: PrimaModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token next-token CE (B, L-1), whether the greedy prediction is right, and the labels."""
     out = model(batch)
     labels = batch["labels"][:, 1:]
-    ce = F.cross_entropy(
-        out.logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return ce, labels
+    logits = out.logits[:, :-1].float()
+    ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return ce, logits.argmax(-1) == labels, labels
 
 
 def main() -> None:
@@ -57,13 +58,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     sums = {k: 0.0 for k in ("own_phrase", "foreign_phrase", "own_all", "foreign_all")}
     counts = {"phrase": 0, "all": 0}
+    hits = {k: 0 for k in ("own_first", "foreign_first", "own_tag", "foreign_tag")}
+    slots = {"first": 0, "tag": 0}
     visual_rows = []
     with torch.no_grad():
         for i in range(0, len(samples), args.batch):
             batch = collate(samples[i : i + args.batch])
             if "image_features" not in batch:
                 batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
-            ce_own, labels = token_losses(model, batch)
+            ce_own, right_own, labels = token_losses(model, batch)
             visual = model.visual_tokens(
                 batch["image_features"],
                 batch["image_sample_index"],
@@ -76,9 +79,16 @@ def main() -> None:
             while n > 1 and bool((perm == torch.arange(n)).any()):  # every image replaced by another one
                 perm = torch.randperm(n, generator=gen)
             foreign = dict(batch, image_features=[f[perm] for f in batch["image_features"]])
-            ce_foreign, _ = token_losses(model, foreign)
+            ce_foreign, right_foreign, _ = token_losses(model, foreign)
             answer = labels != IGNORE_INDEX
             phrase = phrase_positions(batch["input_ids"][:, 1:], t.phrase_start_id, t.phrase_end_id) & answer
+            previous = batch["input_ids"][:, :-1]  # the token before each label
+            first = answer & (previous == t.phrase_start_id)  # a phrase's first word (colour, in the synth data)
+            tag = answer & (previous == t.seg_token_id)  # the image tag after a [SEG]
+            for name, where in (("first", first), ("tag", tag)):
+                hits[f"own_{name}"] += int(right_own[where].sum())
+                hits[f"foreign_{name}"] += int(right_foreign[where].sum())
+                slots[name] += int(where.sum())
             for name, where in (("phrase", phrase), ("all", answer)):
                 sums[f"own_{name}"] += float(ce_own[where].sum())
                 sums[f"foreign_{name}"] += float(ce_foreign[where].sum())
@@ -96,6 +106,12 @@ def main() -> None:
         print(
             f"{name:>6} tokens ({counts[name]}): CE own images {own:.3f} (ppl {math.exp(own):.2f}), "
             f"foreign images {foreign:.3f} (ppl {math.exp(foreign):.2f}), gap {foreign - own:+.3f}"
+        )
+    for name, what in (("first", "first phrase word"), ("tag", "image tag after [SEG]")):
+        n = max(slots[name], 1)
+        print(
+            f"greedy accuracy, {what} ({slots[name]}): own images {hits[f'own_{name}'] / n:.3f}, "
+            f"foreign images {hits[f'foreign_{name}'] / n:.3f}"
         )
 
 

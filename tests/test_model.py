@@ -514,3 +514,58 @@ def test_visual_words_loss_reads_each_phrase_word_from_its_own_image():
     out.loss_words.backward()
     assert model.query.global_queries.grad.abs().sum() > 0  # it trains the query module that makes V
     assert any(p is model.visual_words.weight for p in model.parameter_groups()["query_module"])
+
+
+def test_phrase_tokens_prompt_the_decoder_with_each_segs_own_words(monkeypatch):
+    from prima.model.config import GroundingConfig
+
+    assert GroundingConfig().phrase_tokens == 0  # off unless a preset asks (the paper: the [SEG] state alone)
+    assert small_model("grounding.phrase_tokens=0").grounding.words is None
+    model = small_model("grounding.phrase_tokens=2").eval()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    seen = []
+    decode = model.grounding.decode
+    monkeypatch.setattr(model.grounding, "decode", lambda *a: seen.append(a[3]) or decode(*a))
+
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    out = model(batch)
+    # one row per [SEG], in answer order, -1 padded to phrase_tokens
+    assert seen[-1].tolist() == [[vocab("chair"), -1], [vocab("desk"), -1], [vocab("legs"), -1]]
+    out.loss.backward()
+    assert model.grounding.words.weight.grad[vocab("chair")].abs().sum() > 0  # the mask loss trains the words
+    assert any(p is model.grounding.words.weight for p in model.parameter_groups()["grounding"])
+
+    # a longer phrase is cut to its first phrase_tokens words
+    long = Sample(
+        "s3", ["a.png", "b.png"], "Where?", "The <p> desk's drawer chair </p> [SEG] (IMAGE1).", "functional",
+        [Segment("desk's drawer chair", 1, box_mask((48, 40)))],
+    )
+    with torch.no_grad():
+        model(make_batch(model, [long]))
+    assert seen[-1].tolist() == [[vocab("desk's"), vocab("drawer")]]
+
+    # the words, all else equal, change their own [SEG]'s mask and no other
+    with torch.no_grad():
+        before = torch.cat(model(batch).mask_logits)
+        swapped = seen[-1].clone()
+        swapped[1, 0] = vocab("chair")
+        monkeypatch.setattr(model, "phrase_words", lambda rows, positions: swapped)
+        after = torch.cat(model(batch).mask_logits)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
+    assert not torch.allclose(before[1], after[1])
+    monkeypatch.undo()
+    monkeypatch.setattr(model.grounding, "decode", lambda *a: seen.append(a[3]) or decode(*a))
+
+    # generation hands the decoder the generated phrase's words
+    script = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert [(s.phrase, s.image) for s in result.segments] == [("chair", 2)]
+    assert seen[-1].tolist() == [[vocab("chair"), -1]]
+
+
+def test_phrase_tokens_config_is_checked():
+    with pytest.raises(PrimaError, match="phrase_tokens must be >= 0"):
+        small_model("grounding.phrase_tokens=-1")
+    with pytest.raises(PrimaError, match="needs kind one_way"):
+        load_model_config("tiny", ["grounding.kind=sam", "grounding.phrase_tokens=4"])
