@@ -41,7 +41,7 @@ class OneWayMaskDecoder(nn.Module):
         strides: tuple[int, ...],
         image_size: int,
         token_stride: int,
-        vocab_size: int = 0,
+        vocab_size: int,
     ):
         super().__init__()
         d, p = cfg.hidden_size, cfg.pixel_dim
