@@ -549,7 +549,7 @@ def test_phrase_tokens_prompt_the_decoder_with_each_segs_own_words(monkeypatch):
         before = torch.cat(model(batch).mask_logits)
         swapped = seen[-1].clone()
         swapped[1, 0] = vocab("chair")
-        monkeypatch.setattr(model, "phrase_words", lambda rows, positions: swapped)
+        monkeypatch.setattr(model, "phrase_words", lambda ids, positions: swapped)
         after = torch.cat(model(batch).mask_logits)
     assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
     assert not torch.allclose(before[1], after[1])

@@ -291,14 +291,16 @@ class PrimaModel(nn.Module):
                 out[q] = hidden[r, start:end].mean(0)
         return out
 
-    def phrase_words(self, rows: list[list[int]], positions: list[tuple[int, int]]) -> torch.Tensor | None:
+    def phrase_words(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """The grounding decoder's word prompt: (M, phrase_tokens) token ids of the phrase before each [SEG] at
-        (row, column) ``positions``, its first ``grounding.phrase_tokens`` tokens, -1 padded; None when off."""
+        ``positions`` (2, M: rows, columns of ``ids``), its first ``grounding.phrase_tokens`` tokens, -1 padded;
+        None when off (nothing is computed then)."""
         limit = self.config.grounding.phrase_tokens
         if not limit:
             return None
-        out = torch.full((len(positions), limit), -1, dtype=torch.long)
-        for q, (r, c) in enumerate(positions):
+        rows = ids.tolist()
+        out = torch.full((positions.shape[1], limit), -1, dtype=torch.long)
+        for q, (r, c) in enumerate(zip(positions[0].tolist(), positions[1].tolist())):
             start, end = self._phrase_span(rows[r], c)
             words = rows[r][start : min(end, start + limit)]
             out[q, : len(words)] = torch.tensor(words, dtype=torch.long)
@@ -363,7 +365,7 @@ class PrimaModel(nn.Module):
             hidden = last[positions[0], positions[1]]
             if self.config.grounding.phrase_pooling:
                 hidden = torch.cat([hidden, self.phrase_states(input_ids, positions, last)], dim=-1)
-            words = self.phrase_words(input_ids.tolist(), list(zip(*positions.tolist())))
+            words = self.phrase_words(input_ids, positions)
             mask_logits, scores = self.predict_masks(hidden, seg_images, batch, features, words)
 
         loss = loss_ce = loss_bce = loss_dice = loss_score = None
@@ -553,13 +555,13 @@ class PrimaModel(nn.Module):
                 continue
             images.append(tag_to_image[ids[pos + 1]])  # generate() forces a tag after every [SEG]
             phrases.append(self._phrase_before(ids, pos))
-            seg_at.append((0, pos))
+            seg_at.append(pos)
         if not images:
             return [], []
         if self.config.grounding.kind == "sam":
             batch["grounding_pixel_values"] = self.processor.preprocess_grounding_images(pil)
         seg_images = torch.tensor(images, device=self.device)
-        words = self.phrase_words([ids], seg_at)
+        words = self.phrase_words(torch.tensor([ids]), torch.tensor([[0] * len(seg_at), seg_at]))
         logits, scores = self.predict_masks(
             torch.stack(seg_hidden[: len(images)]), seg_images, batch, features, words
         )
