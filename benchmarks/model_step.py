@@ -53,7 +53,9 @@ def main() -> None:
             batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
         batches.append(batch)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
-    print(f"{args.checkpoint or 'fresh tiny'}, flush_denormal {args.flush_denormal}, batch {args.batch}, {tokens:.0f} LLM tokens per batch on average, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.checkpoint or 'fresh tiny'}, flush_denormal {args.flush_denormal}, batch {args.batch}, {tokens:.0f} LLM tokens per batch on average, load {os.getloadavg()[0]:.1f}"
+    )
     for threads in args.threads:
         torch.set_num_threads(threads)
         optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)

@@ -52,8 +52,10 @@ def main() -> None:
             if args.png and not rows:
                 rows = [np.concatenate([g.numpy(), p.numpy()], 1) for g, p in zip(gt, pred)]
     print(f"{args.checkpoint}: {len(samples)} samples of {args.data}, {len(ious)} masks")
-    print(f"teacher-forced mask IoU: mean {np.mean(ious):.3f}, median {np.median(ious):.3f}, "
-          f"share >= 0.5: {np.mean(np.array(ious) >= 0.5):.3f}")
+    print(
+        f"teacher-forced mask IoU: mean {np.mean(ious):.3f}, median {np.median(ious):.3f}, "
+        f"share >= 0.5: {np.mean(np.array(ious) >= 0.5):.3f}"
+    )
     if args.png and rows:
         Image.fromarray((np.concatenate(rows, 0) * 255).astype(np.uint8)).save(args.png)
         print(f"wrote {args.png} (left: GT, right: prediction; one row per [SEG])")

@@ -21,14 +21,9 @@ import torch.nn.functional as F
 
 from prima.model import PrimaModel
 from prima.model.losses import IGNORE_INDEX
+from prima.model.prima import phrase_interior
 from prima.train.data import load_samples
 from prima.train.run import TrainCollator, make_feature_cache
-
-
-def phrase_positions(ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
-    """True at the tokens strictly inside a ``<p> ... </p>`` span, row by row."""
-    opened = torch.cumsum((ids == start_id).long() - (ids == end_id).long(), dim=1) > 0
-    return opened & (ids != start_id)
 
 
 def token_losses(model: PrimaModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,7 +76,7 @@ def main() -> None:
             foreign = dict(batch, image_features=[f[perm] for f in batch["image_features"]])
             ce_foreign, right_foreign, _ = token_losses(model, foreign)
             answer = labels != IGNORE_INDEX
-            phrase = phrase_positions(batch["input_ids"][:, 1:], t.phrase_start_id, t.phrase_end_id) & answer
+            phrase = phrase_interior(batch["input_ids"][:, 1:], t.phrase_start_id, t.phrase_end_id) & answer
             previous = batch["input_ids"][:, :-1]  # the token before each label
             first = answer & (previous == t.phrase_start_id)  # a phrase's first word (colour, in the synth data)
             tag = answer & (previous == t.seg_token_id)  # the image tag after a [SEG]

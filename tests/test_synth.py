@@ -187,6 +187,8 @@ def test_cli_synth_show_stats(tmp_path, capsys):
         (["--min-images", "4", "--max-images", "2"], "--min-images"),
         (["--size", "16"], "--size"),
         (["--num", "-1"], "--num"),
+        (["--families", "describe,nope"], "unknown family 'nope'"),
+        (["--families", "odd-one-out", "--max-images", "2"], "none takes 2 or fewer images"),
     ],
 )
 def test_cli_synth_rejects_bad_arguments(tmp_path, capsys, argv, message):
@@ -221,3 +223,25 @@ def test_occlusion_is_partial_every_object_and_part_stays_mostly_visible():
             for name, part in obj.parts.items():
                 assert part.sum() >= MIN_VISIBLE_PART * (full == category.part_id(name)).sum()
     assert occluded > 0  # the scenes did overlap, so the rule was exercised
+
+
+def test_describe_names_every_object_of_one_image_left_to_right():
+    from prima.data.synth_questions import AUXILIARY_FAMILIES, centre_x, describe
+
+    assert "describe" not in FAMILIES and "describe" in AUXILIARY_FAMILIES  # never in the test mix
+    for seed in range(4):
+        draft = describe(np.random.default_rng(seed), 3, 96)
+        k = int(draft.question.split("image ")[1].split(",")[0])
+        objects = sorted(draft.scenes[k - 1].objects, key=centre_x)
+        assert [(s.phrase, s.image) for s in draft.segments] == [(o.spec.phrase, k) for o in objects]
+        assert [(p, i) for p, i in parse_answer(draft.answer)] == [(o.spec.phrase, k) for o in objects]
+        assert all(s.kind == "object" for s in draft.segments) and draft.answer.startswith(f"Image {k} shows the")
+
+
+def test_families_option_draws_only_the_named_families_and_leaves_the_default_mix_alone():
+    default, _ = generate_sample(0, "train", 5, size=96)
+    assert generate_sample(0, "train", 5, size=96, families=list(FAMILIES))[0] == default
+    only, _ = generate_sample(0, "train", 5, size=96, families=["describe"])
+    assert only.family == "describe" and only.category == "open-ended"
+    with pytest.raises(PrimaError, match="none of the families"):
+        make_draft(np.random.default_rng(0), 1, 96, ["odd-one-out"])

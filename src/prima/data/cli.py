@@ -18,6 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-images", type=int, default=5)
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument(
+        "--families",
+        default=None,
+        help="comma-separated question families to draw from (default: the test mix); 'describe' is training-only",
+    )
     p.set_defaults(func=_synth)
 
     p = dsub.add_parser("show", help="draw one sample: images with labelled masks, question and answer")
@@ -46,6 +51,7 @@ def _synth(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         size=args.size,
         workers=args.workers,
+        families=args.families.split(",") if args.families is not None else None,
     )
     print(f"{path}: {args.num} samples ({args.split}, seed {args.seed}, {args.size} px)")
     return 0

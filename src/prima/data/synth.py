@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -19,14 +20,22 @@ import numpy as np
 
 from prima.constants import MAX_IMAGES
 from prima.data.schema import Sample, write_samples
-from prima.data.synth_questions import CROSS_IMAGE_FAMILIES, FAMILIES, make_draft
+from prima.data.synth_questions import ALL_FAMILIES, CROSS_IMAGE_FAMILIES, FAMILIES, make_draft
 from prima.errors import PrimaError
 
 SPLITS = ("train", "val", "test")
 _SALT = 0x4D345347  # "M4SG": keeps these streams apart from any other use of the same seed
 PNG_COMPRESS_LEVEL = 1  # zlib level: fast to write; files ~10 KB at 256 px
 
-__all__ = ["CROSS_IMAGE_FAMILIES", "FAMILIES", "SPLITS", "generate_dataset", "generate_sample", "sample_rng"]
+__all__ = [
+    "ALL_FAMILIES",
+    "CROSS_IMAGE_FAMILIES",
+    "FAMILIES",
+    "SPLITS",
+    "generate_dataset",
+    "generate_sample",
+    "sample_rng",
+]
 
 
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -35,12 +44,21 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def generate_sample(
-    seed: int, split: str, index: int, *, min_images: int = 2, max_images: int = 5, size: int = 256
+    seed: int,
+    split: str,
+    index: int,
+    *,
+    min_images: int = 2,
+    max_images: int = 5,
+    size: int = 256,
+    families: Sequence[str] | None = None,
 ) -> tuple[Sample, list[np.ndarray]]:
-    """Sample ``index`` of a split with its images (HxWx3 uint8); image paths are ``images/<index>_<k>.png``."""
+    """Sample ``index`` of a split with its images (HxWx3 uint8); image paths are ``images/<index>_<k>.png``.
+
+    ``families``: draw only among these question families (names of `ALL_FAMILIES`); None: the test mix."""
     rng = sample_rng(seed, split, index)
     n = int(rng.integers(min_images, max_images + 1))
-    draft = make_draft(rng, n, size)
+    draft = make_draft(rng, n, size, families)
     sample = Sample(
         id=f"synth-{split}-{index:06d}",
         images=[f"images/{index:06d}_{k}.png" for k in range(1, n + 1)],
@@ -75,14 +93,16 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def _make_and_save(index: int, *, out: Path, seed: int, split: str, min_images: int, max_images: int, size: int):
-    sample, images = generate_sample(seed, split, index, min_images=min_images, max_images=max_images, size=size)
+def _make_and_save(index: int, *, out: Path, seed: int, split: str, **options):
+    sample, images = generate_sample(seed, split, index, **options)
     for rel, pixels in zip(sample.images, images):
         (out / rel).write_bytes(png_bytes(pixels))
     return sample
 
 
-def _check_arguments(num: int, seed: int, split: str, min_images: int, max_images: int, size: int, workers) -> None:
+def _check_arguments(
+    num: int, seed: int, split: str, min_images: int, max_images: int, size: int, workers, families
+) -> None:
     if num < 0:
         raise PrimaError(f"--num must be 0 or more, got {num}")
     if seed < 0:
@@ -95,6 +115,15 @@ def _check_arguments(num: int, seed: int, split: str, min_images: int, max_image
         raise PrimaError(f"--size must be 64..4096 pixels (parts get too thin below 64), got {size}")
     if workers is not None and workers < 1:
         raise PrimaError(f"--workers must be 1 or more, got {workers}")
+    if families is not None:
+        unknown = [name for name in families if name not in ALL_FAMILIES]
+        if unknown or not families:
+            raise PrimaError(
+                f"--families: unknown family {', '.join(map(repr, unknown)) or '(none given)'}; "
+                f"known: {', '.join(ALL_FAMILIES)}"
+            )
+        if not any(ALL_FAMILIES[name].min_images <= max_images for name in families):
+            raise PrimaError(f"--families {','.join(families)}: none takes {max_images} or fewer images")
 
 
 def generate_dataset(
@@ -108,16 +137,26 @@ def generate_dataset(
     size: int = 256,
     workers: int | None = None,
     progress: bool = True,
+    families: Sequence[str] | None = None,
 ) -> Path:
     """Write ``num`` samples to ``out/samples.jsonl`` and ``out/images/``; returns the JSONL path.
 
-    The same arguments give byte-identical files whatever ``workers`` is (default: all cores).
+    The same arguments give byte-identical files whatever ``workers`` is (default: all cores). ``families``: only
+    these question families (e.g. the training-only ``describe``); None: the test mix of `FAMILIES`.
     """
-    _check_arguments(num, seed, split, min_images, max_images, size, workers)
+    families = list(families) if families is not None else None
+    _check_arguments(num, seed, split, min_images, max_images, size, workers, families)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     job = partial(
-        _make_and_save, out=out, seed=seed, split=split, min_images=min_images, max_images=max_images, size=size
+        _make_and_save,
+        out=out,
+        seed=seed,
+        split=split,
+        min_images=min_images,
+        max_images=max_images,
+        size=size,
+        families=families,
     )
     workers = workers or os.cpu_count() or 1
     bar = _progress(num, f"synth {split}", progress)

@@ -20,6 +20,7 @@ from prima.data.masks import encode_rle
 from prima.data.schema import Segment
 from prima.data.synth_scene import ObjectSpec, PlacedObject, Scene, SceneRetry, layout_scene, paint_scene
 from prima.data.synth_shapes import CATEGORIES, COLOURS, part_colours
+from prima.errors import PrimaError
 
 MAX_OBJECTS = 4  # per image
 SPATIAL_MARGIN = 0.08  # centres closer than this share of the width are neither left nor right
@@ -511,6 +512,20 @@ def functional_part(rng: np.random.Generator, n: int, size: int) -> Draft:
     return Draft(scenes, question, answer, g.segments, "functional-part")
 
 
+def describe(rng: np.random.Generator, n: int, size: int) -> Draft:
+    """Auxiliary (not in the test mix): name every object of one image, left to right. Each phrase is told by the
+    pixels alone, so training on it teaches reading colours and categories from one named image."""
+    k = int(rng.integers(n))
+    plan: Plan = [[] for _ in range(n)]
+    fill(rng, plan, low=1, high=MAX_OBJECTS)
+    scenes = render(rng, plan, size)
+    g = Grounder()
+    objects = sorted(scenes[k].objects, key=centre_x)
+    found = [g.obj(k, obj) for obj in objects]
+    question = f"What objects are in image {k + 1}, from left to right?"
+    return Draft(scenes, question, f"Image {k + 1} shows {the(found)}.", g.segments, "describe")
+
+
 @dataclass(frozen=True)
 class Family:
     make: Callable[[np.random.Generator, int, int], Draft]
@@ -537,15 +552,24 @@ FAMILIES: dict[str, Family] = {
     "functional-part": Family(functional_part, "functional", 2.0, 1, False),
 }
 CROSS_IMAGE_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.cross_image)
+# training-only families, never drawn unless asked for by name (`prima data synth --families describe`)
+AUXILIARY_FAMILIES: dict[str, Family] = {
+    "describe": Family(describe, "open-ended", 1.0, 1, False),
+}
+ALL_FAMILIES = {**FAMILIES, **AUXILIARY_FAMILIES}
 RETRIES = 200
 
 
-def make_draft(rng: np.random.Generator, n: int, size: int) -> Draft:
-    """One sample over ``n`` images: a family drawn by weight among those that fit ``n``, then its scenes."""
-    names = [name for name, f in FAMILIES.items() if f.min_images <= n]
-    weights = np.asarray([FAMILIES[name].weight for name in names])
+def make_draft(rng: np.random.Generator, n: int, size: int, families: Sequence[str] | None = None) -> Draft:
+    """One sample over ``n`` images: a family drawn by weight among those that fit ``n`` (among ``families``, by
+    name, when given; default: the test mix `FAMILIES`), then its scenes."""
+    pool = FAMILIES if families is None else {name: ALL_FAMILIES[name] for name in families}
+    names = [name for name, f in pool.items() if f.min_images <= n]
+    if not names:
+        raise PrimaError(f"none of the families {', '.join(pool)} takes {n} image(s)")
+    weights = np.asarray([pool[name].weight for name in names])
     name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
-    family = FAMILIES[name]
+    family = pool[name]
     for _ in range(RETRIES):
         try:
             draft = family.make(rng, n, size)

@@ -140,6 +140,9 @@ class LossConfig:
     # image i must be predictable from V_i (a linear word head, max over the image's tokens via logsumexp).
     # Keeps a from-scratch query module from collapsing V_i to an image-independent constant (docs/TRAINING.md)
     visual_words: float = 0.0
+    # weight of the answer tokens that only the images can tell (the words inside `<p> ... </p>` and the image tag
+    # after each [SEG]) relative to the other answer tokens in the text loss (1: a plain mean over all of them)
+    grounded_ce: float = 1.0
 
 
 @dataclass
@@ -185,6 +188,9 @@ class ModelConfig:
     qformer: QFormerConfig | None = field(default_factory=QFormerConfig)
     relational: RelationalConfig = field(default_factory=RelationalConfig)
     projector_layers: int = 2  # concat (and Q-Former-less `none`): depth of the patch-token MLP projector
+    # add a learned vector per image position (1..max_images) to every visual token of that image, so the LLM can
+    # find "image k" by content instead of counting image blocks (RoPE positions are relative)
+    image_index_embedding: bool = False
     language: LanguageConfig = field(default_factory=LanguageConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -62,6 +62,12 @@ class GenerationOutput:
     grounded_images: list[int] = field(default_factory=list)  # 1-based images the grounding encoder ran on
 
 
+def phrase_interior(ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
+    """True at the tokens strictly inside a `<p> ... </p>` span, row by row; ids (B, L)."""
+    opened = torch.cumsum((ids == start_id).long() - (ids == end_id).long(), dim=1) > 0
+    return opened & (ids != start_id)
+
+
 def fill_token_ids(cfg: ModelConfig, processor: Any) -> None:
     """Record the tokenizer's vocabulary size and every special-token id in ``cfg.tokens`` (checked if present)."""
     from prima.data.processor import IMAGE_SLOT_TOKEN, check_special_tokens
@@ -306,6 +312,15 @@ class PrimaModel(nn.Module):
             out[q, : len(words)] = torch.tensor(words, dtype=torch.long)
         return out.to(self.device)
 
+    def grounded_token_weights(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) text-loss weights: ``loss.grounded_ce`` at the words inside `<p> ... </p>` and at the image tag
+        right after each [SEG] (what only the images can tell), 1 elsewhere."""
+        t = self.config.tokens
+        grounded = phrase_interior(ids, t.phrase_start_id, t.phrase_end_id)
+        grounded[:, 1:] |= ids[:, :-1] == t.seg_token_id
+        weights = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        return weights.masked_fill(grounded, self.config.loss.grounded_ce)
+
     def _phrase_span(self, ids: list[int], seg_pos: int) -> tuple[int, int]:
         """[start, end) of the tokens inside the `<p> ... </p>` that ends right before position ``seg_pos``."""
         t = self.config.tokens
@@ -372,7 +387,11 @@ class PrimaModel(nn.Module):
         w = self.config.loss
         if labels is not None:
             loss_ce = text_loss(logits, labels)
-            loss = w.ce * loss_ce
+            if w.grounded_ce != 1.0:  # the loss weighs grounded tokens up; loss_ce stays the plain mean (logs)
+                weighted = text_loss(logits, labels, self.grounded_token_weights(input_ids))
+                loss = w.ce * weighted
+            else:
+                loss = w.ce * loss_ce
         targets = batch.get("masks")
         if targets is not None and labels is not None:
             targets = targets.to(dev, torch.float32)
@@ -562,9 +581,7 @@ class PrimaModel(nn.Module):
             batch["grounding_pixel_values"] = self.processor.preprocess_grounding_images(pil)
         seg_images = torch.tensor(images, device=self.device)
         words = self.phrase_words(torch.tensor([ids]), torch.tensor([[0] * len(seg_at), seg_at]))
-        logits, scores = self.predict_masks(
-            torch.stack(seg_hidden[: len(images)]), seg_images, batch, features, words
-        )
+        logits, scores = self.predict_masks(torch.stack(seg_hidden[: len(images)]), seg_images, batch, features, words)
         segments = []
         for q, k in enumerate(images):
             h, w = pil[k].height, pil[k].width

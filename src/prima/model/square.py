@@ -97,6 +97,17 @@ def build_qformer(cfg: ModelConfig, token_dim: int, *, load_weights: bool = True
     return InstructBlipQFormerModel(InstructBlipQFormerConfig(**kwargs))
 
 
+def position_in_sample(image_sample_index: torch.Tensor) -> torch.Tensor:
+    """0-based position of each image within its sample (images of a sample consecutive): [0, 0, 1, 1, 1] ->
+    [0, 1, 0, 1, 2]."""
+    n = image_sample_index.shape[0]
+    index = torch.arange(n, device=image_sample_index.device)
+    new_sample = torch.ones(n, dtype=torch.bool, device=image_sample_index.device)
+    new_sample[1:] = image_sample_index[1:] != image_sample_index[:-1]
+    first = torch.cummax(torch.where(new_sample, index, torch.zeros_like(index)), dim=0).values
+    return index - first
+
+
 class ImageQueryModule(nn.Module):
     """Patch tokens of every image in a batch -> visual tokens V (num_images_total, T_out, llm_hidden)."""
 
@@ -109,6 +120,10 @@ class ImageQueryModule(nn.Module):
         self.token_pos = (
             nn.Parameter(torch.zeros(1, grid * grid, token_dim)) if cfg.vision.kind == "efficientnet_lite0" else None
         )
+        # image k of a sample -> a vector added to each of its visual tokens (None: off)
+        self.image_index = nn.Embedding(cfg.max_images, llm_hidden) if cfg.image_index_embedding else None
+        if self.image_index is not None:
+            nn.init.normal_(self.image_index.weight, std=0.5)  # the scale of fresh visual tokens, not of words
         if not self.uses_qformer:
             self.projector = mlp_projector(token_dim, llm_hidden, cfg.projector_layers)
             return
@@ -140,6 +155,18 @@ class ImageQueryModule(nn.Module):
     ) -> torch.Tensor:
         """tokens (N, T, D_v) of every image; image_sample_index (N,) the batch sample each image belongs to
         (images of a sample consecutive, in order); qformer ids/mask (B, L) the question per sample."""
+        visual = self._query(tokens, image_sample_index, qformer_input_ids, qformer_attention_mask)
+        if self.image_index is not None:
+            visual = visual + self.image_index(position_in_sample(image_sample_index)).unsqueeze(1)
+        return visual
+
+    def _query(
+        self,
+        tokens: torch.Tensor,
+        image_sample_index: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None,
+        qformer_attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         if self.token_pos is not None:
             tokens = tokens + self.token_pos
         if not self.uses_qformer:
