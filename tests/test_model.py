@@ -239,8 +239,10 @@ def test_generate_forces_an_image_tag_after_seg(model, monkeypatch):
     assert all(k <= 2 for k in tags)
 
 
-def test_generate_greedy_with_cache_matches_full_recompute(model):
+@pytest.mark.parametrize("copy", [False, True], ids=["llm", "llm+visual-copy"])
+def test_generate_greedy_with_cache_matches_full_recompute(model, copy):
     """Every token of the KV-cached loop is the (constrained) argmax of a cache-free pass over the whole sequence."""
+    model = small_model("visual_copy=true", seed=1) if copy else model
     model.eval()
     images, question = random_images(2, seed=3), "Which object could you sit on?"
     result = model.generate(images, question, max_new_tokens=12)
@@ -252,7 +254,13 @@ def test_generate_greedy_with_cache_matches_full_recompute(model):
         visual = model.visual_tokens(feats, torch.zeros(2, dtype=torch.long), qids, torch.ones_like(qids))
         prompt = proc.encode_prompt(question, 2)
         ids = torch.tensor([prompt + result.token_ids])
-        logits = model.language(inputs_embeds=model.embed_prompt(ids, visual, torch.tensor([2]))).logits[0]
+        out = model.language(
+            inputs_embeds=model.embed_prompt(ids, visual, torch.tensor([2])), output_hidden_states=True
+        )
+        logits = out.logits
+        if copy:
+            logits = model.copy_logits(logits, out.hidden_states[-1], visual, torch.zeros(2, dtype=torch.long))
+        logits = logits[0]
     banned = [t.image_slot_id, t.pad_token_id, t.bos_token_id, t.image_start_id, t.image_end_id, *t.image_tag_ids[2:]]
     for j, token in enumerate(result.token_ids):
         step = logits[len(prompt) - 1 + j].clone()
@@ -633,3 +641,34 @@ def test_grounded_ce_weighs_phrase_words_and_image_tags():
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), labels, reduction="none")
     w = weights[:, 1:] * (labels != -100)
     assert torch.allclose(weighted, (ce * w).sum() / w.sum(), atol=1e-6)
+
+
+def test_visual_copy_mixes_in_the_words_of_the_samples_own_images():
+    from prima.model.config import ModelConfig
+
+    assert ModelConfig().visual_copy is False and small_model().copy is None
+    model = small_model("visual_copy=true", "loss.visual_words=0.0").eval()
+    assert model.visual_words is not None  # the copy path reads words through the visual-words head
+    assert any(p is model.copy.gate.weight for p in model.parameter_groups()["language"])
+    samples = [grounded_sample(), negative_sample()]
+    batch = make_batch(model, samples)
+    out = model(batch)
+    assert out.loss_words is None  # the auxiliary loss stays off; the copy path is trained by the text loss
+    assert torch.allclose(out.logits.exp().sum(-1), torch.ones(out.logits.shape[:2]), atol=1e-4)  # log-probs
+    out.loss.backward()
+    assert model.copy.query.weight.grad.abs().sum() > 0 and model.visual_words.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        # a sample's next-token distribution depends on its own images only
+        other = dict(batch, pixel_values=batch["pixel_values"].clone())
+        second = batch["image_sample_index"] == 1
+        other["pixel_values"][second] = make_batch(model, samples, seed=5)["pixel_values"][second]
+        changed = model(other).logits
+        assert torch.allclose(changed[0], out.logits[0], atol=1e-5) and not torch.allclose(changed[1], out.logits[1])
+        # gate fully on the copy path and every visual token naming "chair": every position predicts "chair"
+        chair = model.processor.tokenizer.convert_tokens_to_ids("chair")
+        model.copy.gate.weight.zero_()
+        model.copy.gate.bias.fill_(-50.0)
+        model.visual_words.weight.zero_()
+        model.visual_words.bias.zero_()
+        model.visual_words.bias[chair] = 30.0
+        assert (model(batch).logits.argmax(-1) == chair).all()

@@ -191,6 +191,10 @@ class ModelConfig:
     # add a learned vector per image position (1..max_images) to every visual token of that image, so the LLM can
     # find "image k" by content instead of counting image blocks (RoPE positions are relative)
     image_index_embedding: bool = False
+    # a pointer (copy) path beside the LLM's word head: each answer position attends over its sample's visual tokens
+    # and mixes in the words the visual-words head reads from them (a gate decides how much; pointer-generator
+    # style), so naming what an image shows does not have to pass through the LLM's own weights (docs/MODEL.md)
+    visual_copy: bool = False
     language: LanguageConfig = field(default_factory=LanguageConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     loss: LossConfig = field(default_factory=LossConfig)

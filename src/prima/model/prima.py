@@ -62,6 +62,32 @@ class GenerationOutput:
     grounded_images: list[int] = field(default_factory=list)  # 1-based images the grounding encoder ran on
 
 
+class VisualCopy(nn.Module):
+    """The copy path of ``visual_copy``: attention from an answer position over its sample's visual tokens, the
+    attended tokens' word distributions, and a gate mixing them with the LLM's own (pointer-generator)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.gate = nn.Linear(hidden, 1)
+        nn.init.constant_(self.gate.bias, 1.0)  # start mostly on the LLM's word head (sigmoid(1) = 0.73)
+
+    def forward(
+        self,
+        lm_logprobs: torch.Tensor,  # (B, L, vocab)
+        hidden: torch.Tensor,  # (B, L, H)
+        memory: torch.Tensor,  # (B, S, H) visual tokens, RMS-normalised
+        words: torch.Tensor,  # (B, S, vocab) log-probabilities of the words each visual token names
+        padding: torch.Tensor,  # (B, S) True where there is no token
+    ) -> torch.Tensor:
+        scores = self.query(hidden) @ self.key(memory).transpose(1, 2) / hidden.shape[-1] ** 0.5  # (B, L, S)
+        attention = scores.float().masked_fill(padding[:, None, :], float("-inf"))
+        copied = torch.bmm(attention.softmax(-1), words.exp()).clamp_min(1e-12).log()  # (B, L, vocab)
+        gate = self.gate(hidden).float()
+        return torch.logaddexp(F.logsigmoid(gate) + lm_logprobs, F.logsigmoid(-gate) + copied)
+
+
 def phrase_interior(ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
     """True at the tokens strictly inside a `<p> ... </p>` span, row by row; ids (B, L)."""
     opened = torch.cumsum((ids == start_id).long() - (ids == end_id).long(), dim=1) > 0
@@ -138,7 +164,9 @@ class PrimaModel(nn.Module):
         )
         self.tokens_per_image = image_tokens_per_image(cfg)  # V_i length: the slots per image block
         # auxiliary head: the words of the phrases grounded in an image, read from that image's visual tokens
-        self.visual_words = nn.Linear(llm_hidden, cfg.tokens.vocab_size) if cfg.loss.visual_words > 0 else None
+        wants_words = cfg.loss.visual_words > 0 or cfg.visual_copy
+        self.visual_words = nn.Linear(llm_hidden, cfg.tokens.vocab_size) if wants_words else None
+        self.copy = VisualCopy(llm_hidden) if cfg.visual_copy else None
 
     @property
     def device(self) -> torch.device:
@@ -173,7 +201,7 @@ class PrimaModel(nn.Module):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if name.startswith("language."):
+            if name.startswith(("language.", "copy.")):  # the copy path is part of the word head
                 groups["language"].append(p)
             elif name.startswith(("query.relational.", "query.context_proj.")):
                 groups["square"].append(p)
@@ -372,6 +400,8 @@ class PrimaModel(nn.Module):
             inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
         )
         logits = out.logits
+        if self.copy is not None:
+            logits = self.copy_logits(logits, out.hidden_states[-1], visual, image_sample_index)
         positions, seg_images = self.seg_targets(input_ids, image_offsets, num_images, labels)
         mask_logits = logits.new_zeros(0, 1, 1)
         scores = logits.new_zeros(0)
@@ -407,7 +437,7 @@ class PrimaModel(nn.Module):
                 loss_bce = loss_dice = loss_score = sum(p.sum() for p in branch if p.requires_grad) * 0.0
             loss = loss + w.bce * loss_bce + w.dice * loss_dice + w.score * loss_score
         loss_words = None
-        if self.visual_words is not None and labels is not None:
+        if w.visual_words > 0 and labels is not None:
             loss_words = self.visual_words_loss(visual, input_ids, positions, seg_images)
             loss = loss + w.visual_words * loss_words
         per_sample = torch.bincount(positions[0], minlength=input_ids.shape[0]).tolist()
@@ -423,6 +453,24 @@ class PrimaModel(nn.Module):
             seg_image_index=seg_images,
             loss_words=loss_words,
         )
+
+    def copy_logits(
+        self, logits: torch.Tensor, hidden: torch.Tensor, visual: torch.Tensor, image_sample_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Next-token log-probabilities (B, L, vocab) of the LLM's word head mixed with the visual copy path
+        (``visual_copy``); ``visual`` (N, T, H) every image's visual tokens, ``image_sample_index`` (N,) their sample.
+        Log-probabilities are valid logits: cross-entropy and argmax read them unchanged."""
+        assert self.copy is not None and self.visual_words is not None
+        b, t = logits.shape[0], visual.shape[1]
+        counts = torch.bincount(image_sample_index, minlength=b).tolist()
+        memory = visual.new_zeros(b, max(counts) * t, visual.shape[-1])
+        padding = torch.ones(b, max(counts) * t, dtype=torch.bool, device=visual.device)
+        for i, part in enumerate(torch.split(visual, counts)):
+            memory[i, : part.shape[0] * t] = part.reshape(-1, visual.shape[-1])
+            padding[i, : part.shape[0] * t] = False
+        memory = F.rms_norm(memory, memory.shape[-1:])
+        words = self.visual_words(memory).float().log_softmax(-1)  # (B, S, vocab): what each visual token names
+        return self.copy(logits.float().log_softmax(-1), hidden, memory, words, padding)
 
     def visual_words_loss(
         self, visual: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, seg_images: torch.Tensor
@@ -497,8 +545,15 @@ class PrimaModel(nn.Module):
                     banned[b, tid] = True
             tag_only[b, t.image_tag_ids[:n]] = False
 
-        out = self.language(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        copy = self.copy is not None
+        out = self.language(
+            inputs_embeds=embeds,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            output_hidden_states=copy,
+        )
+        past, logits = out.past_key_values, self._next_token_logits(out, visual, sample_index)
         generated: list[list[int]] = [[] for _ in requests]
         seg_hidden: list[list[torch.Tensor]] = [[] for _ in requests]
         pooling = self.config.grounding.phrase_pooling
@@ -531,9 +586,9 @@ class PrimaModel(nn.Module):
                 position_ids=positions,
                 past_key_values=past,
                 use_cache=True,
-                output_hidden_states=bool(fed_seg) or pooling,
+                output_hidden_states=bool(fed_seg) or pooling or copy,
             )
-            past, logits = out.past_key_values, out.logits[:, -1]
+            past, logits = out.past_key_values, self._next_token_logits(out, visual, sample_index)
             for b in fed_seg:  # a [SEG]'s hidden state (as an input position) is its grounding query
                 seg_hidden[b].append(out.hidden_states[-1][b, -1])
             if pooling:
@@ -556,6 +611,13 @@ class PrimaModel(nn.Module):
             results.append(GenerationOutput(proc.decode(answer_ids), segments, answer_ids, grounded))
             offset += n
         return results
+
+    def _next_token_logits(self, out: Any, visual: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+        """(B, vocab) scores of the next token from the LLM output at the last position (with the copy path)."""
+        if self.copy is None:
+            return out.logits[:, -1]
+        last = out.hidden_states[-1][:, -1:]
+        return self.copy_logits(out.logits[:, -1:], last, visual, sample_index)[:, 0]
 
     def _segments(
         self,
