@@ -5,7 +5,8 @@ Reported separately for the tokens inside ``<p> ... </p>`` (the object and part 
 them) and for all answer tokens. A model that ignores its images scores the same with foreign images (gap ~0);
 the larger the gap on phrase tokens, the more the names come from the pixels. Also the greedy accuracy of two
 tokens only the images can tell: a phrase's first word (the colour, in the synthetic data) and the image tag
-after each ``[SEG]``.
+after each ``[SEG]``. And, for a model with a visual-words head, whether the colours are in the visual tokens at all:
+for each image, the share of its grounded phrases' colours among the head's top |phrases| colour words.
 
     .venv/bin/python benchmarks/visual_reliance.py runs/tiny/final --data data/synth/val/samples.jsonl \
         --samples 128 --feature-cache .cache/features
@@ -19,11 +20,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from prima.data.synth_shapes import COLOURS
 from prima.model import PrimaModel
 from prima.model.losses import IGNORE_INDEX
-from prima.model.prima import phrase_interior
 from prima.train.data import load_samples
 from prima.train.run import TrainCollator, make_feature_cache
+
+
+def phrase_positions(ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
+    """True at the tokens strictly inside a ``<p> ... </p>`` span, row by row."""
+    opened = torch.cumsum((ids == start_id).long() - (ids == end_id).long(), dim=1) > 0
+    return opened & (ids != start_id)
 
 
 def token_losses(model: PrimaModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,6 +63,8 @@ def main() -> None:
     hits = {k: 0 for k in ("own_first", "foreign_first", "own_tag", "foreign_tag")}
     slots = {"first": 0, "tag": 0}
     visual_rows = []
+    colour_ids = torch.tensor([model.processor.tokenizer.convert_tokens_to_ids(c) for c in COLOURS])
+    colour_hits = colour_total = 0
     with torch.no_grad():
         for i in range(0, len(samples), args.batch):
             batch = collate(samples[i : i + args.batch])
@@ -69,6 +78,9 @@ def main() -> None:
                 batch["qformer_attention_mask"],
             )
             visual_rows.append(visual)
+            if model.visual_words is not None:
+                hit, total = head_colour_recall(model, visual, samples[i : i + args.batch], colour_ids)
+                colour_hits, colour_total = colour_hits + hit, colour_total + total
             n = batch["image_features"][0].shape[0]
             perm = torch.randperm(n, generator=gen)
             while n > 1 and bool((perm == torch.arange(n)).any()):  # every image replaced by another one
@@ -76,7 +88,7 @@ def main() -> None:
             foreign = dict(batch, image_features=[f[perm] for f in batch["image_features"]])
             ce_foreign, right_foreign, _ = token_losses(model, foreign)
             answer = labels != IGNORE_INDEX
-            phrase = phrase_interior(batch["input_ids"][:, 1:], t.phrase_start_id, t.phrase_end_id) & answer
+            phrase = phrase_positions(batch["input_ids"][:, 1:], t.phrase_start_id, t.phrase_end_id) & answer
             previous = batch["input_ids"][:, :-1]  # the token before each label
             first = answer & (previous == t.phrase_start_id)  # a phrase's first word (colour, in the synth data)
             tag = answer & (previous == t.seg_token_id)  # the image tag after a [SEG]
@@ -108,6 +120,28 @@ def main() -> None:
             f"greedy accuracy, {what} ({slots[name]}): own images {hits[f'own_{name}'] / n:.3f}, "
             f"foreign images {hits[f'foreign_{name}'] / n:.3f}"
         )
+    if colour_total:
+        print(
+            f"visual-words head: {colour_hits / colour_total:.3f} of the grounded phrases' colours ({colour_total}) "
+            "are among their image's top |phrases| colour words"
+        )
+
+
+def head_colour_recall(
+    model: PrimaModel, visual: torch.Tensor, samples: list, colour_ids: torch.Tensor
+) -> tuple[int, int]:
+    """(hits, total): per image, the colours its grounded phrases start with vs the visual-words head's top colours."""
+    scores = torch.logsumexp(model.visual_words(F.rms_norm(visual, visual.shape[-1:])), dim=1)[:, colour_ids]
+    names = list(COLOURS)
+    hits = total = offset = 0
+    for sample in samples:
+        for k in range(len(sample.images)):
+            truth = {seg.phrase.split()[0] for seg in sample.segments if seg.image == k + 1} & set(names)
+            if truth:
+                top = {names[j] for j in scores[offset + k].topk(len(truth)).indices.tolist()}
+                hits, total = hits + len(truth & top), total + len(truth)
+        offset += len(sample.images)
+    return hits, total
 
 
 if __name__ == "__main__":

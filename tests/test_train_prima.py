@@ -93,3 +93,55 @@ def test_train_refuses_a_best_metric_it_will_never_compute_before_step_one(synth
     with pytest.raises(PrimaError, match="val_generate"):
         run_training("tiny", [*overrides(synth, tmp_path, val_generate=0), "train.best_metric=val_miou"], run)
     assert not (run / "log.jsonl").exists()  # nothing was trained (and so nothing is lost at the end)
+
+
+@pytest.mark.slow
+def test_second_stage_trains_only_the_unfrozen_groups_from_a_trained_model(synth, tmp_path):
+    """`train.init_from` + `train.freeze`: the stage-2 run of configs/tiny-masks.yaml, small."""
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", "--config", "tiny", *overrides(synth, tmp_path, max_steps=2), "--out", str(first)]) == 0
+    stage2 = [
+        *overrides(synth, tmp_path, init_from=first / "final", val_generate=1),
+        "train.freeze=[language, query_module, square, projector]",
+        "model.grounding.phrase_tokens=4",
+    ]
+    assert main(["train", "--config", "tiny", *stage2, "--out", str(second)]) == 0
+    before = load_file(str(first / "final" / "model.safetensors"))
+    after = load_file(str(second / "final" / "model.safetensors"))
+    assert {"grounding.words.weight", "grounding.word_pos"} <= set(after) - set(before)  # new: started fresh
+    changed = {k for k in before if not (before[k] == after[k]).all()}
+    assert changed and all(k.startswith(("grounding.", "seg_projector.")) for k in changed)
+    assert (second / "processor" / "tokenizer.json").read_bytes() == (first / "final" / "tokenizer.json").read_bytes()
+
+
+def test_init_from_and_freeze_errors_name_the_problem(synth, tmp_path):
+    from prima.config import ConfigError
+    from prima.model.prima import PrimaModel
+    from prima.train.checkpoint import CheckpointError, load_model_weights
+    from prima.train.config import FREEZABLE
+    from prima.train.run import run_training
+
+    with pytest.raises(ConfigError, match="unknown group.*'lm'"):
+        run_training("tiny", [*overrides(synth, tmp_path), "train.freeze=[lm]"], tmp_path / "a")
+    with pytest.raises(ConfigError, match="nothing would be trained"):
+        run_training("tiny", [*overrides(synth, tmp_path), f"train.freeze=[{', '.join(FREEZABLE)}]"], tmp_path / "b")
+    with pytest.raises(PrimaError, match="init_from.*model.safetensors not found"):
+        run_training("tiny", overrides(synth, tmp_path, init_from=tmp_path / "none"), tmp_path / "c")
+
+    from prima.config import load_config
+    from prima.data.processor import PrimaProcessor, load_tokenizers
+    from prima.train.config import RunConfig
+
+    def small_model(*extra):
+        cfg = load_config(RunConfig, "tiny", [*SMALL_MODEL, *extra]).model
+        tok, qtok = load_tokenizers(cfg, ["a red cube"])
+        return PrimaModel(cfg, PrimaProcessor.from_config(cfg, tok, qtok))
+
+    model = small_model()
+    assert tuple(model.parameter_groups()) == FREEZABLE  # the names train.freeze accepts
+    model.save_pretrained(tmp_path / "m")
+    wider = small_model("model.grounding.hidden_size=16", "model.grounding.num_heads=1")
+    with pytest.raises(CheckpointError, match="another shape"):
+        load_model_weights(wider, tmp_path / "m" / "model.safetensors", allow_missing=True)

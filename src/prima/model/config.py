@@ -140,9 +140,6 @@ class LossConfig:
     # image i must be predictable from V_i (a linear word head, max over the image's tokens via logsumexp).
     # Keeps a from-scratch query module from collapsing V_i to an image-independent constant (docs/TRAINING.md)
     visual_words: float = 0.0
-    # weight of the answer tokens that only the images can tell (the words inside `<p> ... </p>` and the image tag
-    # after each [SEG]) relative to the other answer tokens in the text loss (1: a plain mean over all of them)
-    grounded_ce: float = 1.0
 
 
 @dataclass

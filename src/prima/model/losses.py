@@ -9,21 +9,13 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def text_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross-entropy over the labelled (answer) tokens; logits (B, L, V), labels (B, L).
-
-    ``weights`` (B, L), aligned with ``labels``: a weighted mean (each labelled token counts by its weight);
-    None: the plain mean."""
+def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) tokens; logits (B, L, V), labels (B, L)."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
-    labelled = shift_labels != IGNORE_INDEX
-    if labelled.sum() == 0:
+    if (shift_labels != IGNORE_INDEX).sum() == 0:
         return shift_logits.sum() * 0.0
-    if weights is None:
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
-    ce = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
-    w = weights[:, 1:].reshape(-1).to(ce.dtype) * labelled
-    return (ce * w).sum() / w.sum()
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

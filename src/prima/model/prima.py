@@ -88,12 +88,6 @@ class VisualCopy(nn.Module):
         return torch.logaddexp(F.logsigmoid(gate) + lm_logprobs, F.logsigmoid(-gate) + copied)
 
 
-def phrase_interior(ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
-    """True at the tokens strictly inside a `<p> ... </p>` span, row by row; ids (B, L)."""
-    opened = torch.cumsum((ids == start_id).long() - (ids == end_id).long(), dim=1) > 0
-    return opened & (ids != start_id)
-
-
 def fill_token_ids(cfg: ModelConfig, processor: Any) -> None:
     """Record the tokenizer's vocabulary size and every special-token id in ``cfg.tokens`` (checked if present)."""
     from prima.data.processor import IMAGE_SLOT_TOKEN, check_special_tokens
@@ -199,21 +193,22 @@ class PrimaModel(nn.Module):
             "grounding": [],
         }
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name.startswith(("language.", "copy.")):  # the copy path is part of the word head
-                groups["language"].append(p)
-            elif name.startswith(("query.relational.", "query.context_proj.")):
-                groups["square"].append(p)
-            elif name.startswith(("query.projection.", "query.projector.", "query.shortcut.")):
-                groups["projector"].append(p)
-            elif name.startswith("query."):
-                groups["query_module"].append(p)
-            elif name.startswith(("grounding.", "seg_projector.")):
-                groups["grounding"].append(p)
-            else:  # a frozen encoder made trainable by the user lands with its nearest component
-                groups["query_module"].append(p)
+            if p.requires_grad:
+                groups[self.group_of(name)].append(p)
         return groups
+
+    @staticmethod
+    def group_of(name: str) -> str:
+        """The `parameter_groups` group of a parameter name."""
+        if name.startswith(("language.", "copy.")):  # the copy path is part of the word head
+            return "language"
+        if name.startswith(("query.relational.", "query.context_proj.")):
+            return "square"
+        if name.startswith(("query.projection.", "query.projector.", "query.shortcut.")):
+            return "projector"
+        if name.startswith(("grounding.", "seg_projector.")):
+            return "grounding"
+        return "query_module"  # the query module, and a frozen encoder made trainable by the user
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for group in self.parameter_groups().values() for p in group]
@@ -340,15 +335,6 @@ class PrimaModel(nn.Module):
             out[q, : len(words)] = torch.tensor(words, dtype=torch.long)
         return out.to(self.device)
 
-    def grounded_token_weights(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) text-loss weights: ``loss.grounded_ce`` at the words inside `<p> ... </p>` and at the image tag
-        right after each [SEG] (what only the images can tell), 1 elsewhere."""
-        t = self.config.tokens
-        grounded = phrase_interior(ids, t.phrase_start_id, t.phrase_end_id)
-        grounded[:, 1:] |= ids[:, :-1] == t.seg_token_id
-        weights = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
-        return weights.masked_fill(grounded, self.config.loss.grounded_ce)
-
     def _phrase_span(self, ids: list[int], seg_pos: int) -> tuple[int, int]:
         """[start, end) of the tokens inside the `<p> ... </p>` that ends right before position ``seg_pos``."""
         t = self.config.tokens
@@ -417,11 +403,7 @@ class PrimaModel(nn.Module):
         w = self.config.loss
         if labels is not None:
             loss_ce = text_loss(logits, labels)
-            if w.grounded_ce != 1.0:  # the loss weighs grounded tokens up; loss_ce stays the plain mean (logs)
-                weighted = text_loss(logits, labels, self.grounded_token_weights(input_ids))
-                loss = w.ce * weighted
-            else:
-                loss = w.ce * loss_ce
+            loss = w.ce * loss_ce
         targets = batch.get("masks")
         if targets is not None and labels is not None:
             targets = targets.to(dev, torch.float32)

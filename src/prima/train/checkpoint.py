@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,29 +137,49 @@ def _load_models_checked(models: list, input_dir: str) -> None:
     models.clear()
 
 
-def load_model_weights(model: Any, path: str | os.PathLike) -> None:
+def load_model_weights(
+    model: Any, path: str | os.PathLike, *, allow_missing: bool = False, skip: Callable[[str], bool] | None = None
+) -> list[str]:
     """Load a checkpoint's model.safetensors; a CheckpointError naming the keys if trainable weights differ.
 
     Keys under ``model.external_weight_prefixes()`` (frozen weights rebuilt from their source) are skipped,
-    and a missing key is fine when it shares storage with a loaded one (tied weights are saved once).
+    and a missing key is fine when it shares storage with a loaded one (tied weights are saved once). With
+    ``allow_missing`` (``train.init_from``: a model with new parts) weights the file lacks keep their fresh
+    initialisation and are returned; unexpected keys and shape mismatches are an error either way. Keys
+    for which ``skip`` is true are not loaded (with ``allow_missing``: they start fresh).
     """
     from safetensors.torch import load_file
 
     external = tuple(model.external_weight_prefixes()) if hasattr(model, "external_weight_prefixes") else ()
-    state = {k: v for k, v in load_file(str(path)).items() if not (external and k.startswith(external))}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = {
+        k: v
+        for k, v in load_file(str(path)).items()
+        if not (external and k.startswith(external)) and not (skip and skip(k))
+    }
     own = model.state_dict()
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"{path} does not match the model: {len(mismatched)} weight(s) of another shape (file vs model) "
+            f"{mismatched[:4]}; was the model config changed since?"
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
     loaded_storage = {own[k].untyped_storage().data_ptr() for k in state if k in own}
     missing = [
         k
         for k in missing
         if not (external and k.startswith(external)) and own[k].untyped_storage().data_ptr() not in loaded_storage
     ]
-    if missing or unexpected:
+    if (missing and not allow_missing) or unexpected:
         raise CheckpointError(
             f"{path} does not match the model: {len(missing)} missing weight(s) {missing[:4]}, "
             f"{len(unexpected)} unexpected {list(unexpected)[:4]}; was the model config or code changed since?"
         )
+    return missing
 
 
 def _discard(folder: Path) -> None:

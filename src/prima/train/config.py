@@ -43,6 +43,10 @@ class DataConfig:
             raise ConfigError(f"data.epoch_size must be > 0, got {self.epoch_size}")
 
 
+# the groups of `PrimaModel.parameter_groups`, in its order (a test keeps the two in step)
+FREEZABLE = ("language", "query_module", "square", "projector", "grounding")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -67,6 +71,13 @@ class TrainConfig:
     best_metric: str = "val_loss"
     best_mode: Literal["min", "max"] = "min"
     progress_bar: bool = True
+    # start from a trained model folder (`final/`, a bundled checkpoint) instead of random weights: its tokenizer
+    # and every weight it has; parts it lacks (e.g. a decoder option switched on) start fresh (docs/TRAINING.md)
+    init_from: str | None = None
+    # parameter groups kept fixed (`PrimaModel.parameter_groups`: language, query_module, square, projector,
+    # grounding); e.g. everything but `grounding` to train a mask decoder under a trained LLM
+    freeze: list[str] = field(default_factory=list)
+    reinit: list[str] = field(default_factory=list)  # groups NOT taken from init_from: they start fresh
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "log_every"):
@@ -80,6 +91,14 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers, got {self.betas}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for key in ("freeze", "reinit"):
+            unknown = sorted(set(getattr(self, key)) - set(FREEZABLE))
+            if unknown:
+                raise ConfigError(f"train.{key}: unknown group(s) {unknown}; known: {list(FREEZABLE)}")
+        if self.reinit and not self.init_from:
+            raise ConfigError("train.reinit names groups not to take from train.init_from, which is not set")
+        if set(FREEZABLE) <= set(self.freeze):
+            raise ConfigError("train.freeze names every parameter group: nothing would be trained")
 
 
 @dataclass

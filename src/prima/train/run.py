@@ -186,10 +186,16 @@ def run_training(
     processor_dir = run_dir / PROCESSOR_DIR
     if resume and not processor_dir.is_dir():
         raise PrimaError(f"--resume: {processor_dir} is missing; the run's tokenizer cannot be recovered")
+    init_from = Path(cfg.train.init_from) if cfg.train.init_from and not resume else None
+    if init_from is not None and not (init_from / "model.safetensors").is_file():
+        raise PrimaError(f"train.init_from: {init_from / 'model.safetensors'} not found; give a model folder (final/)")
     if accelerator.is_main_process and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer, qformer_tokenizer = load_tokenizers(cfg.model, _texts(train_set.samples))
-        PrimaProcessor.from_config(cfg.model, tokenizer, qformer_tokenizer).save_pretrained(processor_dir)
+        if init_from is not None:  # the trained model's token ids: its own tokenizer
+            PrimaProcessor.from_pretrained(init_from).save_pretrained(processor_dir)
+        else:
+            tokenizer, qformer_tokenizer = load_tokenizers(cfg.model, _texts(train_set.samples))
+            PrimaProcessor.from_config(cfg.model, tokenizer, qformer_tokenizer).save_pretrained(processor_dir)
     if accelerator.is_main_process and (not resume or overrides):
         # a resume may change the run (e.g. train.max_steps to train longer): the saved config follows it
         save_config(cfg, run_dir / CONFIG_FILE)
@@ -197,6 +203,17 @@ def run_training(
     processor = PrimaProcessor.from_pretrained(processor_dir)  # every process: the one saved tokenizer
     set_seed(cfg.train.seed)
     model = PrimaModel(cfg.model, processor)
+    if init_from is not None:
+        reinit = set(cfg.train.reinit)
+        fresh = load_model_weights(
+            model, init_from / "model.safetensors", allow_missing=True, skip=lambda k: model.group_of(k) in reinit
+        )
+        if accelerator.is_main_process:
+            print(f"init_from {init_from}: {len(fresh)} weight(s) start fresh {fresh[:6]}", flush=True)
+    groups = model.parameter_groups()
+    for name in cfg.train.freeze:  # before the optimizer is made: it takes the parameters that still train
+        for p in groups[name]:
+            p.requires_grad_(False)
 
     cache = make_feature_cache(model, cfg.data.feature_cache) if cfg.data.feature_cache else None
     collator = TrainCollator(model, cache)
