@@ -102,7 +102,7 @@ def main() -> None:
                 counts[name] += int(where.sum())
     print(f"{args.checkpoint}: {len(samples)} samples of {args.data}")
     visual = torch.cat(visual_rows)  # (images, tokens per image, width)
-    words = model.language.get_input_embeddings().weight
+    words = model.language.get_input_embeddings().weight.detach()
     print(
         f"visual tokens: mean norm {float(visual.norm(dim=-1).mean()):.2f} (word embeddings "
         f"{float(words.norm(dim=-1).mean()):.2f}); per-dimension std across images {float(visual.std(0).mean()):.3f}, "

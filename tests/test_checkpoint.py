@@ -104,3 +104,23 @@ def test_resume_ignores_a_changed_frozen_encoder_but_not_changed_trainable_weigh
 
     with pytest.raises(CheckpointError, match=r"missing weight\(s\) \['extra.weight'"):
         Trainer(Wider(), toy_data(), collate, toy_cfg(val_every=0), run).fit(resume=True)
+
+
+def test_only_the_tied_output_layer_note_is_silenced(caplog):
+    from accelerate import PartialState
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    class Tied(nn.Module):
+        def __init__(self, name: str):
+            super().__init__()
+            self.embed = nn.Embedding(4, 2)
+            setattr(self, name, nn.Linear(2, 4, bias=False))
+            getattr(self, name).weight = self.embed.weight
+
+    PartialState()  # accelerate's logger needs it
+    with caplog.at_level("WARNING"):
+        clean_state_dict_for_safetensors(Tied("lm_head").state_dict())
+    assert "Removed shared tensor" not in caplog.text
+    with caplog.at_level("WARNING"):
+        clean_state_dict_for_safetensors(Tied("other_head").state_dict())
+    assert "Removed shared tensor {'other_head.weight'}" in caplog.text

@@ -145,3 +145,12 @@ def test_init_from_and_freeze_errors_name_the_problem(synth, tmp_path):
     wider = small_model("model.grounding.hidden_size=16", "model.grounding.num_heads=1")
     with pytest.raises(CheckpointError, match="another shape"):
         load_model_weights(wider, tmp_path / "m" / "model.safetensors", allow_missing=True)
+    # train.reinit: the skipped group is not loaded and is reported as starting fresh
+    other = small_model()
+    fresh = load_model_weights(
+        other, tmp_path / "m" / "model.safetensors", allow_missing=True, skip=lambda k: other.group_of(k) == "grounding"
+    )
+    assert fresh and all(other.group_of(k) == "grounding" for k in fresh)
+    assert (other.state_dict()["seg_projector.0.weight"] != model.state_dict()["seg_projector.0.weight"]).any()
+    with pytest.raises(ConfigError, match="init_from, which is not set"):
+        run_training("tiny", [*overrides(synth, tmp_path), "train.reinit=[grounding]"], tmp_path / "d")

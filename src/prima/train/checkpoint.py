@@ -10,6 +10,7 @@ killed half-way leaves a ``.tmp-`` folder that is ignored and cleaned up by the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,18 @@ from prima.errors import PrimaError
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 _NAME_RE = re.compile(r"^step-(\d+)$")
+_TIED_HEAD_NOTE = re.compile(r"Removed shared tensor \{'[\w.]*lm_head\.weight'\} while saving")
+
+
+class _TiedHeadNote(logging.Filter):
+    """Drop accelerate's per-save note that the LLM's output layer, tied to its input embeddings, is not
+    stored twice: loading re-ties it (exact resume is tested). Any other shared tensor still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _TIED_HEAD_NOTE.search(record.getMessage())
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadNote())
 
 
 class CheckpointError(PrimaError):
