@@ -94,13 +94,17 @@ def server(tmp_path_factory, tiny_checkpoint):
     yield url, tmpdir, workdir
     proc.send_signal(signal.SIGINT)  # Ctrl-C: the app's own shutdown path, which removes its temp folder
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=WAIT_MS / 1000)
+        how = f"exited with {proc.returncode}"
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+        how = f"did not exit within {WAIT_MS // 1000} s of Ctrl-C and was killed"
     log.close()
     left = [p.name for p in tmpdir.iterdir()]
-    assert left == [], f"the web demo left files in its TMPDIR after Ctrl-C: {left}"
+    output = (root / "server.log").read_text()
+    assert left == [], f"the web demo {how} and left {left} in its TMPDIR; its output:\n{output}"
+    assert "web demo stopped; removed" in output, output
 
 
 @pytest.fixture(scope="module")

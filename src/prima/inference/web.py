@@ -206,4 +206,8 @@ def serve(
         app.block_thread()  # until Ctrl-C, then Gradio closes the server
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if temp_dir.exists():  # a file still open or still being written
+            print(f"prima demo --web: could not remove {temp_dir} completely; delete it by hand", flush=True)
+        else:
+            print(f"PRIMA web demo stopped; removed {temp_dir}", flush=True)
     return 0
