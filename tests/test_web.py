@@ -75,7 +75,10 @@ def server(tmp_path_factory, tiny_checkpoint):
     log = (root / "server.log").open("w")
     cmd = [sys.executable, "-m", "prima", "demo", "--web", "--port", str(port)]
     cmd += ["--checkpoint", str(tiny_checkpoint), "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
-    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # a background job (`make test &`, nohup) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # give the server Ctrl-C back, as an interactive user has it
+    restore_ctrl_c = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=restore_ctrl_c)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + WAIT_MS / 1000
     while True:
