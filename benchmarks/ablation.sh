@@ -3,11 +3,11 @@
 # data, seed and (short) budget, in two lanes of one thread each, then `prima eval` on the first LIMIT test
 # samples and one `prima compare` table (runs/eval/ablation.md).
 #
-#   bash benchmarks/ablation.sh [STEPS=500] [LIMIT=200]   # the run of docs/RESULTS.md
+#   bash benchmarks/ablation.sh [STEPS=800] [LIMIT=200]   # the run of docs/RESULTS.md
 #
 # Needs the tiny recipe's data (configs/tiny.yaml comments) and shares its feature cache.
 set -euo pipefail
-STEPS=${1:-500}
+STEPS=${1:-800}
 LIMIT=${2:-200}
 PRIMA=${PRIMA:-.venv/bin/prima}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
@@ -20,7 +20,7 @@ one() {  # train and evaluate one variant
       train.val_every="$STEPS" train.save_every="$STEPS" train.val_generate=16 train.progress_bar=false \
       data.prefill_cache=false
   fi
-  $PRIMA eval --checkpoint "$run/final" --data data/synth/test/samples.jsonl --limit "$LIMIT" \
+  $PRIMA eval --checkpoint "$run/final" --data data/synth/test/samples.jsonl --limit "$LIMIT" --batch-size 8 \
     --out "runs/eval/ablation-$v"
 }
 

@@ -335,10 +335,25 @@ def test_every_cross_image_variant_trains_and_generates(variant):
     assert isinstance(result.answer, str)
 
 
+def test_cross_image_context_starts_at_zero_and_trains():
+    """Z starts at exactly zero (the queries are G alone, as with `none`), and the loss reaches the layer that
+    opens it, so training can turn the cross-image path on."""
+    for variant, layer in (("square", "relational.norm"), ("projection", "context_proj"), ("pooling", "context_proj")):
+        model = small_model(f"cross_image={variant}")
+        tokens = torch.randn(3, 16, model.vision.channels[model.vision.token_index])
+        assert not model.query.cross_image_context(tokens, torch.tensor([0, 0, 1])).any(), variant
+        model.train()
+        model(make_batch(model, [grounded_sample(), negative_sample()])).loss.backward()
+        weight = model.query.get_submodule(layer).weight
+        assert weight.grad is not None and weight.grad.abs().sum() > 0, variant
+
+
 def test_cross_image_context_depends_on_the_other_images():
     """SQuARE: changing image 2 changes image 1's visual tokens; with `none` it does not."""
     for variant, should_change in (("square", True), ("none", False)):
         model = small_model(f"cross_image={variant}").eval()
+        if variant == "square":  # open the path that starts closed (as training does)
+            torch.nn.init.ones_(model.query.relational.norm.weight)
         proc = model.processor
         qids = torch.tensor([proc.encode_qformer_text("Where?")])
         index = torch.zeros(2, dtype=torch.long)

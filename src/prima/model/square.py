@@ -139,8 +139,13 @@ class ImageQueryModule(nn.Module):
             self.relational = RelationalAttention(
                 qc.num_queries, dim, token_dim, rc.num_heads, rc.num_layers, cfg.max_images, rc.dropout
             )
+            # Z starts at zero: at first the queries are G alone (`none`), as the Q-Former expects; training
+            # opens the cross-image path (docs/MODEL.md, "Cross-image context starts at zero")
+            nn.init.zeros_(self.relational.norm.weight)
         elif cfg.cross_image in ("projection", "pooling"):
             self.context_proj = nn.Linear(token_dim, dim)
+            nn.init.zeros_(self.context_proj.weight)
+            nn.init.zeros_(self.context_proj.bias)
         self.projection = nn.Linear(dim, llm_hidden)  # Q-Former width -> LLM width
         self.shortcut = nn.Linear(token_dim, llm_hidden) if qc.shortcut else None
         if qc.frozen:
