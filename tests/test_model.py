@@ -633,6 +633,8 @@ def test_visual_copy_mixes_in_the_words_of_the_samples_own_images():
 
     assert ModelConfig().visual_copy is False and small_model().copy is None
     model = small_model("visual_copy=true", "loss.visual_words=0.0").eval()
+    # open SQuARE's context (it starts at zero), so that a sample's visual tokens clearly depend on its images
+    torch.nn.init.ones_(model.query.relational.norm.weight)
     assert model.visual_words is not None  # the copy path reads words through the visual-words head
     assert any(p is model.copy.gate.weight for p in model.parameter_groups()["language"])
     samples = [grounded_sample(), negative_sample()]
