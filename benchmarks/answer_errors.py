@@ -39,10 +39,10 @@ def main() -> None:
     }
     for sample in read_samples(args.samples):
         gt = sample.segments
-        pred = predictions[sample.id].segments if sample.id in predictions else []
         if not gt:
             continue
-        iou = iou_matrix(pred, gt) if pred else np.zeros((0, len(gt)))
+        pred = predictions[sample.id].segments if sample.id in predictions else []
+        iou = iou_matrix(pred, gt)  # (0, len(gt)) when nothing was predicted
         for j, g in enumerate(gt):
             here = [i for i, p in enumerate(pred) if p.image == g.image]
             same = [i for i in here if pred[i].phrase == g.phrase]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,9 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from prima.train.run import run_training
 
-    result = run_training(args.config, args.overrides, args.out, resume=args.resume, stop_at_step=args.stop_at_step)
-    if result is not None and os.environ.get("RANK", "0") == "0":  # one line, not one per process
-        print(f"step {result.step}: last checkpoint {result.last_checkpoint}, best {result.best_checkpoint}")
+    run_training(args.config, args.overrides, args.out, resume=args.resume, stop_at_step=args.stop_at_step)
     return 0
 
 

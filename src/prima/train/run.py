@@ -238,6 +238,10 @@ def run_training(
     result = trainer.fit(resume=resume, stop_at_step=stop_at_step)
     if result.step >= cfg.train.max_steps:
         export_models(trainer, result)
+    if accelerator.is_main_process:  # one line, not one per process
+        print(
+            f"step {result.step}: last checkpoint {result.last_checkpoint}, best {result.best_checkpoint}", flush=True
+        )
     return result
 
 
