@@ -15,6 +15,7 @@ import argparse
 import numpy as np
 
 from prima.data.schema import read_samples
+from prima.errors import PrimaError
 from prima.evaluation.metrics import iou_matrix
 from prima.evaluation.scorer import read_predictions
 
@@ -30,14 +31,18 @@ def main() -> None:
     parser.add_argument("samples", help="GT samples JSONL")
     parser.add_argument("predictions", help="predictions JSONL (prima eval / prima predict)")
     args = parser.parse_args()
-    predictions = read_predictions(args.predictions)
+    try:
+        predictions = read_predictions(args.predictions)
+        samples = read_samples(args.samples)
+    except PrimaError as e:  # names the file and line; no traceback
+        raise SystemExit(f"answer_errors: error: {e}") from None
     groups: dict[str, list[float]] = {
         "same phrase": [],
         "same object, other colour": [],
         "other objects only": [],
         "no mask on its image": [],
     }
-    for sample in read_samples(args.samples):
+    for sample in samples:
         gt = sample.segments
         if not gt:
             continue
