@@ -4,8 +4,7 @@ images vs with images taken from other samples (the image features permuted acro
 Reported separately for the tokens inside ``<p> ... </p>`` (the object and part names: only the images can tell
 them) and for all answer tokens. A model that ignores its images scores the same with foreign images (gap ~0);
 the larger the gap on phrase tokens, the more the names come from the pixels. Also the greedy accuracy of two
-tokens only the images can tell: a phrase's first word (the colour, in the synthetic data) and the image tag
-after each ``[SEG]``. And, for a model with a visual-words head, whether the colours are in the visual tokens at all:
+tokens only the images can tell: a phrase's colour word (in the synthetic data) and the image tags of the answer. And, for a model with a visual-words head, whether the colours are in the visual tokens at all:
 for each image, the share of its grounded phrases' colours among the head's top |phrases| colour words.
 
     .venv/bin/python benchmarks/visual_reliance.py runs/tiny/final --data data/synth/val/samples.jsonl \
@@ -60,8 +59,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     sums = {k: 0.0 for k in ("own_phrase", "foreign_phrase", "own_all", "foreign_all")}
     counts = {"phrase": 0, "all": 0}
-    hits = {k: 0 for k in ("own_first", "foreign_first", "own_tag", "foreign_tag")}
-    slots = {"first": 0, "tag": 0}
+    hits = {k: 0 for k in ("own_colour", "foreign_colour", "own_tag", "foreign_tag")}
+    slots = {"colour": 0, "tag": 0}
     visual_rows = []
     colour_ids = torch.tensor([model.processor.tokenizer.convert_tokens_to_ids(c) for c in COLOURS])
     colour_hits = colour_total = 0
@@ -89,10 +88,9 @@ def main() -> None:
             ce_foreign, right_foreign, _ = token_losses(model, foreign)
             answer = labels != IGNORE_INDEX
             phrase = phrase_positions(batch["input_ids"][:, 1:], t.phrase_start_id, t.phrase_end_id) & answer
-            previous = batch["input_ids"][:, :-1]  # the token before each label
-            first = answer & (previous == t.phrase_start_id)  # a phrase's first word (colour, in the synth data)
-            tag = answer & (previous == t.seg_token_id)  # the image tag after a [SEG]
-            for name, where in (("first", first), ("tag", tag)):
+            colour = phrase & torch.isin(labels, colour_ids)  # a colour word inside a phrase (any answer_order)
+            tag = answer & torch.isin(labels, torch.tensor(t.image_tag_ids))  # an image tag in the answer
+            for name, where in (("colour", colour), ("tag", tag)):
                 hits[f"own_{name}"] += int(right_own[where].sum())
                 hits[f"foreign_{name}"] += int(right_foreign[where].sum())
                 slots[name] += int(where.sum())
@@ -114,7 +112,7 @@ def main() -> None:
             f"{name:>6} tokens ({counts[name]}): CE own images {own:.3f} (ppl {math.exp(own):.2f}), "
             f"foreign images {foreign:.3f} (ppl {math.exp(foreign):.2f}), gap {foreign - own:+.3f}"
         )
-    for name, what in (("first", "first phrase word"), ("tag", "image tag after [SEG]")):
+    for name, what in (("colour", "colour word in a phrase"), ("tag", "image tag in the answer")):
         n = max(slots[name], 1)
         print(
             f"greedy accuracy, {what} ({slots[name]}): own images {hits[f'own_{name}'] / n:.3f}, "

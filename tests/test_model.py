@@ -364,15 +364,18 @@ def test_cross_image_context_depends_on_the_other_images():
         assert (not torch.allclose(a[0], b[0])) == should_change, variant
 
 
-def test_batch_without_seg_still_uses_the_mask_branch(model):
-    """Distributed training needs every trainable parameter in the graph, also when no sample has a mask."""
+def test_batch_without_seg_still_uses_every_trainable_parameter(model):
+    """Distributed training needs every trainable parameter in the graph, also when no sample has a mask: under
+    DDP with find_unused_parameters=false one unused one (it was the visual-words head's bias) desynchronises the
+    processes' gradient all-reduces (a tiny run crashed at the step where one process's 4 samples had no mask)."""
     model.train()
-    model.zero_grad()
+    model.zero_grad(set_to_none=True)
     out = model(make_batch(model, [negative_sample("a"), negative_sample("b", 3)]))
     assert float(out.loss_bce.detach()) == 0.0 and float(out.loss_dice.detach()) == 0.0
     out.loss.backward()
-    for name, p in [*model.grounding.named_parameters(), *model.seg_projector.named_parameters()]:
-        assert p.grad is not None, name
+    assert model.visual_words is not None  # the head that was missed before
+    for name, p in model.named_parameters():
+        assert p.grad is not None or not p.requires_grad, name
 
 
 def test_spatial_prior_is_a_switch_and_old_configs_load_without_it():
@@ -659,3 +662,33 @@ def test_visual_copy_mixes_in_the_words_of_the_samples_own_images():
         model.visual_words.bias.zero_()
         model.visual_words.bias[chair] = 30.0
         assert (model(batch).logits.argmax(-1) == chair).all()
+
+
+@pytest.mark.parametrize("order", ["image_first", "image_first_reversed"])
+def test_image_first_answer_order_trains_on_the_right_images_and_generates_written_answers(order, monkeypatch):
+    """The model writes `(IMAGEk) <p> ... </p> [SEG]` (words reversed too, in image_first_reversed); training routes
+    each [SEG] to the tag before its phrase and answers come back in the written order."""
+    model = small_model(f"answer_order={order}")
+    assert model.processor.answer_order == order
+    batch = make_batch(model, [grounded_sample()])  # [SEG]s on images 2, 1, 2
+    out = model(batch)  # raises if a [SEG]'s tag and its GT mask's image differ
+    assert out.seg_image_index.tolist() == [1, 0, 1] and torch.isfinite(out.loss)
+    tok = model.processor.tokenizer
+    answer = tok.convert_ids_to_tokens(model.processor.encode_answer("the <p> desk's drawer </p> [SEG] (IMAGE2)."))
+    words = ["drawer", "desk's"] if order == "image_first_reversed" else ["desk's", "drawer"]
+    assert answer[:7] == ["the", "(IMAGE2)", "<p>", *words, "</p>", "[SEG]"]
+
+    model.eval()
+    # the script asks for a [SEG] without a phrase, a <p> without a tag and a tag inside a phrase: all overruled
+    script = ["the", "[SEG]", "<p>", "(IMAGE3)", "<p>", *words, "(IMAGE1)", "</p>", "[SEG]", "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    result = model.generate(random_images(3), "Where can I sit?", max_new_tokens=12)
+    marks = [tok.convert_ids_to_tokens(i) for i in result.token_ids if tok.convert_ids_to_tokens(i) in SCRIPT_MARKS]
+    assert marks == ["(IMAGE3)", "<p>", "</p>", "[SEG]"]
+    assert [s.image for s in result.segments] == [3] and result.grounded_images == [3]
+    phrase = result.segments[0].phrase  # the overruled tag became another word inside the phrase
+    assert phrase.replace("<unk>", "").split() == ["desk's", "drawer"]
+    assert result.answer.endswith(f"<p> {phrase} </p> [SEG] (IMAGE3)")
+
+
+SCRIPT_MARKS = {"<p>", "</p>", "[SEG]", "(IMAGE1)", "(IMAGE2)", "(IMAGE3)"}

@@ -14,7 +14,9 @@ from prima.data.processor import (
     PrimaProcessor,
     build_tokenizer,
     format_prompt,
+    from_model_order,
     load_image,
+    to_model_order,
 )
 from prima.data.schema import Segment
 from prima.errors import PrimaError, SampleError
@@ -42,6 +44,29 @@ def test_answers_round_trip_through_the_tokenizer(processor):
     assert processor.decode(ids) == answer
     # spacing around markup does not change the ids
     assert processor.encode_answer(answer.replace(" </p> [SEG] ", "</p>[SEG]")) == ids
+
+
+ORDERED = [  # (written, image_first, image_first_reversed)
+    (
+        "The <p> green lamp </p> [SEG] (IMAGE1) is green, like the <p> dark green boat's sail </p> [SEG] (IMAGE2).",
+        "The (IMAGE1) <p> green lamp </p> [SEG] is green, like the (IMAGE2) <p> dark green boat's sail </p> [SEG].",
+        "The (IMAGE1) <p> lamp green </p> [SEG] is green, like the (IMAGE2) <p> sail boat's green dark </p> [SEG].",
+    ),
+    (  # a later mention (tag, no [SEG]) and a phrase without a tag
+        "The <p> red chair </p> (IMAGE3) and a <p> big desk </p>; no image.",
+        "The (IMAGE3) <p> red chair </p> and a <p> big desk </p>; no image.",
+        "The (IMAGE3) <p> chair red </p> and a <p> desk big </p>; no image.",
+    ),
+]
+
+
+@pytest.mark.parametrize("written, first, reversed_", ORDERED)
+def test_answer_orders_round_trip(written, first, reversed_):
+    assert to_model_order(written, "written") == from_model_order(written, "written") == written
+    assert to_model_order(written, "image_first") == first
+    assert to_model_order(written, "image_first_reversed") == reversed_
+    assert from_model_order(first, "image_first") == written
+    assert from_model_order(reversed_, "image_first_reversed") == written
 
 
 def test_prompt_has_one_block_of_slots_per_image(processor):

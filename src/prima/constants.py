@@ -26,5 +26,7 @@ SPECIAL_TOKENS = (SEG_TOKEN, PHRASE_START, PHRASE_END, IMAGE_START, IMAGE_END, *
 
 # `<p> phrase </p>` optionally followed by `[SEG]` and then optionally by an image tag.
 GROUNDED_PHRASE_RE = re.compile(r"<p>\s*(?P<phrase>.*?)\s*</p>(?P<seg>\s*\[SEG\])?(?:\s*\(IMAGE(?P<image>\d+)\))?")
+# how a model writes a grounded phrase (model.answer_order; prima.data.processor.to_model_order)
+ANSWER_ORDERS = ("written", "image_first", "image_first_reversed")
 SEG_RE = re.compile(r"\[SEG\]")
 IMAGE_TAG_RE = re.compile(r"\(IMAGE(\d+)\)")

@@ -25,7 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from prima.constants import IMAGE_END, IMAGE_START, IMAGE_TAGS, SPECIAL_TOKENS, image_tag
+from prima.constants import (
+    ANSWER_ORDERS,
+    GROUNDED_PHRASE_RE,
+    IMAGE_END,
+    IMAGE_START,
+    IMAGE_TAGS,
+    SPECIAL_TOKENS,
+    image_tag,
+)
 from prima.errors import PrimaError
 
 # --- image normalisation: the one place for these constants ---------------------------------------------------
@@ -67,6 +75,50 @@ def tidy_answer(text: str) -> str:
     """Decoded text with exactly one space around every special token (tokenizers glue or double them)."""
     text = _SPECIAL_RE.sub(lambda m: f" {m.group(0)} ", text)
     return _SPACE_BEFORE_PUNCT_RE.sub(r"\1", " ".join(text.split()))
+
+
+# --- the order the model writes a grounded phrase in -----------------------------------------------------------
+# a model-order phrase: `(IMAGEk) <p> phrase </p> [SEG]`, the tag and the [SEG] optional
+_MODEL_ORDER_PHRASE_RE = re.compile(r"(?:\(IMAGE(?P<image>\d+)\)\s*)?<p>\s*(?P<phrase>.*?)\s*</p>(?P<seg>\s*\[SEG\])?")
+
+
+def reverse_words(phrase: str) -> str:
+    """The phrase's whitespace-separated words in reverse order ("red chair's seat" -> "seat chair's red")."""
+    return " ".join(reversed(phrase.split()))
+
+
+def to_model_order(answer: str, order: str) -> str:
+    """A written answer (`<p> phrase </p> [SEG] (IMAGEk)`) in the order the model generates it (``answer_order``).
+
+    ``image_first``: `(IMAGEk) <p> phrase </p> [SEG]`, so the image is chosen before the words that describe what
+    it shows; ``image_first_reversed``: besides, the phrase's words reversed (`seat chair's red`): the head noun
+    first, its owner next and the colour last, each word written with what it qualifies already named. A phrase
+    without an image tag stays in place. `from_model_order` undoes it.
+    """
+    if order == "written":
+        return answer
+    reverse = order == "image_first_reversed"
+
+    def move(m: re.Match) -> str:
+        phrase = reverse_words(m.group("phrase")) if reverse else m.group("phrase")
+        text = f"<p> {phrase} </p>" + (" [SEG]" if m.group("seg") else "")
+        return f"{image_tag(int(m.group('image')))} {text}" if m.group("image") else text
+
+    return GROUNDED_PHRASE_RE.sub(move, answer)
+
+
+def from_model_order(text: str, order: str) -> str:
+    """The written answer for a text in the model's order (the inverse of `to_model_order`)."""
+    if order == "written":
+        return text
+    reverse = order == "image_first_reversed"
+
+    def back(m: re.Match) -> str:
+        phrase = reverse_words(m.group("phrase")) if reverse else m.group("phrase")
+        written = f"<p> {phrase} </p>" + (" [SEG]" if m.group("seg") else "")
+        return f"{written} {image_tag(int(m.group('image')))}" if m.group("image") else written
+
+    return tidy_answer(_MODEL_ORDER_PHRASE_RE.sub(back, text))
 
 
 # --- images -----------------------------------------------------------------------------------------------------
@@ -217,6 +269,7 @@ class PrimaProcessor:
         qformer_tokenizer: Any = None,
         qformer_max_length: int = 32,
         grounding_image_size: int | None = None,
+        answer_order: str = "written",
     ):
         self.tokenizer = tokenizer
         self.qformer_tokenizer = qformer_tokenizer
@@ -228,6 +281,9 @@ class PrimaProcessor:
         self.system_prompt = system_prompt
         self.qformer_max_length = qformer_max_length
         self.grounding_image_size = grounding_image_size  # SAM input side when grounding has its own encoder
+        if answer_order not in ANSWER_ORDERS:
+            raise PrimaError(f"unknown answer_order {answer_order!r}; use one of {', '.join(ANSWER_ORDERS)}")
+        self.answer_order = answer_order  # how the model writes grounded phrases (`to_model_order`)
         self.special_ids = check_special_tokens(tokenizer)
         self.slot_id = self.special_ids[IMAGE_SLOT_TOKEN]
         self.image_start_id = self.special_ids[IMAGE_START]
@@ -247,6 +303,7 @@ class PrimaProcessor:
             qformer_tokenizer=qformer_tokenizer,
             qformer_max_length=cfg.qformer.max_text_length if cfg.qformer is not None else 32,
             grounding_image_size=cfg.grounding.image_size if cfg.grounding.kind == "sam" else None,
+            answer_order=cfg.answer_order,
         )
 
     # text ---------------------------------------------------------------------------------------------------------
@@ -268,8 +325,9 @@ class PrimaProcessor:
         return expanded
 
     def encode_answer(self, answer: str) -> list[int]:
-        """Token ids of a (grounded) answer followed by EOS: what the model learns to generate."""
-        return self._encode(answer) + [self.tokenizer.eos_token_id]
+        """Token ids of a (grounded) answer, in the model's `answer_order`, followed by EOS: what it learns to
+        generate."""
+        return self._encode(to_model_order(answer, self.answer_order)) + [self.tokenizer.eos_token_id]
 
     def encode_qformer_text(self, question: str) -> list[int]:
         """The question as the Q-Former reads it (its own tokenizer when it has one), cut to its max length."""
@@ -278,7 +336,15 @@ class PrimaProcessor:
         return ids[: self.qformer_max_length] or [tok.pad_token_id]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Generated ids as answer text: special tokens kept (single-spaced), BOS/EOS/PAD dropped."""
+        """Generated ids as written answer text: special tokens kept (single-spaced), BOS/EOS/PAD dropped."""
+        return from_model_order(self._decode(ids), self.answer_order)
+
+    def decode_phrase(self, ids: Sequence[int]) -> str:
+        """The words between a generated `<p>` and `</p>` as written text."""
+        text = self._decode(ids)
+        return reverse_words(text) if self.answer_order == "image_first_reversed" else text
+
+    def _decode(self, ids: Sequence[int]) -> str:
         drop = {self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
         text = self.tokenizer.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
         return tidy_answer(text)
@@ -312,6 +378,7 @@ class PrimaProcessor:
             "system_prompt": self.system_prompt,
             "qformer_max_length": self.qformer_max_length,
             "grounding_image_size": self.grounding_image_size,
+            "answer_order": self.answer_order,
         }
         (directory / PROCESSOR_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 

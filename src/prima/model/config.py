@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prima.config import ConfigError, apply_overrides, from_dict, load_yaml_tree
-from prima.constants import MAX_IMAGES
+from prima.constants import ANSWER_ORDERS, MAX_IMAGES
 
 CrossImage = Literal["square", "projection", "pooling", "concat", "none"]
 CROSS_IMAGE_VARIANTS: tuple[str, ...] = ("square", "projection", "pooling", "concat", "none")
@@ -181,6 +181,10 @@ class ModelConfig:
     cross_image: CrossImage = "square"
     max_images: int = MAX_IMAGES
     system_prompt: str | None = None  # None: the default system text of prima.data.processor
+    # how the LLM writes a grounded phrase: "written" as in the data (`<p> red chair </p> [SEG] (IMAGEk)`),
+    # "image_first" (`(IMAGEk) <p> red chair </p> [SEG]`) or "image_first_reversed" (`(IMAGEk) <p> chair red </p>
+    # [SEG]`); answers are always read and returned in the written form (prima.data.processor.to_model_order)
+    answer_order: str = "written"
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig | None = field(default_factory=QFormerConfig)
     relational: RelationalConfig = field(default_factory=RelationalConfig)
@@ -204,6 +208,10 @@ class ModelConfig:
     def validate(self) -> None:
         if not 1 <= self.max_images <= MAX_IMAGES:
             raise ConfigError(f"model.max_images must be in 1..{MAX_IMAGES}, got {self.max_images}")
+        if self.answer_order not in ANSWER_ORDERS:
+            raise ConfigError(
+                f"model.answer_order must be one of {', '.join(ANSWER_ORDERS)}, got {self.answer_order!r}"
+            )
         if self.grounding.kind == "one_way" and self.vision.kind != "efficientnet_lite0":
             raise ConfigError(
                 "model.grounding.kind 'one_way' reads the multi-scale CNN features of efficientnet_lite0; "

@@ -130,6 +130,11 @@ class PrimaModel(nn.Module):
         cfg = copy.deepcopy(cfg)
         if processor is not None:
             fill_token_ids(cfg, processor)
+            if processor.answer_order != cfg.answer_order:
+                raise PrimaError(
+                    f"the processor writes answers in {processor.answer_order!r} order but model.answer_order is "
+                    f"{cfg.answer_order!r} (a model trained from another one, train.init_from, keeps its order)"
+                )
         if not cfg.tokens.complete:
             raise PrimaError("the model config has no token ids: build the model with a processor (tokenizer)")
         self.config = cfg
@@ -268,13 +273,14 @@ class PrimaModel(nn.Module):
             is_seg &= labels != IGNORE_INDEX
         rows, cols = is_seg.nonzero(as_tuple=True)
         tag_to_image = {tid: k for k, tid in enumerate(t.image_tag_ids)}
+        ids = input_ids.tolist() if rows.numel() else []
         images = []
         for r, c in zip(rows.tolist(), cols.tolist()):
-            nxt = int(input_ids[r, c + 1]) if c + 1 < input_ids.shape[1] else None
-            k = tag_to_image.get(nxt) if nxt is not None else None
+            k = tag_to_image.get(self._seg_tag(ids[r], c))
             if k is None or k >= int(num_images[r]):
+                where = "followed" if self.config.answer_order == "written" else "preceded (before its <p>)"
                 raise PrimaError(
-                    f"sample {r}: a [SEG] is not followed by an image tag (IMAGE1)..(IMAGE{int(num_images[r])})"
+                    f"sample {r}: a [SEG] is not {where} by an image tag (IMAGE1)..(IMAGE{int(num_images[r])})"
                 )
             images.append(int(image_offsets[r]) + k)
         return torch.stack([rows, cols]), torch.tensor(images, dtype=torch.long, device=input_ids.device)
@@ -334,6 +340,16 @@ class PrimaModel(nn.Module):
             words = rows[r][start : min(end, start + limit)]
             out[q, : len(words)] = torch.tensor(words, dtype=torch.long)
         return out.to(self.device)
+
+    def _seg_tag(self, ids: list[int], seg_pos: int) -> int | None:
+        """The token that names the image of the [SEG] at ``seg_pos``: right after it (``answer_order`` written),
+        or right before its phrase's `<p>` (image_first orders); None past the ends."""
+        if self.config.answer_order == "written":
+            return ids[seg_pos + 1] if seg_pos + 1 < len(ids) else None
+        start, end = self._phrase_span(ids, seg_pos)
+        if (start, end) == (0, 0) or start < 2:
+            return None
+        return ids[start - 2]
 
     def _phrase_span(self, ids: list[int], seg_pos: int) -> tuple[int, int]:
         """[start, end) of the tokens inside the `<p> ... </p>` that ends right before position ``seg_pos``."""
@@ -471,7 +487,7 @@ class PrimaModel(nn.Module):
             words += rows[r][start:end]
             images += [int(seg_images[q])] * (end - start)
         if not words:  # keep the head in the graph so distributed training sees every parameter used
-            return self.visual_words.weight.sum() * 0.0
+            return sum(p.sum() for p in self.visual_words.parameters()) * 0.0
         scores = torch.logsumexp(self.visual_words(F.rms_norm(visual, visual.shape[-1:])), dim=1)  # (N, vocab)
         target = torch.tensor(words, device=visual.device)
         return F.cross_entropy(scores[torch.tensor(images, device=visual.device)].float(), target)
@@ -526,6 +542,8 @@ class PrimaModel(nn.Module):
                 if tid is not None and tid != t.eos_token_id:
                     banned[b, tid] = True
             tag_only[b, t.image_tag_ids[:n]] = False
+        rules = self._phrase_rules(banned) if self.config.answer_order != "written" else None
+        in_phrase = [False] * len(requests)
 
         copy = self.copy is not None
         out = self.language(
@@ -544,17 +562,21 @@ class PrimaModel(nn.Module):
         while True:
             after_seg = torch.tensor([bool(g) and g[-1] == t.seg_token_id for g in generated], device=dev)
             for b, g in enumerate(generated):
-                done[b] = done[b] or (len(g) >= max_new_tokens and not bool(after_seg[b]))
+                done[b] = done[b] or (len(g) >= max_new_tokens and not (rules is None and bool(after_seg[b])))
             if all(done):
                 break
-            allowed = torch.where(after_seg[:, None], tag_only, banned)
-            tokens = logits.float().masked_fill(allowed, float("-inf")).argmax(-1)
+            if rules is None:  # written order: a tag right after every [SEG]
+                ban = torch.where(after_seg[:, None], tag_only, banned)
+            else:
+                ban = torch.stack([rules[self._phrase_state(g, in_phrase[b])][b] for b, g in enumerate(generated)])
+            tokens = logits.float().masked_fill(ban, float("-inf")).argmax(-1)
             fed_seg = []
             for b, token in enumerate(tokens.tolist()):
                 if done[b]:
                     tokens[b] = t.pad_token_id  # finished rows idle along; their outputs are ignored
                     continue
                 generated[b].append(token)
+                in_phrase[b] = token == t.phrase_start_id or (in_phrase[b] and token != t.phrase_end_id)
                 done[b] = token == t.eos_token_id
                 if token == t.seg_token_id:
                     fed_seg.append(b)
@@ -594,6 +616,29 @@ class PrimaModel(nn.Module):
             offset += n
         return results
 
+    def _phrase_rules(self, banned: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Banned tokens (B, vocab) in each state of an image-first answer, on top of ``banned``: a tag is followed by
+        `<p>` only, a `<p>` comes only after a tag, inside a phrase no `<p>`, tag or `[SEG]`, and a `[SEG]` only
+        right after `</p>`. So every [SEG] has exactly one image: the tag before its phrase."""
+        t = self.config.tokens
+        rules = {name: banned.clone() for name in ("outside", "inside", "closed")}
+        rules["outside"][:, [t.phrase_start_id, t.phrase_end_id, t.seg_token_id]] = True
+        rules["inside"][:, [t.phrase_start_id, t.seg_token_id, *t.image_tag_ids]] = True
+        rules["closed"][:, [t.phrase_start_id, t.phrase_end_id]] = True
+        rules["tagged"] = torch.ones_like(banned)
+        rules["tagged"][:, t.phrase_start_id] = False
+        return rules
+
+    def _phrase_state(self, generated: list[int], in_phrase: bool) -> str:
+        """Which `_phrase_rules` entry applies after ``generated``."""
+        t = self.config.tokens
+        last = generated[-1] if generated else None
+        if last in t.image_tag_ids:
+            return "tagged"
+        if in_phrase:
+            return "inside"
+        return "closed" if last == t.phrase_end_id else "outside"
+
     def _next_token_logits(self, out: Any, visual: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
         """(B, vocab) scores of the next token from the LLM output at the last position (with the copy path)."""
         if self.copy is None:
@@ -616,7 +661,7 @@ class PrimaModel(nn.Module):
         for pos, tok in enumerate(ids):
             if tok != t.seg_token_id:
                 continue
-            images.append(tag_to_image[ids[pos + 1]])  # generate() forces a tag after every [SEG]
+            images.append(tag_to_image[self._seg_tag(ids, pos)])  # generate() binds every [SEG] to a tag
             phrases.append(self._phrase_before(ids, pos))
             seg_at.append(pos)
         if not images:
@@ -640,7 +685,7 @@ class PrimaModel(nn.Module):
     def _phrase_before(self, ids: list[int], seg_pos: int) -> str:
         """The text of the `<p> ... </p>` that ends right before the [SEG] at ``seg_pos`` ('' if there is none)."""
         start, end = self._phrase_span(ids, seg_pos)
-        return self.processor.decode(ids[start:end]).strip() if end > start else ""
+        return self.processor.decode_phrase(ids[start:end]).strip() if end > start else ""
 
     # --- persistence --------------------------------------------------------------------------------------------
     def external_weight_prefixes(self) -> list[str]:
