@@ -154,3 +154,21 @@ def test_processor_save_and_load(processor, tmp_path):
     assert loaded.encode_prompt("Where?", 2) == processor.encode_prompt("Where?", 2)
     assert loaded.encode_answer(TEXTS[1]) == processor.encode_answer(TEXTS[1])
     assert torch.equal(loaded.preprocess_images(random_images(1)), processor.preprocess_images(random_images(1)))
+
+
+def test_processor_file_with_unknown_or_broken_content_is_a_clear_error(processor, tmp_path):
+    import json
+
+    processor.save_pretrained(tmp_path)
+    meta_path = tmp_path / "processor.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["answer_order"] == "written"
+    meta_path.write_text(json.dumps({**meta, "image_tag_before": True}))
+    with pytest.raises(PrimaError, match=r"processor.json: unknown key\(s\) image_tag_before"):
+        PrimaProcessor.from_pretrained(tmp_path)
+    meta_path.write_text("{not json")
+    with pytest.raises(PrimaError, match="processor.json: not valid JSON"):
+        PrimaProcessor.from_pretrained(tmp_path)
+    del meta["answer_order"]  # written before answer orders existed: loads as "written"
+    meta_path.write_text(json.dumps(meta))
+    assert PrimaProcessor.from_pretrained(tmp_path).answer_order == "written"

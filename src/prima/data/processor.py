@@ -14,6 +14,7 @@ T visual tokens V_i inside the model, so no position is ever guessed from an off
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -390,7 +391,17 @@ class PrimaProcessor:
         meta_path = directory / PROCESSOR_FILE
         if not meta_path.is_file():
             raise PrimaError(f"{directory} has no {PROCESSOR_FILE}; is it a PRIMA checkpoint folder?")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise PrimaError(f"{meta_path}: not valid JSON ({e})") from None
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer", "qformer_tokenizer"}
+        unknown = sorted(set(meta) - known)
+        if unknown:
+            raise PrimaError(
+                f"{meta_path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}); "
+                "was it written by another version of PRIMA?"
+            )
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         qdir = directory / QFORMER_TOKENIZER_DIR
         qtok = AutoTokenizer.from_pretrained(str(qdir), local_files_only=True) if qdir.is_dir() else None
