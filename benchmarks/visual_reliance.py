@@ -4,8 +4,10 @@ images vs with images taken from other samples (the image features permuted acro
 Reported separately for the tokens inside ``<p> ... </p>`` (the object and part names: only the images can tell
 them) and for all answer tokens. A model that ignores its images scores the same with foreign images (gap ~0);
 the larger the gap on phrase tokens, the more the names come from the pixels. Also the greedy accuracy of two
-tokens only the images can tell: a phrase's colour word (in the synthetic data) and the image tags of the answer. And, for a model with a visual-words head, whether the colours are in the visual tokens at all:
-for each image, the share of its grounded phrases' colours among the head's top |phrases| colour words.
+kinds of tokens only the images can tell: a phrase's colour word (in the synthetic data) and the image tags of
+the answer, wherever the model's ``answer_order`` puts them. And, for a model with a visual-words head, whether
+the colours are in the visual tokens at all: for each image, the share of its grounded phrases' colours among
+the head's top |phrases| colour words.
 
     .venv/bin/python benchmarks/visual_reliance.py runs/tiny/final --data data/synth/val/samples.jsonl \
         --samples 128 --feature-cache .cache/features
