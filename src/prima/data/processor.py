@@ -98,28 +98,30 @@ def to_model_order(answer: str, order: str) -> str:
     """
     if order == "written":
         return answer
-    reverse = order == "image_first_reversed"
-
-    def move(m: re.Match) -> str:
-        phrase = reverse_words(m.group("phrase")) if reverse else m.group("phrase")
-        text = f"<p> {phrase} </p>" + (" [SEG]" if m.group("seg") else "")
-        return f"{image_tag(int(m.group('image')))} {text}" if m.group("image") else text
-
-    return GROUNDED_PHRASE_RE.sub(move, answer)
+    return GROUNDED_PHRASE_RE.sub(_phrase_writer(order, tag_first=True), answer)
 
 
 def from_model_order(text: str, order: str) -> str:
     """The written answer for a text in the model's order (the inverse of `to_model_order`)."""
     if order == "written":
         return text
+    return tidy_answer(_MODEL_ORDER_PHRASE_RE.sub(_phrase_writer(order, tag_first=False), text))
+
+
+def _phrase_writer(order: str, *, tag_first: bool) -> Any:
+    """A `re.sub` replacement that writes a matched phrase (groups phrase, seg, image) with its words in
+    ``order``'s direction (reversing is its own inverse) and its image tag before or after it."""
     reverse = order == "image_first_reversed"
 
-    def back(m: re.Match) -> str:
+    def write(m: re.Match) -> str:
         phrase = reverse_words(m.group("phrase")) if reverse else m.group("phrase")
-        written = f"<p> {phrase} </p>" + (" [SEG]" if m.group("seg") else "")
-        return f"{written} {image_tag(int(m.group('image')))}" if m.group("image") else written
+        text = f"<p> {phrase} </p>" + (" [SEG]" if m.group("seg") else "")
+        if not m.group("image"):
+            return text
+        tag = image_tag(int(m.group("image")))
+        return f"{tag} {text}" if tag_first else f"{text} {tag}"
 
-    return tidy_answer(_MODEL_ORDER_PHRASE_RE.sub(back, text))
+    return write
 
 
 # --- images -----------------------------------------------------------------------------------------------------
