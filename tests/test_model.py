@@ -692,3 +692,85 @@ def test_image_first_answer_order_trains_on_the_right_images_and_generates_writt
 
 
 SCRIPT_MARKS = {"<p>", "</p>", "[SEG]", "(IMAGE1)", "(IMAGE2)", "(IMAGE3)"}
+
+
+def test_image_choice_scores_each_seg_against_its_own_samples_images():
+    """grounding.image_choice: one logit per (SEG, image of its sample), -inf past the sample's images, trained by
+    cross-entropy towards the image the answer's tag names; each logit depends on its image alone."""
+    model = small_model("grounding.image_choice=true", "grounding.phrase_tokens=2")
+    assert small_model().grounding.choice_token is None  # off by default: the paper's model
+    batch = make_batch(model, [grounded_sample(), negative_sample(), grounded_sample("s3", n_images=2)])
+    out = model(batch)
+    logits = out.image_choice_logits
+    assert logits.shape == (6, 3)
+    assert (
+        torch.isinf(logits[3:, 2]).all() and torch.isfinite(logits[:3]).all() and torch.isfinite(logits[3:, :2]).all()
+    )
+    targets = torch.tensor([1, 0, 1, 1, 0, 1])  # the tags (IMAGE2) (IMAGE1) (IMAGE2) of each grounded sample
+    assert torch.allclose(out.loss_image, torch.nn.functional.cross_entropy(logits, targets))
+    out.loss.backward()
+    assert model.grounding.choice_token.grad.abs().sum() > 0
+    assert any(p is model.grounding.choice_token for p in model.parameter_groups()["grounding"])
+
+    with torch.no_grad():  # the same query against the same images in another order: the same logits, reordered
+        prompts = torch.randn(1, model.grounding.prompt_dim)
+        # random features: a randomly initialised EfficientNet gives nearly the same deep features for every image
+        feats = [torch.randn_like(f) for f in model.encode_images(batch["pixel_values"])]
+        words = torch.tensor([[5, -1]])
+        forward = model.image_choice_logits(prompts, words, torch.tensor([[0, 1, 2]]), feats)
+        backward = model.image_choice_logits(prompts, words, torch.tensor([[2, 1, 0]]), feats)
+    assert torch.allclose(forward, backward.flip(-1), atol=1e-5)
+    assert not torch.allclose(forward[0, 0], forward[0, 1])
+
+
+def test_generate_chooses_the_tag_by_llm_plus_decoder(monkeypatch):
+    """At the tag after a [SEG]: LLM tag log-probability + image_choice_weight x the decoder's image log-probability,
+    from that [SEG]'s state and its phrase's words."""
+    model = small_model("grounding.image_choice=true", "grounding.phrase_tokens=2").eval()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    seen = []
+
+    def prefer(image):
+        def choice(prompts, words, candidates, features):
+            seen.append((prompts.shape, words.tolist(), candidates.tolist()))
+            logits = torch.zeros(candidates.shape)
+            logits[:, image] = 5.0
+            return logits
+
+        return choice
+
+    undecided = ["<p>", "chair", "</p>", "[SEG]", "chair", "</s>"]  # the LLM ranks every tag the same
+    for image in (0, 1, 2):
+        monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, undecided))
+        monkeypatch.setattr(model, "image_choice_logits", prefer(image))
+        result = model.generate(random_images(3), "Where?", max_new_tokens=10)
+        assert [(s.phrase, s.image) for s in result.segments] == [("chair", image + 1)]
+    assert seen[-1] == ((1, model.grounding.prompt_dim), [[vocab("chair"), -1]], [[0, 1, 2]])
+
+    # a sure LLM is not overruled by a weight-1 decoder (a sum of log-probabilities, not a switch) ...
+    sure = ["<p>", "chair", "</p>", "[SEG]", "(IMAGE1)", "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, sure))
+    assert model.generate(random_images(3), "Where?", max_new_tokens=10).segments[0].image == 1
+    # ... and with weight 0 the decoder has no say
+    model.config.grounding.image_choice_weight = 0.0
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, undecided))
+    monkeypatch.setattr(model, "image_choice_logits", prefer(2))
+    assert model.generate(random_images(3), "Where?", max_new_tokens=10).segments[0].image == 1
+    model.config.grounding.image_choice_weight = 1.0
+    monkeypatch.undo()
+
+    # the real decoder path, in a batch with rows at different steps
+    results = model.generate_batch([(random_images(3), "Where?"), (random_images(2), "Which one?")], max_new_tokens=12)
+    for result, n in zip(results, (3, 2)):
+        assert all(1 <= s.image <= n for s in result.segments)
+
+
+def test_image_choice_config_is_checked():
+    with pytest.raises(PrimaError, match="image_choice needs kind one_way"):
+        load_model_config("tiny", ["grounding.kind=sam", "grounding.image_choice=true"])
+    with pytest.raises(PrimaError, match="image_choice needs model.answer_order 'written'"):
+        load_model_config("tiny", ["answer_order=image_first", "grounding.image_choice=true"])
+    with pytest.raises(PrimaError, match="phrase_pooling"):
+        load_model_config("tiny", ["grounding.phrase_pooling=true", "grounding.image_choice=true"])
+    with pytest.raises(PrimaError, match="image_choice_weight must be >= 0"):
+        load_model_config("tiny", ["grounding.image_choice_weight=-1"])

@@ -113,6 +113,12 @@ class GroundingConfig:
     # prompt tokens from its own word table, next to the [SEG] state; 0 = the [SEG] state alone (the paper).
     # In tiny, 12 made the masks much better but the answers worse, so it is off there too (docs/MODEL.md)
     phrase_tokens: int = 0
+    # a second opinion on WHICH image a [SEG] means: the decoder scores its query (the [SEG] state and phrase words)
+    # against each of the sample's images (a learned choice token through the same layers, trained with a softmax
+    # over the sample's images, loss.image_choice); at generation the tag after a [SEG] is chosen by the LLM's tag
+    # log-probability + image_choice_weight x the decoder's (docs/MODEL.md, "Which image: a second opinion")
+    image_choice: bool = False
+    image_choice_weight: float = 1.0
     # sam
     sam: dict[str, Any] = field(default_factory=dict)  # kwargs of SamConfig (vision_config, ...)
     pretrained: str | None = None  # a local folder saved by SamModel.save_pretrained
@@ -128,6 +134,15 @@ class GroundingConfig:
             raise ConfigError(f"model.grounding.phrase_tokens must be >= 0, got {self.phrase_tokens}")
         if self.phrase_tokens and self.kind == "sam":
             raise ConfigError("model.grounding.phrase_tokens needs kind one_way (SAM's decoder takes the [SEG] prompt)")
+        if self.image_choice and self.kind == "sam":
+            raise ConfigError("model.grounding.image_choice needs kind one_way")
+        if self.image_choice and self.phrase_pooling:
+            raise ConfigError(
+                "model.grounding.image_choice cannot be combined with phrase_pooling (generation builds the pooled "
+                "query only after the answer, the image choice needs it at each [SEG])"
+            )
+        if self.image_choice_weight < 0:
+            raise ConfigError(f"model.grounding.image_choice_weight must be >= 0, got {self.image_choice_weight}")
 
 
 @dataclass
@@ -140,6 +155,8 @@ class LossConfig:
     # image i must be predictable from V_i (a linear word head, max over the image's tokens via logsumexp).
     # Keeps a from-scratch query module from collapsing V_i to an image-independent constant (docs/TRAINING.md)
     visual_words: float = 0.0
+    # with grounding.image_choice: cross-entropy of the decoder's image scores against the [SEG]'s tagged image
+    image_choice: float = 1.0
 
 
 @dataclass
@@ -216,6 +233,10 @@ class ModelConfig:
             raise ConfigError(
                 "model.grounding.kind 'one_way' reads the multi-scale CNN features of efficientnet_lite0; "
                 f"with model.vision.kind {self.vision.kind!r} use model.grounding.kind: sam"
+            )
+        if self.grounding.image_choice and self.answer_order != "written":
+            raise ConfigError(
+                "model.grounding.image_choice needs model.answer_order 'written' (the tag must come after the [SEG])"
             )
         if self.cross_image in ("square", "projection", "pooling") and self.qformer is None:
             raise ConfigError(f"model.cross_image={self.cross_image!r} needs a 'model.qformer' section")

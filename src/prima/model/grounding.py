@@ -71,10 +71,19 @@ class OneWayMaskDecoder(nn.Module):
         # phrase words as extra prompt tokens: the decoder's own word table plus a position per word
         self.words = nn.Embedding(vocab_size, d) if cfg.phrase_tokens else None
         self.word_pos = nn.Parameter(torch.randn(cfg.phrase_tokens, d) * 0.02) if cfg.phrase_tokens else None
+        # image choice: a learned token reads the same prompt against a candidate image through the same layers and
+        # becomes a query; the image's logit is its best match among the image tokens (a logsumexp, not softmax
+        # attention, whose normalised output cannot say how well the best token matched)
+        self.choice_token = nn.Parameter(torch.randn(1, d) * 0.02) if cfg.image_choice else None
+        self.choice_query = nn.Linear(d, d) if cfg.image_choice else None
+
+    def encode_tokens(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Image tokens (n, T, D) with positions added: the transformer's keys and values."""
+        return self.token_proj(features[self.token_index]).flatten(2).transpose(1, 2) + self.token_pos
 
     def encode(self, features: list[torch.Tensor]) -> GroundingImages:
         """Image tokens and pixel features of n images from their multi-scale features (each (n, C_s, H_s, W_s))."""
-        tokens = self.token_proj(features[self.token_index]).flatten(2).transpose(1, 2) + self.token_pos
+        tokens = self.encode_tokens(features)
         x = None
         for k in reversed(range(len(self.pixel_scales))):
             lateral = self.lateral[k](features[self.pixel_scales[k]])
@@ -93,18 +102,8 @@ class OneWayMaskDecoder(nn.Module):
         ``images[image_index]``; ``words`` (Q, L) are the phrases' token ids, -1 where there is none
         (with ``phrase_tokens`` only)."""
         q = prompts.shape[0]
-        x = torch.cat([self.output_tokens.unsqueeze(0).expand(q, -1, -1), prompts.unsqueeze(1)], dim=1)
-        padding = None
-        if self.words is not None:
-            if words is None:
-                raise ValueError("this decoder was built with phrase_tokens: decode() needs the phrases' words")
-            present = words >= 0
-            x = torch.cat([x, self.words(words.clamp(min=0)) + self.word_pos[: words.shape[1]]], dim=1)
-            padding = torch.cat([present.new_zeros(q, 3), ~present], dim=1)
         memory = images.tokens[image_index]  # type: ignore[index]
-        for layer in self.layers:
-            x = layer(x, memory, padding)
-        x = self.norm(x)
+        x = self._attend(self.output_tokens, prompts, words, memory)
         kernels = self.hypernetwork(x[:, 0])  # (Q, P)
         pixels = images.pixels[image_index]  # (Q, P, h, w)
         masks = torch.einsum("qp,qphw->qhw", kernels, pixels)
@@ -113,6 +112,42 @@ class OneWayMaskDecoder(nn.Module):
             where = where.view(q, 1, self.grid, self.grid)
             masks = masks + F.interpolate(where, size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return masks, torch.sigmoid(self.score_head(x[:, 1]).squeeze(-1))
+
+    def choose(
+        self, tokens: torch.Tensor, image_index: torch.Tensor, prompts: torch.Tensor, words: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Image-choice logits (Q,): how well each prompt (Q, D) matches image ``tokens[image_index]`` (image tokens
+        from `encode_tokens`); compared across one [SEG]'s candidate images (``grounding.image_choice``)."""
+        if self.choice_token is None or self.choice_query is None:
+            raise ValueError("this decoder was built without image_choice")
+        memory = tokens[image_index]
+        x = self._attend(self.choice_token, prompts, words, memory)
+        match = torch.einsum("qd,qtd->qt", self.choice_query(x[:, 0]), memory) / memory.shape[-1] ** 0.5
+        return torch.logsumexp(match, dim=-1)
+
+    def choice_parameters(self) -> list[nn.Parameter]:
+        """The parameters only the image choice uses (none without ``image_choice``)."""
+        if self.choice_token is None or self.choice_query is None:
+            return []
+        return [self.choice_token, *self.choice_query.parameters()]
+
+    def _attend(
+        self, output_tokens: torch.Tensor, prompts: torch.Tensor, words: torch.Tensor | None, memory: torch.Tensor
+    ) -> torch.Tensor:
+        """The prompt tokens [output tokens, the [SEG] prompt, the phrase's words] after the decoder's layers over
+        ``memory`` (Q, T, D), normalised: (Q, tokens, D)."""
+        q = prompts.shape[0]
+        x = torch.cat([output_tokens.unsqueeze(0).expand(q, -1, -1), prompts.unsqueeze(1)], dim=1)
+        padding = None
+        if self.words is not None:
+            if words is None:
+                raise ValueError("this decoder was built with phrase_tokens: it needs the phrases' words")
+            present = words >= 0
+            x = torch.cat([x, self.words(words.clamp(min=0)) + self.word_pos[: words.shape[1]]], dim=1)
+            padding = torch.cat([present.new_zeros(q, output_tokens.shape[0] + 1), ~present], dim=1)
+        for layer in self.layers:
+            x = layer(x, memory, padding)
+        return self.norm(x)
 
 
 class OneWayBlock(nn.Module):

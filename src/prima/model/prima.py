@@ -41,9 +41,12 @@ class PrimaOutput:
     loss_score: torch.Tensor | None
     logits: torch.Tensor  # (B, L, V)
     loss_words: torch.Tensor | None = None  # the auxiliary visual-words loss (only when ``loss.visual_words`` > 0)
+    loss_image: torch.Tensor | None = None  # the decoder's image-choice loss (only with ``grounding.image_choice``)
     mask_logits: list[torch.Tensor] = field(default_factory=list)  # per sample: (num [SEG], m, m)
     mask_scores: list[torch.Tensor] = field(default_factory=list)  # per sample: (num [SEG],) predicted IoU
     seg_image_index: torch.Tensor | None = None  # (M,) the image (index into the batch's images) of each [SEG]
+    # grounding.image_choice: (M, K) the decoder's logits for each [SEG] over its sample's images (-inf: none)
+    image_choice_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -299,22 +302,39 @@ class PrimaModel(nn.Module):
 
     def predict_masks(
         self,
-        hidden: torch.Tensor,
+        prompts: torch.Tensor,
         seg_images: torch.Tensor,
         batch: dict[str, Any],
         features: ImageFeatures,
         words: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits (M, m, m) at the model's mask size and scores (M,) for [SEG] hidden states (M, H)
-        (``words``: see `phrase_words`)."""
+        """Mask logits (M, m, m) at the model's mask size and scores (M,) for grounding prompts (M, D) (the
+        `seg_projector` of the [SEG] states) on batch images ``seg_images`` (M,) (``words``: see `phrase_words`)."""
         used, local = torch.unique(seg_images, return_inverse=True)
         state = self.encode_grounding(batch, features, used)
-        logits, scores = self.grounding.decode(state, local, self.seg_projector(hidden), words)
+        logits, scores = self.grounding.decode(state, local, prompts, words)
         side = mask_size(self.config)
         if logits.shape[-1] != side:
             logits = F.interpolate(logits.unsqueeze(1), size=(side, side), mode="bilinear", align_corners=False)
             logits = logits.squeeze(1)
         return logits, scores
+
+    def image_choice_logits(
+        self,
+        prompts: torch.Tensor,
+        words: torch.Tensor | None,
+        candidates: torch.Tensor,
+        features: ImageFeatures,
+    ) -> torch.Tensor:
+        """The decoder's image-choice logits (M, K) for grounding prompts (M, D) over each one's candidate batch
+        images ``candidates`` (M, K), -1 padded (-inf there); ``grounding.image_choice``."""
+        tokens = self.grounding.encode_tokens([f.to(self.dtype) for f in features])
+        valid = candidates >= 0
+        which = valid.nonzero(as_tuple=True)[0]
+        pairs = self.grounding.choose(
+            tokens, candidates[valid], prompts[which], words[which] if words is not None else None
+        )
+        return pairs.new_full(candidates.shape, float("-inf")).masked_scatter(valid, pairs)
 
     def phrase_states(self, ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Mean hidden state (M, H) of each [SEG]'s phrase tokens (the `<p> ... </p>` right before it; 0 if none)."""
@@ -407,13 +427,22 @@ class PrimaModel(nn.Module):
         positions, seg_images = self.seg_targets(input_ids, image_offsets, num_images, labels)
         mask_logits = logits.new_zeros(0, 1, 1)
         scores = logits.new_zeros(0)
+        choice_logits = None
         if seg_images.numel():
             last = out.hidden_states[-1]
             hidden = last[positions[0], positions[1]]
             if self.config.grounding.phrase_pooling:
                 hidden = torch.cat([hidden, self.phrase_states(input_ids, positions, last)], dim=-1)
             words = self.phrase_words(input_ids, positions)
-            mask_logits, scores = self.predict_masks(hidden, seg_images, batch, features, words)
+            prompts = self.seg_projector(hidden)
+            mask_logits, scores = self.predict_masks(prompts, seg_images, batch, features, words)
+            if self.config.grounding.image_choice:
+                rows = positions[0]
+                k = torch.arange(int(num_images.max()), device=dev)
+                candidates = torch.where(
+                    k < num_images[rows, None], image_offsets[rows, None] + k, torch.full_like(k, -1)
+                )
+                choice_logits = self.image_choice_logits(prompts, words, candidates, features)
 
         loss = loss_ce = loss_bce = loss_dice = loss_score = None
         w = self.config.loss
@@ -434,6 +463,13 @@ class PrimaModel(nn.Module):
                 branch = [*self.seg_projector.parameters(), *self.grounding.parameters()]
                 loss_bce = loss_dice = loss_score = sum(p.sum() for p in branch if p.requires_grad) * 0.0
             loss = loss + w.bce * loss_bce + w.dice * loss_dice + w.score * loss_score
+        loss_image = None
+        if self.config.grounding.image_choice and labels is not None:
+            if choice_logits is not None:
+                loss_image = F.cross_entropy(choice_logits.float(), seg_images - image_offsets[positions[0]])
+            else:  # no [SEG]: keep the choice path in the graph, as the mask branch above
+                loss_image = sum(p.sum() for p in self.grounding.choice_parameters()) * 0.0
+            loss = loss + w.image_choice * loss_image
         loss_words = None
         if w.visual_words > 0 and labels is not None:
             loss_words = self.visual_words_loss(visual, input_ids, positions, seg_images)
@@ -450,6 +486,8 @@ class PrimaModel(nn.Module):
             mask_scores=list(torch.split(scores, per_sample)),
             seg_image_index=seg_images,
             loss_words=loss_words,
+            loss_image=loss_image,
+            image_choice_logits=choice_logits,
         )
 
     def copy_logits(
@@ -569,7 +607,10 @@ class PrimaModel(nn.Module):
                 ban = torch.where(after_seg[:, None], tag_only, banned)
             else:
                 ban = torch.stack([rules[self._phrase_state(g, in_phrase[b])][b] for b, g in enumerate(generated)])
-            tokens = logits.float().masked_fill(ban, float("-inf")).argmax(-1)
+            scores = logits.float()
+            if self.config.grounding.image_choice and bool(after_seg.any()):
+                scores = self._choose_tags(scores, after_seg, generated, seg_hidden, features, counts)
+            tokens = scores.masked_fill(ban, float("-inf")).argmax(-1)
             fed_seg = []
             for b, token in enumerate(tokens.tolist()):
                 if done[b]:
@@ -615,6 +656,42 @@ class PrimaModel(nn.Module):
             results.append(GenerationOutput(proc.decode(answer_ids), segments, answer_ids, grounded))
             offset += n
         return results
+
+    def _choose_tags(
+        self,
+        scores: torch.Tensor,
+        after_seg: torch.Tensor,
+        generated: list[list[int]],
+        seg_hidden: list[list[torch.Tensor]],
+        features: ImageFeatures,
+        counts: list[int],
+    ) -> torch.Tensor:
+        """Next-token scores (B, vocab) where rows right after a [SEG] rank the image tags by the LLM's tag
+        log-probability + ``grounding.image_choice_weight`` x the decoder's image log-probability (its
+        `image_choice_logits` for that [SEG]'s state and phrase over the row's images)."""
+        t, dev = self.config.tokens, self.device
+        rows = after_seg.nonzero(as_tuple=True)[0].tolist()
+        offsets = [sum(counts[:b]) for b in rows]
+        k = torch.arange(max(counts[b] for b in rows), device=dev)
+        n = torch.tensor([counts[b] for b in rows], device=dev)
+        candidates = torch.where(k < n[:, None], torch.tensor(offsets, device=dev)[:, None] + k, torch.full_like(k, -1))
+        prompts = self.seg_projector(torch.stack([seg_hidden[b][-1] for b in rows]))
+        words = None
+        if self.config.grounding.phrase_tokens:
+            words = torch.cat(
+                [
+                    self.phrase_words(torch.tensor([generated[b]]), torch.tensor([[0], [len(generated[b]) - 1]]))
+                    for b in rows
+                ]
+            )
+        choice = self.image_choice_logits(prompts, words, candidates, features).float().log_softmax(-1)
+        scores = scores.clone()
+        weight = self.config.grounding.image_choice_weight
+        for i, b in enumerate(rows):
+            tags = t.image_tag_ids[: counts[b]]
+            scores[b] = scores[b].log_softmax(-1)
+            scores[b, tags] += weight * choice[i, : counts[b]]
+        return scores
 
     def _phrase_rules(self, banned: torch.Tensor) -> dict[str, torch.Tensor]:
         """Banned tokens (B, vocab) in each state of an image-first answer, on top of ``banned``: a tag is followed by
@@ -670,7 +747,8 @@ class PrimaModel(nn.Module):
             batch["grounding_pixel_values"] = self.processor.preprocess_grounding_images(pil)
         seg_images = torch.tensor(images, device=self.device)
         words = self.phrase_words(torch.tensor([ids]), torch.tensor([[0] * len(seg_at), seg_at]))
-        logits, scores = self.predict_masks(torch.stack(seg_hidden[: len(images)]), seg_images, batch, features, words)
+        prompts = self.seg_projector(torch.stack(seg_hidden[: len(images)]))
+        logits, scores = self.predict_masks(prompts, seg_images, batch, features, words)
         segments = []
         for q, k in enumerate(images):
             h, w = pil[k].height, pil[k].width

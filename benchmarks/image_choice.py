@@ -1,0 +1,71 @@
+"""Which image does a [SEG] mean? Teacher-forced accuracy of the LLM's image tag, of the decoder's image choice
+(``grounding.image_choice``) and of their sum at several weights, on validation samples.
+
+Feeds each sample's ground-truth answer, so every [SEG] has its right phrase and state; the LLM's choice is its
+most likely tag among the sample's images at the [SEG] (what generation picks), the decoder's the argmax of its
+image-choice logits, the sum ``log p_LLM(tag) + w * log p_decoder(image)`` what generation picks with
+``grounding.image_choice_weight = w``. Choose ``w`` on validation data, never on the test split.
+
+    .venv/bin/python benchmarks/image_choice.py runs/tiny-masks/final --samples 200 --feature-cache .cache/features
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from prima.model import PrimaModel
+from prima.train.data import load_samples
+from prima.train.run import TrainCollator, make_feature_cache
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data", default="data/synth/val/samples.jsonl")
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--feature-cache", default=None, help="the training run's data.feature_cache folder")
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = PrimaModel.from_pretrained(args.checkpoint).eval()
+    if not model.config.grounding.image_choice:
+        raise SystemExit(f"image_choice: {args.checkpoint} has no image-choice head (model.grounding.image_choice)")
+    tags = torch.tensor(model.config.tokens.image_tag_ids)
+    cache = make_feature_cache(model, args.feature_cache) if args.feature_cache else None
+    collate = TrainCollator(model, cache)
+    samples = load_samples(args.data, limit=args.samples)
+    llm, decoder, truth, images = [], [], [], []
+    with torch.no_grad():
+        for i in range(0, len(samples), args.batch):
+            batch = collate(samples[i : i + args.batch])
+            out = model(batch)
+            if out.image_choice_logits is None:
+                continue
+            num = torch.bincount(batch["image_sample_index"], minlength=batch["input_ids"].shape[0])
+            offsets = torch.cumsum(num, 0) - num
+            is_seg = (batch["input_ids"] == model.config.tokens.seg_token_id) & (batch["labels"] != -100)
+            rows, cols = is_seg.nonzero(as_tuple=True)
+            k = out.image_choice_logits.shape[1]
+            tag_logits = out.logits[rows, cols][:, tags[:k]].float()
+            tag_logits[torch.isinf(out.image_choice_logits)] = float("-inf")
+            llm.append(tag_logits.log_softmax(-1))
+            decoder.append(out.image_choice_logits.float().log_softmax(-1))
+            truth.append(out.seg_image_index - offsets[rows])
+            images.append(num[rows])
+    width = max(x.shape[1] for x in llm)
+    pad = lambda xs: torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=float("-inf")) for x in xs])  # noqa: E731
+    llm_lp, dec_lp, target, n = pad(llm), pad(decoder), torch.cat(truth), torch.cat(images)
+    print(f"{args.checkpoint}: {len(samples)} samples of {args.data}, {len(target)} [SEG]s")
+    print(f"chance (1 / images): {(1.0 / n.float()).mean():.3f}")
+    print(f"LLM tag alone: {(llm_lp.argmax(-1) == target).float().mean():.3f}")
+    print(f"decoder alone: {(dec_lp.argmax(-1) == target).float().mean():.3f}")
+    for w in args.weights:
+        print(f"LLM + {w:g} x decoder: {((llm_lp + w * dec_lp).argmax(-1) == target).float().mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()
