@@ -116,6 +116,44 @@ def test_second_stage_trains_only_the_unfrozen_groups_from_a_trained_model(synth
     assert (second / "processor" / "tokenizer.json").read_bytes() == (first / "final" / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.slow
+def test_cached_seg_queries_train_stage_two_as_the_full_pass_does_and_resume_exactly(synth, tmp_path):
+    """`train.cache_seg_queries`: under a frozen LLM the decoder's losses are those of the full pass (the LLM runs
+    once per sample instead of once per step), and a resumed run (its cache empty) continues exactly."""
+    first = tmp_path / "first"
+    assert main(["train", "--config", "tiny", *overrides(synth, tmp_path, max_steps=2), "--out", str(first)]) == 0
+    stage2 = [
+        *overrides(synth, tmp_path, init_from=first / "final", val_generate=0, best_metric="val_loss"),
+        "train.freeze=[language, query_module, square, projector]",
+        "model.grounding.phrase_tokens=4",
+        "model.grounding.image_choice=true",
+        # the cache computes queries in eval mode; a frozen Q-Former with dropout would differ from its train mode
+        "model.qformer.config.hidden_dropout_prob=0.0",
+        "model.qformer.config.attention_probs_dropout_prob=0.0",
+    ]
+    runs = {name: tmp_path / name for name in ("full", "cached", "split")}
+    assert main(["train", "--config", "tiny", *stage2, "--out", str(runs["full"])]) == 0
+    cached = [*stage2, "train.cache_seg_queries=true"]
+    assert main(["train", "--config", "tiny", *cached, "--out", str(runs["cached"])]) == 0
+    assert main(["train", "--config", "tiny", *cached, "--out", str(runs["split"]), "--stop-at-step", "2"]) == 0
+    assert main(["train", "--resume", "--out", str(runs["split"])]) == 0
+
+    full, with_cache, split = (log_rows(runs[k]) for k in ("full", "cached", "split"))
+    assert "loss_ce" in full[0] and "loss_ce" not in with_cache[0]  # the LLM did not run: no text loss
+    for name in ("loss_bce", "loss_dice", "loss_score", "loss_image"):
+        assert [r[name] for r in with_cache] == pytest.approx([r[name] for r in full], rel=1e-4, abs=1e-6), name
+    assert [r["loss"] for r in split] == [r["loss"] for r in with_cache]
+
+
+def test_cache_seg_queries_needs_a_frozen_llm():
+    from prima.config import ConfigError
+    from prima.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="cache_seg_queries needs train.freeze"):
+        TrainConfig(cache_seg_queries=True, freeze=["language"]).validate()
+    TrainConfig(cache_seg_queries=True, freeze=["language", "query_module", "square", "projector"]).validate()
+
+
 def test_init_from_and_freeze_errors_name_the_problem(synth, tmp_path):
     from prima.config import ConfigError
     from prima.model.prima import PrimaModel

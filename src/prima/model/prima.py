@@ -39,7 +39,7 @@ class PrimaOutput:
     loss_bce: torch.Tensor | None
     loss_dice: torch.Tensor | None
     loss_score: torch.Tensor | None
-    logits: torch.Tensor  # (B, L, V)
+    logits: torch.Tensor | None  # (B, L, V); None when the batch brought its [SEG] queries (`seg_queries`)
     loss_words: torch.Tensor | None = None  # the auxiliary visual-words loss (only when ``loss.visual_words`` > 0)
     loss_image: torch.Tensor | None = None  # the decoder's image-choice loss (only with ``grounding.image_choice``)
     mask_logits: list[torch.Tensor] = field(default_factory=list)  # per sample: (num [SEG], m, m)
@@ -47,6 +47,16 @@ class PrimaOutput:
     seg_image_index: torch.Tensor | None = None  # (M,) the image (index into the batch's images) of each [SEG]
     # grounding.image_choice: (M, K) the decoder's logits for each [SEG] over its sample's images (-inf: none)
     image_choice_logits: torch.Tensor | None = None
+
+
+@dataclass
+class _Inputs:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    num_images: torch.Tensor
+    image_offsets: torch.Tensor
+    features: ImageFeatures
 
 
 @dataclass
@@ -385,6 +395,77 @@ class PrimaModel(nn.Module):
         return start + 1, end
 
     # --- forward ------------------------------------------------------------------------------------------------
+    def _read_answer(
+        self,
+        batch: dict[str, Any],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        features: ImageFeatures,
+        positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The LLM's pass over prompt and answer: next-token logits (B, L, V), the visual tokens (N, T, H) and
+        the grounding queries (M, Hq) of the [SEG]s at ``positions`` (their last-layer states, with
+        ``phrase_pooling`` their phrases' mean state beside)."""
+        dev = self.device
+        qids, qmask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
+        visual = self.visual_tokens(
+            features,
+            batch["image_sample_index"].to(dev),
+            qids.to(dev) if qids is not None else None,
+            qmask.to(dev) if qmask is not None else None,
+        )
+        num_images = torch.bincount(batch["image_sample_index"].to(dev), minlength=input_ids.shape[0])
+        embeds = self.embed_prompt(input_ids, visual, num_images)
+        out = self.language(
+            inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        )
+        logits = out.logits
+        last = out.hidden_states[-1]
+        if self.copy is not None:
+            logits = self.copy_logits(logits, last, visual, batch["image_sample_index"].to(dev))
+        queries = last[positions[0], positions[1]]
+        if self.config.grounding.phrase_pooling:
+            queries = torch.cat([queries, self.phrase_states(input_ids, positions, last)], dim=-1)
+        return logits, visual, queries
+
+    @torch.no_grad()
+    def seg_queries(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Per sample of a batch, the grounding queries (its number of answer [SEG]s, Hq) that `forward` hands the
+        decoder. With everything upstream of the decoder frozen they depend on the sample alone, so a trainer may
+        compute them once and pass them back, concatenated, as ``batch["seg_queries"]``
+        (``train.cache_seg_queries``)."""
+        x = self._inputs(batch)
+        positions, _ = self.seg_targets(x.input_ids, x.image_offsets, x.num_images, x.labels)
+        queries = self._read_answer(batch, x.input_ids, x.attention_mask, x.features, positions)[2]
+        return list(torch.split(queries, torch.bincount(positions[0], minlength=x.input_ids.shape[0]).tolist()))
+
+    def _inputs(self, batch: dict[str, Any]) -> _Inputs:
+        """A batch's tensors on the model's device, its images counted and checked, their features."""
+        dev = self.device
+        input_ids = batch["input_ids"].to(dev)
+        attention_mask = batch.get("attention_mask")
+        attention_mask = attention_mask.to(dev) if attention_mask is not None else torch.ones_like(input_ids)
+        labels = batch.get("labels")
+        num_images = torch.bincount(batch["image_sample_index"].to(dev), minlength=input_ids.shape[0])
+        if int(num_images.max()) > self.config.max_images:
+            raise PrimaError(
+                f"a sample has {int(num_images.max())} images; this model takes 1..{self.config.max_images}"
+            )
+        if batch.get("image_features") is not None:
+            features = [f.to(dev) for f in batch["image_features"]]
+        elif batch.get("pixel_values") is not None:
+            features = self.encode_images(batch["pixel_values"])
+        else:
+            raise PrimaError("the batch has neither 'pixel_values' nor 'image_features'")
+        return _Inputs(
+            input_ids,
+            attention_mask,
+            labels.to(dev) if labels is not None else None,
+            num_images,
+            torch.cumsum(num_images, 0) - num_images,
+            features,
+        )
+
     def forward(self, batch: dict[str, Any]) -> PrimaOutput:
         """Losses and outputs for a batch made by `prima.data.collate.collate_samples`.
 
@@ -392,49 +473,28 @@ class PrimaModel(nn.Module):
         (same images, same order). Labels and masks are optional (no labels: no losses).
         """
         dev = self.device
-        input_ids = batch["input_ids"].to(dev)
-        attention_mask = batch.get("attention_mask")
-        attention_mask = attention_mask.to(dev) if attention_mask is not None else torch.ones_like(input_ids)
-        labels = batch.get("labels")
-        labels = labels.to(dev) if labels is not None else None
-        image_sample_index = batch["image_sample_index"].to(dev)
-        num_images = torch.bincount(image_sample_index, minlength=input_ids.shape[0])
-        if int(num_images.max()) > self.config.max_images:
-            raise PrimaError(
-                f"a sample has {int(num_images.max())} images; this model takes 1..{self.config.max_images}"
-            )
-        image_offsets = torch.cumsum(num_images, 0) - num_images
-        if batch.get("image_features") is not None:
-            features = [f.to(dev) for f in batch["image_features"]]
-        elif batch.get("pixel_values") is not None:
-            features = self.encode_images(batch["pixel_values"])
-        else:
-            raise PrimaError("the batch has neither 'pixel_values' nor 'image_features'")
-        qids, qmask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
-        visual = self.visual_tokens(
-            features,
-            image_sample_index,
-            qids.to(dev) if qids is not None else None,
-            qmask.to(dev) if qmask is not None else None,
+        x = self._inputs(batch)
+        input_ids, labels, num_images, image_offsets, features = (
+            x.input_ids,
+            x.labels,
+            x.num_images,
+            x.image_offsets,
+            x.features,
         )
-        embeds = self.embed_prompt(input_ids, visual, num_images)
-        out = self.language(
-            inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
-        )
-        logits = out.logits
-        if self.copy is not None:
-            logits = self.copy_logits(logits, out.hidden_states[-1], visual, image_sample_index)
         positions, seg_images = self.seg_targets(input_ids, image_offsets, num_images, labels)
-        mask_logits = logits.new_zeros(0, 1, 1)
-        scores = logits.new_zeros(0)
+        logits = visual = None
+        queries = batch.get("seg_queries")
+        if queries is None:
+            logits, visual, queries = self._read_answer(batch, input_ids, x.attention_mask, features, positions)
+        elif queries.shape[0] != positions.shape[1]:
+            raise PrimaError(f"the batch has {queries.shape[0]} seg_queries for {positions.shape[1]} [SEG] tokens")
+        mask_logits = torch.zeros(0, 1, 1, device=dev, dtype=self.dtype)
+        scores = torch.zeros(0, device=dev, dtype=self.dtype)
         choice_logits = None
         if seg_images.numel():
-            last = out.hidden_states[-1]
-            hidden = last[positions[0], positions[1]]
-            if self.config.grounding.phrase_pooling:
-                hidden = torch.cat([hidden, self.phrase_states(input_ids, positions, last)], dim=-1)
+            queries = queries.to(dev, self.dtype)
             words = self.phrase_words(input_ids, positions)
-            prompts = self.seg_projector(hidden)
+            prompts = self.seg_projector(queries)
             mask_logits, scores = self.predict_masks(prompts, seg_images, batch, features, words)
             if self.config.grounding.image_choice:
                 rows = positions[0]
@@ -447,8 +507,10 @@ class PrimaModel(nn.Module):
         loss = loss_ce = loss_bce = loss_dice = loss_score = None
         w = self.config.loss
         if labels is not None:
-            loss_ce = text_loss(logits, labels)
-            loss = w.ce * loss_ce
+            loss = torch.zeros((), device=dev)
+            if logits is not None:  # else the queries came precomputed: the LLM did not run
+                loss_ce = text_loss(logits, labels)
+                loss = loss + w.ce * loss_ce
         targets = batch.get("masks")
         if targets is not None and labels is not None:
             targets = targets.to(dev, torch.float32)
@@ -471,7 +533,7 @@ class PrimaModel(nn.Module):
                 loss_image = sum(p.sum() for p in self.grounding.choice_parameters()) * 0.0
             loss = loss + w.image_choice * loss_image
         loss_words = None
-        if w.visual_words > 0 and labels is not None:
+        if w.visual_words > 0 and labels is not None and visual is not None:
             loss_words = self.visual_words_loss(visual, input_ids, positions, seg_images)
             loss = loss + w.visual_words * loss_words
         per_sample = torch.bincount(positions[0], minlength=input_ids.shape[0]).tolist()

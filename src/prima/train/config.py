@@ -78,6 +78,10 @@ class TrainConfig:
     # grounding); e.g. everything but `grounding` to train a mask decoder under a trained LLM
     freeze: list[str] = field(default_factory=list)
     reinit: list[str] = field(default_factory=list)  # groups NOT taken from init_from: they start fresh
+    # with everything but `grounding` frozen, the decoder's [SEG] queries depend on the sample alone: compute each
+    # sample's once (on its own, in eval mode, the first time it is drawn) and reuse them, so the LLM does not run
+    # in later steps; its text and visual-words losses are then not computed (their weights are frozen anyway)
+    cache_seg_queries: bool = False
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "log_every"):
@@ -97,6 +101,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}: unknown group(s) {unknown}; known: {list(FREEZABLE)}")
         if self.reinit and not self.init_from:
             raise ConfigError("train.reinit names groups not to take from train.init_from, which is not set")
+        upstream = [g for g in FREEZABLE if g != "grounding"]
+        if self.cache_seg_queries and not set(upstream) <= set(self.freeze):
+            raise ConfigError(
+                f"train.cache_seg_queries needs train.freeze to hold {upstream}: cached [SEG] queries must not "
+                f"change while training (train.freeze is {self.freeze})"
+            )
         if set(FREEZABLE) <= set(self.freeze):
             raise ConfigError("train.freeze names every parameter group: nothing would be trained")
 

@@ -27,14 +27,23 @@ PROCESSOR_DIR = "processor"
 
 
 class TrainCollator:
-    """Samples -> the model's batch; with a `FeatureCache`, cached frozen-encoder features replace pixels."""
+    """Samples -> the model's batch; with a `FeatureCache`, cached frozen-encoder features replace pixels; with
+    ``cache_queries`` (``train.cache_seg_queries``), each sample's [SEG] queries come along (`seg_queries`)."""
 
-    def __init__(self, model: Any, cache: FeatureCache | None = None, encode_batch: int = 32):
+    def __init__(
+        self, model: Any, cache: FeatureCache | None = None, encode_batch: int = 32, *, cache_queries: bool = False
+    ):
         self.model = model  # the unwrapped PrimaModel
         self.processor = model.processor
         self.cfg = model.config
         self.cache = cache
         self.encode_batch = encode_batch
+        # sample -> its grounding queries (num [SEG], Hq), kept in memory for the run: the first batch computes
+        # those of every sample given to `expect_queries` in fixed batches (after a resume has loaded the
+        # weights), so a resumed run recomputes the very same values
+        self.queries: dict[tuple, torch.Tensor] | None = {} if cache_queries else None
+        self.pending: Sequence[Sample] = []
+        self.accelerator: Any = None  # set by run_training: processes split `pending` and exchange the results
 
     def encode(self, paths: list[str]) -> list[list[torch.Tensor]]:
         """Frozen-encoder features of image files, one list of per-scale tensors per image."""
@@ -48,6 +57,15 @@ class TrainCollator:
         return [[t.cpu() for t in f] for f in out]
 
     def __call__(self, samples: list[Sample]) -> dict[str, Any]:
+        batch = self._collate(samples)
+        if self.pending:
+            pending, self.pending = self.pending, []
+            self.fill_queries(pending, self.accelerator)
+        if self.queries is not None:
+            batch["seg_queries"] = torch.cat([self._queries(s) for s in samples])
+        return batch
+
+    def _collate(self, samples: list[Sample]) -> dict[str, Any]:
         from prima.data.collate import collate_samples
         from prima.model.vision import stack_image_features
 
@@ -56,6 +74,37 @@ class TrainCollator:
             paths = [p for s in samples for p in s.images]
             batch["image_features"] = stack_image_features(self.cache.features(paths, self.encode))
         return batch
+
+    def _queries(self, sample: Sample) -> torch.Tensor:
+        """The sample's grounding queries (computed now if `fill_queries` did not see it)."""
+        assert self.queries is not None
+        key = _sample_key(sample)
+        if key not in self.queries:
+            self.fill_queries([sample])
+        return self.queries[key]
+
+    def fill_queries(self, samples: Sequence[Sample], accelerator: Any = None, batch: int = 16) -> None:
+        """Compute and keep the grounding queries of ``samples`` (in eval mode: no dropout), ``batch`` at a time;
+        with an ``accelerator`` of several processes each computes every n-th sample and all keep all."""
+        from accelerate.utils import gather_object
+
+        assert self.queries is not None
+        world = accelerator.num_processes if accelerator is not None else 1
+        mine = samples[accelerator.process_index :: world] if world > 1 else samples
+        model, training = self.model, self.model.training
+        model.eval()
+        found = []
+        try:
+            for i in range(0, len(mine), batch):
+                chunk = list(mine[i : i + batch])
+                found += [(_sample_key(s), q.cpu()) for s, q in zip(chunk, model.seg_queries(self._collate(chunk)))]
+        finally:
+            model.train(training)
+        self.queries.update(gather_object(found) if world > 1 else found)
+
+
+def _sample_key(sample: Sample) -> tuple:
+    return (sample.id, sample.question, sample.answer, tuple(sample.images))
 
 
 def make_feature_cache(model: Any, folder: str | os.PathLike) -> FeatureCache:
@@ -216,9 +265,11 @@ def run_training(
             p.requires_grad_(False)
 
     cache = make_feature_cache(model, cfg.data.feature_cache) if cfg.data.feature_cache else None
-    collator = TrainCollator(model, cache)
+    collator = TrainCollator(model, cache, cache_queries=cfg.train.cache_seg_queries)
     if cache is not None and cfg.data.prefill_cache:
         fill_cache(collator, train_set.samples + (val_samples or []), accelerator)
+    if collator.queries is not None:  # every process keeps every sample's: the samplers deal them out anew each epoch
+        collator.pending, collator.accelerator = train_set.samples + (val_samples or []), accelerator
     validate_fn = None
     if val_samples and cfg.train.val_generate:
         validate_fn = make_generation_validator(val_samples, cfg.train.val_generate)
