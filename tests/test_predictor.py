@@ -285,3 +285,23 @@ def test_real_checkpoint_reports_its_max_images_and_refuses_more(tiny_predictor)
     assert tiny_predictor.max_images == tiny_predictor.model.config.max_images == 5
     with pytest.raises(PrimaError, match="at most 5"):
         tiny_predictor.predict([Image.new("RGB", (8, 8))] * 6, "q?")
+
+
+def test_image_choice_weight_override_is_checked_and_set(tiny_checkpoint, tmp_path):
+    """`--image-choice-weight` (prima predict / prima eval): only for a checkpoint with the decoder's image choice."""
+    import torch
+
+    from prima.model import create_model, load_model_config
+
+    with pytest.raises(PrimaError, match="has no image choice"):
+        PrimaPredictor.from_pretrained(tiny_checkpoint, image_choice_weight=0.0)
+    torch.manual_seed(0)
+    path = tmp_path / "with-choice"
+    create_model(
+        load_model_config("tiny", [*TINY_OVERRIDES, "grounding.image_choice=true"]), TINY_TEXTS
+    ).save_pretrained(path)
+    assert PrimaPredictor.from_pretrained(path).model.config.grounding.image_choice_weight == 1.0  # the checkpoint's
+    predictor = PrimaPredictor.from_pretrained(path, image_choice_weight=0.0)
+    assert predictor.model.config.grounding.image_choice_weight == 0.0
+    with pytest.raises(PrimaError, match="must be >= 0"):
+        PrimaPredictor.from_pretrained(path, image_choice_weight=-1.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from prima.inference.cli import IMAGE_CHOICE_HELP
+
 
 def _add_scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -47,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     p.add_argument("--batch-size", type=int, default=1, help="queries per predictor call (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
     _add_scoring_options(p)
     p.set_defaults(func=_eval)
 
@@ -92,6 +95,7 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device,
         phrase_model=args.phrase_model,
         wordnet=args.wordnet,
+        image_choice_weight=args.image_choice_weight,
     )
     print(_summary(result, args.out))
     return 0

@@ -51,6 +51,7 @@ def run_eval(
     phrase_model: str | os.PathLike | None = None,
     wordnet: str = "auto",
     embed: Any = None,
+    image_choice_weight: float | None = None,
 ) -> dict[str, Any]:
     """Predict the first ``limit`` samples of ``data`` into OUT/predictions.jsonl, score them into OUT.
 
@@ -70,7 +71,7 @@ def run_eval(
     if predictor is None:
         from prima.inference.predictor import PrimaPredictor
 
-        predictor = PrimaPredictor.from_pretrained(checkpoint, device=device)
+        predictor = PrimaPredictor.from_pretrained(checkpoint, device=device, image_choice_weight=image_choice_weight)
     out = Path(out_dir)
     pred_path = out / PREDICTIONS_FILE
     write_jsonl(pred_path, predict_samples(predictor, samples, data.parent, batch_size))
@@ -83,5 +84,7 @@ def run_eval(
     )
     result["ground_truth"] = str(data) + (f" (first {len(samples)} samples)" if limit is not None else "")
     result["checkpoint"] = str(checkpoint) if checkpoint is not None else "(bundled or injected predictor)"
+    if image_choice_weight is not None:
+        result["checkpoint"] += f" with image_choice_weight {image_choice_weight:g}"
     write_outputs(result, out)
     return result

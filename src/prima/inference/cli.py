@@ -6,6 +6,10 @@ import argparse
 
 DEFAULT_PORT = 7860
 THREADS_HELP = "CPU threads for torch (default: torch's choice; 1 is faster when other jobs share the cores)"
+IMAGE_CHOICE_HELP = (
+    "with a checkpoint that has the decoder's image choice: its weight beside the LLM's tag when picking each "
+    "[SEG]'s image (default: the checkpoint's grounding.image_choice_weight; 0: the LLM alone)"
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 or float16")
     p.add_argument("--overlays", action="store_true", help="with --jsonl: also write overlay PNGs per query")
+    p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.set_defaults(func=_predict)
 
@@ -85,7 +90,9 @@ def _predict_one(args: argparse.Namespace) -> int:
     question = check_question(args.question)
     images = load_images(args.images, max_images=MAX_IMAGES)
     prepare_out_dir(args.out)
-    predictor = PrimaPredictor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
+    predictor = PrimaPredictor.from_pretrained(
+        args.checkpoint, device=args.device, dtype=args.dtype, image_choice_weight=args.image_choice_weight
+    )
     prediction = predictor.predict_loaded(images, question)
     pictures = save_overlays(images, prediction, args.out)
     json_path = write_prediction(
@@ -104,7 +111,9 @@ def _predict_jsonl(args: argparse.Namespace) -> int:
 
     queries = read_queries(args.jsonl)
     prepare_out_dir(args.out)
-    predictor = PrimaPredictor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
+    predictor = PrimaPredictor.from_pretrained(
+        args.checkpoint, device=args.device, dtype=args.dtype, image_choice_weight=args.image_choice_weight
+    )
     out = Path(args.out)
     overlay_dir = out / "overlays" if args.overlays else None
     rows = predict_queries(

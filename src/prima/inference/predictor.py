@@ -90,14 +90,29 @@ class PrimaPredictor:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path | None = None, device: str = "cpu", dtype: Any = None, **kwargs: Any
+        cls,
+        path: str | Path | None = None,
+        device: str = "cpu",
+        dtype: Any = None,
+        image_choice_weight: float | None = None,
+        **kwargs: Any,
     ) -> PrimaPredictor:
-        """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``."""
+        """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
+        ``image_choice_weight`` replaces the checkpoint's ``grounding.image_choice_weight`` (0: the LLM alone
+        picks each [SEG]'s image)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
 
         model = PrimaModel.from_pretrained(path, device=device, dtype=_torch_dtype(dtype))
+        if image_choice_weight is not None:
+            if not model.config.grounding.image_choice:
+                raise PrimaError(
+                    f"--image-choice-weight: {path} has no image choice (model.grounding.image_choice is off)"
+                )
+            if not image_choice_weight >= 0:
+                raise PrimaError(f"--image-choice-weight must be >= 0, got {image_choice_weight}")
+            model.config.grounding.image_choice_weight = float(image_choice_weight)
         model.eval()
         return cls(model, **kwargs)
 
