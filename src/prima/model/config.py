@@ -116,7 +116,7 @@ class GroundingConfig:
     # a second opinion on WHICH image a [SEG] means: the decoder scores its query (the [SEG] state and phrase words)
     # against each of the sample's images (a learned choice token through the same layers, trained with a softmax
     # over the sample's images, loss.image_choice); at generation the tag after a [SEG] is chosen by the LLM's tag
-    # log-probability + image_choice_weight x the decoder's (docs/MODEL.md, "Which image: a second opinion")
+    # log-probability + image_choice_weight x the decoder's (docs/MODEL.md, "Which image: the decoder's second opinion")
     image_choice: bool = False
     image_choice_weight: float = 1.0
     # sam

@@ -54,6 +54,7 @@ class _Inputs:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None
+    image_sample_index: torch.Tensor
     num_images: torch.Tensor
     image_offsets: torch.Tensor
     features: ImageFeatures
@@ -396,12 +397,7 @@ class PrimaModel(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------------------
     def _read_answer(
-        self,
-        batch: dict[str, Any],
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        features: ImageFeatures,
-        positions: torch.Tensor,
+        self, batch: dict[str, Any], x: _Inputs, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The LLM's pass over prompt and answer: next-token logits (B, L, V), the visual tokens (N, T, H) and
         the grounding queries (M, Hq) of the [SEG]s at ``positions`` (their last-layer states, with
@@ -409,23 +405,22 @@ class PrimaModel(nn.Module):
         dev = self.device
         qids, qmask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
         visual = self.visual_tokens(
-            features,
-            batch["image_sample_index"].to(dev),
+            x.features,
+            x.image_sample_index,
             qids.to(dev) if qids is not None else None,
             qmask.to(dev) if qmask is not None else None,
         )
-        num_images = torch.bincount(batch["image_sample_index"].to(dev), minlength=input_ids.shape[0])
-        embeds = self.embed_prompt(input_ids, visual, num_images)
+        embeds = self.embed_prompt(x.input_ids, visual, x.num_images)
         out = self.language(
-            inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+            inputs_embeds=embeds, attention_mask=x.attention_mask, output_hidden_states=True, use_cache=False
         )
         logits = out.logits
         last = out.hidden_states[-1]
         if self.copy is not None:
-            logits = self.copy_logits(logits, last, visual, batch["image_sample_index"].to(dev))
+            logits = self.copy_logits(logits, last, visual, x.image_sample_index)
         queries = last[positions[0], positions[1]]
         if self.config.grounding.phrase_pooling:
-            queries = torch.cat([queries, self.phrase_states(input_ids, positions, last)], dim=-1)
+            queries = torch.cat([queries, self.phrase_states(x.input_ids, positions, last)], dim=-1)
         return logits, visual, queries
 
     @torch.no_grad()
@@ -436,7 +431,7 @@ class PrimaModel(nn.Module):
         (``train.cache_seg_queries``)."""
         x = self._inputs(batch)
         positions, _ = self.seg_targets(x.input_ids, x.image_offsets, x.num_images, x.labels)
-        queries = self._read_answer(batch, x.input_ids, x.attention_mask, x.features, positions)[2]
+        queries = self._read_answer(batch, x, positions)[2]
         return list(torch.split(queries, torch.bincount(positions[0], minlength=x.input_ids.shape[0]).tolist()))
 
     def _inputs(self, batch: dict[str, Any]) -> _Inputs:
@@ -446,7 +441,8 @@ class PrimaModel(nn.Module):
         attention_mask = batch.get("attention_mask")
         attention_mask = attention_mask.to(dev) if attention_mask is not None else torch.ones_like(input_ids)
         labels = batch.get("labels")
-        num_images = torch.bincount(batch["image_sample_index"].to(dev), minlength=input_ids.shape[0])
+        image_sample_index = batch["image_sample_index"].to(dev)
+        num_images = torch.bincount(image_sample_index, minlength=input_ids.shape[0])
         if int(num_images.max()) > self.config.max_images:
             raise PrimaError(
                 f"a sample has {int(num_images.max())} images; this model takes 1..{self.config.max_images}"
@@ -461,6 +457,7 @@ class PrimaModel(nn.Module):
             input_ids,
             attention_mask,
             labels.to(dev) if labels is not None else None,
+            image_sample_index,
             num_images,
             torch.cumsum(num_images, 0) - num_images,
             features,
@@ -470,7 +467,9 @@ class PrimaModel(nn.Module):
         """Losses and outputs for a batch made by `prima.data.collate.collate_samples`.
 
         Image inputs: ``pixel_values`` (N, 3, S, S), or precomputed ``image_features`` from `encode_images`
-        (same images, same order). Labels and masks are optional (no labels: no losses).
+        (same images, same order). Labels and masks are optional (no labels: no losses). ``seg_queries`` (M, Hq),
+        the concatenated output of `seg_queries` for these samples, replaces the visual tokens and the LLM's pass
+        (no text or visual-words loss then; ``logits`` is None).
         """
         dev = self.device
         x = self._inputs(batch)
@@ -485,7 +484,7 @@ class PrimaModel(nn.Module):
         logits = visual = None
         queries = batch.get("seg_queries")
         if queries is None:
-            logits, visual, queries = self._read_answer(batch, input_ids, x.attention_mask, features, positions)
+            logits, visual, queries = self._read_answer(batch, x, positions)
         elif queries.shape[0] != positions.shape[1]:
             raise PrimaError(f"the batch has {queries.shape[0]} seg_queries for {positions.shape[1]} [SEG] tokens")
         mask_logits = torch.zeros(0, 1, 1, device=dev, dtype=self.dtype)
@@ -498,10 +497,7 @@ class PrimaModel(nn.Module):
             mask_logits, scores = self.predict_masks(prompts, seg_images, batch, features, words)
             if self.config.grounding.image_choice:
                 rows = positions[0]
-                k = torch.arange(int(num_images.max()), device=dev)
-                candidates = torch.where(
-                    k < num_images[rows, None], image_offsets[rows, None] + k, torch.full_like(k, -1)
-                )
+                candidates = _candidates(image_offsets[rows], num_images[rows])
                 choice_logits = self.image_choice_logits(prompts, words, candidates, features)
 
         loss = loss_ce = loss_bce = loss_dice = loss_score = None
@@ -733,10 +729,10 @@ class PrimaModel(nn.Module):
         `image_choice_logits` for that [SEG]'s state and phrase over the row's images)."""
         t, dev = self.config.tokens, self.device
         rows = after_seg.nonzero(as_tuple=True)[0].tolist()
-        offsets = [sum(counts[:b]) for b in rows]
-        k = torch.arange(max(counts[b] for b in rows), device=dev)
-        n = torch.tensor([counts[b] for b in rows], device=dev)
-        candidates = torch.where(k < n[:, None], torch.tensor(offsets, device=dev)[:, None] + k, torch.full_like(k, -1))
+        candidates = _candidates(
+            torch.tensor([sum(counts[:b]) for b in rows], device=dev),
+            torch.tensor([counts[b] for b in rows], device=dev),
+        )
         prompts = self.seg_projector(torch.stack([seg_hidden[b][-1] for b in rows]))
         words = None
         if self.config.grounding.phrase_tokens:
@@ -904,6 +900,12 @@ class PrimaModel(nn.Module):
         model.load_state_dict(state, strict=False)  # the rest are external weights, loaded from their source
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
         return model.eval()
+
+
+def _candidates(offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(M, K) batch-image indices ``offsets[m] .. offsets[m] + counts[m] - 1`` per row, -1 padded (K = max count)."""
+    k = torch.arange(int(counts.max()), device=counts.device)
+    return torch.where(k < counts[:, None], offsets[:, None] + k, torch.full_like(k, -1))
 
 
 def _pad(rows: list[list[int]], pad_id: int, device: torch.device, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
