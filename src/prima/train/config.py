@@ -78,9 +78,9 @@ class TrainConfig:
     # grounding); e.g. everything but `grounding` to train a mask decoder under a trained LLM
     freeze: list[str] = field(default_factory=list)
     reinit: list[str] = field(default_factory=list)  # groups NOT taken from init_from: they start fresh
-    # with everything but `grounding` frozen, the decoder's [SEG] queries depend on the sample alone: compute each
-    # sample's once (on its own, in eval mode, the first time it is drawn) and reuse them, so the LLM does not run
-    # in later steps; its text and visual-words losses are then not computed (their weights are frozen anyway)
+    # with everything but `grounding` frozen, the decoder's [SEG] queries depend on the sample alone: compute every
+    # training and validation sample's once (in eval mode, at the first batch) and reuse them, so the LLM does not
+    # run in the steps; its text and visual-words losses are then not computed (their weights are frozen anyway)
     cache_seg_queries: bool = False
 
     def validate(self) -> None:

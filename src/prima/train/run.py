@@ -43,7 +43,12 @@ class TrainCollator:
         # weights), so a resumed run recomputes the very same values
         self.queries: dict[tuple, torch.Tensor] | None = {} if cache_queries else None
         self.pending: Sequence[Sample] = []
-        self.accelerator: Any = None  # set by run_training: processes split `pending` and exchange the results
+        self.accelerator: Any = None
+
+    def expect_queries(self, samples: Sequence[Sample], accelerator: Any) -> None:
+        """Have the first batch compute the grounding queries of ``samples``, split over ``accelerator``'s
+        processes (every process keeps every sample's: the samplers deal them out anew each epoch)."""
+        self.pending, self.accelerator = samples, accelerator
 
     def encode(self, paths: list[str]) -> list[list[torch.Tensor]]:
         """Frozen-encoder features of image files, one list of per-scale tensors per image."""
@@ -268,8 +273,8 @@ def run_training(
     collator = TrainCollator(model, cache, cache_queries=cfg.train.cache_seg_queries)
     if cache is not None and cfg.data.prefill_cache:
         fill_cache(collator, train_set.samples + (val_samples or []), accelerator)
-    if collator.queries is not None:  # every process keeps every sample's: the samplers deal them out anew each epoch
-        collator.pending, collator.accelerator = train_set.samples + (val_samples or []), accelerator
+    if collator.queries is not None:
+        collator.expect_queries(train_set.samples + (val_samples or []), accelerator)
     validate_fn = None
     if val_samples and cfg.train.val_generate:
         validate_fn = make_generation_validator(val_samples, cfg.train.val_generate)
