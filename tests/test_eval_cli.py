@@ -122,7 +122,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
     loaded = {}
 
     def fake_from_pretrained(path=None, device="cpu", **kwargs):
-        loaded.update(path=path, device=device)
+        loaded.update(path=path, device=device, distinct_images=kwargs.get("distinct_images"))
         return FakePredictor(dataset)
 
     monkeypatch.setattr(predictor.PrimaPredictor, "from_pretrained", staticmethod(fake_from_pretrained))
@@ -130,10 +130,13 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
     out = tmp_path / "run"
     code = main(["eval", "--checkpoint", "ckpt/x", "--data", str(dataset), "--out", str(out), "--wordnet", "none"])
     assert code == 0
-    assert loaded == {"path": "ckpt/x", "device": "cpu"}
+    assert loaded == {"path": "ckpt/x", "device": "cpu", "distinct_images": None}
     printed = capsys.readouterr().out
     assert "3 samples" in printed and "miou=100.00" in printed
     assert json.loads((out / "metrics.json").read_text())["phrase_model"] == "bag-of-words (test)"
+    args = ["eval", "--checkpoint", "ckpt/x", "--data", str(dataset), "--out", str(out), "--wordnet", "none"]
+    assert main([*args, "--repeat-images"]) == 0 and loaded["distinct_images"] is False
+    assert "with distinct_images false" in json.loads((out / "metrics.json").read_text())["checkpoint"]
 
 
 def test_eval_command_rejects_a_bad_limit(dataset, tmp_path, capsys):

@@ -224,6 +224,22 @@ def test_generate_without_seg_runs_no_grounding(model, monkeypatch):
     assert "lamp" in result.answer
 
 
+@pytest.mark.parametrize("distinct", [True, False])
+def test_generate_never_names_one_phrase_twice_on_one_image(model, monkeypatch, distinct):
+    """grounding.distinct_images: a repeated phrase gets the best image it does not have yet, until it has them all."""
+    model.eval()
+    monkeypatch.setattr(model.config.grounding, "distinct_images", distinct)
+    seg = lambda phrase: ["<p>", phrase, "</p>", "[SEG]", "(IMAGE2)"]  # noqa: E731
+    script = [*seg("chair"), *seg("chair"), *seg("lamp"), *seg("chair"), *seg("chair"), "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    result = model.generate(random_images(3), "Where?", max_new_tokens=30)
+    got = [(s.phrase, s.image) for s in result.segments]
+    if distinct:  # the 2nd chair: image 2 is taken (the others tie: the first wins); the 5th: all three taken
+        assert got == [("chair", 2), ("chair", 1), ("lamp", 2), ("chair", 3), ("chair", 2)]
+    else:
+        assert got == [("chair", 2), ("chair", 2), ("lamp", 2), ("chair", 2), ("chair", 2)]
+
+
 def test_generate_forces_an_image_tag_after_seg(model, monkeypatch):
     model.eval()
     # the script asks for a word after [SEG] and for (IMAGE5) with only two images: both are overruled

@@ -305,3 +305,10 @@ def test_image_choice_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pa
     assert predictor.model.config.grounding.image_choice_weight == 0.0
     with pytest.raises(PrimaError, match="must be >= 0"):
         PrimaPredictor.from_pretrained(path, image_choice_weight=-1.0)
+
+
+def test_repeat_images_override_sets_distinct_images(tiny_checkpoint):
+    """`--repeat-images` (prima predict / prima eval) turns the checkpoint's grounding.distinct_images off."""
+    assert PrimaPredictor.from_pretrained(tiny_checkpoint).model.config.grounding.distinct_images is True
+    predictor = PrimaPredictor.from_pretrained(tiny_checkpoint, distinct_images=False)
+    assert predictor.model.config.grounding.distinct_images is False

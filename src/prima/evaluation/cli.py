@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prima.inference.cli import IMAGE_CHOICE_HELP
+from prima.inference.cli import IMAGE_CHOICE_HELP, REPEAT_IMAGES_HELP
 
 
 def _add_scoring_options(p: argparse.ArgumentParser) -> None:
@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="queries per predictor call (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
+    p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     _add_scoring_options(p)
     p.set_defaults(func=_eval)
 
@@ -96,6 +97,7 @@ def _eval(args: argparse.Namespace) -> int:
         phrase_model=args.phrase_model,
         wordnet=args.wordnet,
         image_choice_weight=args.image_choice_weight,
+        distinct_images=False if args.repeat_images else None,
     )
     print(_summary(result, args.out))
     return 0

@@ -52,6 +52,7 @@ def run_eval(
     wordnet: str = "auto",
     embed: Any = None,
     image_choice_weight: float | None = None,
+    distinct_images: bool | None = None,
 ) -> dict[str, Any]:
     """Predict the first ``limit`` samples of ``data`` into OUT/predictions.jsonl, score them into OUT.
 
@@ -71,7 +72,9 @@ def run_eval(
     if predictor is None:
         from prima.inference.predictor import PrimaPredictor
 
-        predictor = PrimaPredictor.from_pretrained(checkpoint, device=device, image_choice_weight=image_choice_weight)
+        predictor = PrimaPredictor.from_pretrained(
+            checkpoint, device=device, image_choice_weight=image_choice_weight, distinct_images=distinct_images
+        )
     out = Path(out_dir)
     pred_path = out / PREDICTIONS_FILE
     write_jsonl(pred_path, predict_samples(predictor, samples, data.parent, batch_size))
@@ -86,5 +89,7 @@ def run_eval(
     result["checkpoint"] = str(checkpoint) if checkpoint is not None else "(bundled or injected predictor)"
     if image_choice_weight is not None:
         result["checkpoint"] += f" with image_choice_weight {image_choice_weight:g}"
+    if distinct_images is not None:
+        result["checkpoint"] += f" with distinct_images {str(distinct_images).lower()}"
     write_outputs(result, out)
     return result

@@ -10,6 +10,10 @@ IMAGE_CHOICE_HELP = (
     "with a checkpoint that has the decoder's image choice: its weight beside the LLM's tag when picking each "
     "[SEG]'s image (default: the checkpoint's grounding.image_choice_weight; 0: the LLM alone)"
 )
+REPEAT_IMAGES_HELP = (
+    "let a phrase the answer repeats be grounded again on an image it already names "
+    "(default: the checkpoint's grounding.distinct_images, which forbids it; docs/MODEL.md)"
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 or float16")
     p.add_argument("--overlays", action="store_true", help="with --jsonl: also write overlay PNGs per query")
     p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
+    p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.set_defaults(func=_predict)
 
@@ -91,7 +96,11 @@ def _predict_one(args: argparse.Namespace) -> int:
     images = load_images(args.images, max_images=MAX_IMAGES)
     prepare_out_dir(args.out)
     predictor = PrimaPredictor.from_pretrained(
-        args.checkpoint, device=args.device, dtype=args.dtype, image_choice_weight=args.image_choice_weight
+        args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        image_choice_weight=args.image_choice_weight,
+        distinct_images=False if args.repeat_images else None,
     )
     prediction = predictor.predict_loaded(images, question)
     pictures = save_overlays(images, prediction, args.out)
@@ -112,7 +121,11 @@ def _predict_jsonl(args: argparse.Namespace) -> int:
     queries = read_queries(args.jsonl)
     prepare_out_dir(args.out)
     predictor = PrimaPredictor.from_pretrained(
-        args.checkpoint, device=args.device, dtype=args.dtype, image_choice_weight=args.image_choice_weight
+        args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        image_choice_weight=args.image_choice_weight,
+        distinct_images=False if args.repeat_images else None,
     )
     out = Path(args.out)
     overlay_dir = out / "overlays" if args.overlays else None

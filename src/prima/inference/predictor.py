@@ -95,11 +95,12 @@ class PrimaPredictor:
         device: str = "cpu",
         dtype: Any = None,
         image_choice_weight: float | None = None,
+        distinct_images: bool | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
         """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
         ``image_choice_weight`` replaces the checkpoint's ``grounding.image_choice_weight`` (0: the LLM alone
-        picks each [SEG]'s image)."""
+        picks each [SEG]'s image), ``distinct_images`` its ``grounding.distinct_images``."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
@@ -113,6 +114,8 @@ class PrimaPredictor:
             if not image_choice_weight >= 0:
                 raise PrimaError(f"--image-choice-weight must be >= 0, got {image_choice_weight}")
             model.config.grounding.image_choice_weight = float(image_choice_weight)
+        if distinct_images is not None:
+            model.config.grounding.distinct_images = bool(distinct_images)
         model.eval()
         return cls(model, **kwargs)
 

@@ -119,6 +119,10 @@ class GroundingConfig:
     # log-probability + image_choice_weight x the decoder's (docs/MODEL.md, "Which image: the decoder's second opinion")
     image_choice: bool = False
     image_choice_weight: float = 1.0
+    # at generation, a phrase the answer repeats never gets an image it already named that phrase on (unless every
+    # image already has it): "the red cup [SEG] (IMAGE2) ... the red cup [SEG] (IMAGE2)" names one object twice, which
+    # a ground-truth answer never does (answer_order written only; docs/MODEL.md, "One phrase, one image")
+    distinct_images: bool = True
     # sam
     sam: dict[str, Any] = field(default_factory=dict)  # kwargs of SamConfig (vision_config, ...)
     pretrained: str | None = None  # a local folder saved by SamModel.save_pretrained

@@ -668,6 +668,9 @@ class PrimaModel(nn.Module):
             scores = logits.float()
             if self.config.grounding.image_choice and bool(after_seg.any()):
                 scores = self._choose_tags(scores, after_seg, generated, seg_hidden, features, counts)
+            if rules is None and self.config.grounding.distinct_images:
+                for b in after_seg.nonzero(as_tuple=True)[0].tolist():
+                    ban[b, self._repeated_tags(generated[b], counts[b])] = True
             tokens = scores.masked_fill(ban, float("-inf")).argmax(-1)
             fed_seg = []
             for b, token in enumerate(tokens.tolist()):
@@ -750,6 +753,19 @@ class PrimaModel(nn.Module):
             scores[b] = scores[b].log_softmax(-1)
             scores[b, tags] += weight * choice[i, : counts[b]]
         return scores
+
+    def _repeated_tags(self, ids: list[int], n: int) -> list[int]:
+        """The image tags that earlier [SEG]s of ``ids`` gave the phrase of its last token, a [SEG] (written order),
+        or none when they cover all ``n`` images (``grounding.distinct_images``)."""
+        t = self.config.tokens
+        start, end = self._phrase_span(ids, len(ids) - 1)
+        phrase = ids[start:end]
+        used = {
+            ids[pos + 1]
+            for pos, tok in enumerate(ids[:-1])
+            if tok == t.seg_token_id and ids[slice(*self._phrase_span(ids, pos))] == phrase
+        }
+        return [] if len(used) >= n else sorted(used)
 
     def _phrase_rules(self, banned: torch.Tensor) -> dict[str, torch.Tensor]:
         """Banned tokens (B, vocab) in each state of an image-first answer, on top of ``banned``: a tag is followed by
