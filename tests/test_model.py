@@ -622,9 +622,7 @@ def test_llm_words_train_the_decoder_on_the_words_the_llm_would_write(monkeypatc
     monkeypatch.setattr(model.grounding, "decode", lambda *a: seen.append(a[3]) or decode(*a))
     batch = make_batch(model, [grounded_sample(), negative_sample()])
     ids = batch["input_ids"]
-    positions = torch.stack(
-        ((ids == model.config.tokens.seg_token_id) & (batch["labels"] != -100)).nonzero(as_tuple=True)
-    )
+    positions = torch.stack(((ids == model.config.tokens.seg_token_id) & (batch["labels"] != -100)).nonzero(as_tuple=True))
     truth = model.phrase_words(ids, positions)
     with torch.no_grad():
         logits = model(batch).logits  # train mode: the LLM's words
