@@ -610,40 +610,6 @@ def test_phrase_tokens_prompt_the_decoder_with_each_segs_own_words(monkeypatch):
     assert seen[-1].tolist() == [[vocab("chair"), -1]]
 
 
-def test_llm_words_train_the_decoder_on_the_words_the_llm_would_write(monkeypatch):
-    """grounding.llm_words: in training, that share of [SEG]s gives the decoder the LLM's greedy words for the
-    phrase (teacher-forced) instead of the ground truth's; evaluation and generation are unchanged."""
-    from prima.model.config import GroundingConfig
-
-    assert GroundingConfig().llm_words == 0.0
-    model = small_model("grounding.phrase_tokens=2", "grounding.llm_words=1.0")
-    seen = []
-    decode = model.grounding.decode
-    monkeypatch.setattr(model.grounding, "decode", lambda *a: seen.append(a[3]) or decode(*a))
-    batch = make_batch(model, [grounded_sample(), negative_sample()])
-    ids = batch["input_ids"]
-    positions = torch.stack(((ids == model.config.tokens.seg_token_id) & (batch["labels"] != -100)).nonzero(as_tuple=True))
-    truth = model.phrase_words(ids, positions)
-    with torch.no_grad():
-        logits = model(batch).logits  # train mode: the LLM's words
-        # each phrase is one word, right after its <p>: the LLM's choice there is the argmax at the <p>
-        starts = [int((ids[r, :c] == model.config.tokens.phrase_start_id).nonzero()[-1]) for r, c in positions.T]
-        expected = torch.stack([logits[r, s].argmax() for (r, _), s in zip(positions.T.tolist(), starts)])
-        assert seen[-1][:, 0].tolist() == expected.tolist() and (seen[-1][:, 1] == -1).all()
-        assert torch.equal(model.llm_phrase_words(ids, positions, logits), seen[-1])
-        model.eval()
-        model(batch)
-    assert torch.equal(seen[-1], truth)  # validation losses read the ground truth's words
-    # a cached pass hands them over with the queries, per sample
-    cached = model.seg_queries(batch)
-    assert [c["seg_llm_words"].shape[0] for c in cached] == [3, 0]
-    assert torch.equal(cached[0]["seg_llm_words"], model.llm_phrase_words(ids, positions, logits))
-    with pytest.raises(PrimaError, match="llm_words must be in 0..1"):
-        load_model_config("tiny", ["grounding.phrase_tokens=2", "grounding.llm_words=2"])
-    with pytest.raises(PrimaError, match="llm_words needs phrase_tokens"):
-        load_model_config("tiny", ["grounding.llm_words=0.5"])
-
-
 def test_phrase_tokens_config_is_checked():
     with pytest.raises(PrimaError, match="phrase_tokens must be >= 0"):
         small_model("grounding.phrase_tokens=-1")

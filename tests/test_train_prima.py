@@ -117,11 +117,9 @@ def test_second_stage_trains_only_the_unfrozen_groups_from_a_trained_model(synth
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("llm_words", [0.0, 1.0])
-def test_cached_seg_queries_train_stage_two_as_the_full_pass_does_and_resume_exactly(synth, tmp_path, llm_words):
+def test_cached_seg_queries_train_stage_two_as_the_full_pass_does_and_resume_exactly(synth, tmp_path):
     """`train.cache_seg_queries`: under a frozen LLM the decoder's losses are those of the full pass (the LLM runs
-    once per sample instead of once per step), and a resumed run (its cache empty) continues exactly; also when
-    the decoder reads the LLM's own words (`grounding.llm_words`), which the cache then keeps too."""
+    once per sample instead of once per step), and a resumed run (its cache empty) continues exactly."""
     first = tmp_path / "first"
     assert main(["train", "--config", "tiny", *overrides(synth, tmp_path, max_steps=2), "--out", str(first)]) == 0
     stage2 = [
@@ -129,7 +127,6 @@ def test_cached_seg_queries_train_stage_two_as_the_full_pass_does_and_resume_exa
         "train.freeze=[language, query_module, square, projector]",
         "model.grounding.phrase_tokens=4",
         "model.grounding.image_choice=true",
-        f"model.grounding.llm_words={llm_words}",
         # the cache computes queries in eval mode; a frozen Q-Former with dropout would differ from its train mode
         "model.qformer.config.hidden_dropout_prob=0.0",
         "model.qformer.config.attention_probs_dropout_prob=0.0",

@@ -123,10 +123,6 @@ class GroundingConfig:
     # image already has it): "the red cup [SEG] (IMAGE2) ... the red cup [SEG] (IMAGE2)" names one object twice, which
     # a ground-truth answer never does (answer_order written only; docs/MODEL.md, "One phrase, one image")
     distinct_images: bool = True
-    # in training, the share of [SEG]s whose decoder reads the LLM's own words for the phrase (its greedy next-token
-    # choices over the ground-truth phrase, teacher-forced) instead of the ground truth's: at generation it only ever
-    # reads the LLM's, whose colours the tiny LLM names at chance (docs/MODEL.md, "The decoder reads the LLM's words")
-    llm_words: float = 0.0
     # sam
     sam: dict[str, Any] = field(default_factory=dict)  # kwargs of SamConfig (vision_config, ...)
     pretrained: str | None = None  # a local folder saved by SamModel.save_pretrained
@@ -149,10 +145,6 @@ class GroundingConfig:
                 "model.grounding.image_choice cannot be combined with phrase_pooling (generation builds the pooled "
                 "query only after the answer, the image choice needs it at each [SEG])"
             )
-        if not 0.0 <= self.llm_words <= 1.0:
-            raise ConfigError(f"model.grounding.llm_words must be in 0..1, got {self.llm_words}")
-        if self.llm_words and not self.phrase_tokens:
-            raise ConfigError("model.grounding.llm_words needs phrase_tokens > 0 (the words it swaps)")
         if self.image_choice_weight < 0:
             raise ConfigError(f"model.grounding.image_choice_weight must be >= 0, got {self.image_choice_weight}")
 

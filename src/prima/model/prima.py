@@ -423,35 +423,16 @@ class PrimaModel(nn.Module):
             queries = torch.cat([queries, self.phrase_states(x.input_ids, positions, last)], dim=-1)
         return logits, visual, queries
 
-    def llm_phrase_words(self, ids: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """`phrase_words` as the LLM would write them: at each word of the phrase before each [SEG] its greedy
-        choice given the answer so far (``logits`` (B, L, V) of a teacher-forced pass), -1 padded the same way."""
-        truth = self.phrase_words(ids, positions)
-        assert truth is not None
-        limit, rows = truth.shape[1], ids.tolist()
-        out = truth.clone()
-        for q, (r, c) in enumerate(zip(positions[0].tolist(), positions[1].tolist())):
-            start, end = self._phrase_span(rows[r], c)
-            n = min(end - start, limit)
-            if n > 0:
-                out[q, :n] = logits[r, start - 1 : start - 1 + n].argmax(-1)
-        return out
-
     @torch.no_grad()
-    def seg_queries(self, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
-        """Per sample of a batch, what `forward` hands the decoder from the LLM's pass: ``seg_queries`` (its number
-        of answer [SEG]s, Hq), and with ``grounding.llm_words`` ``seg_llm_words`` (its [SEG]s, phrase_tokens).
-        With everything upstream of the decoder frozen they depend on the sample alone, so a trainer may compute
-        them once and pass them back, each concatenated over the batch's samples (``train.cache_seg_queries``)."""
+    def seg_queries(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Per sample of a batch, the grounding queries (its number of answer [SEG]s, Hq) that `forward` hands the
+        decoder. With everything upstream of the decoder frozen they depend on the sample alone, so a trainer may
+        compute them once and pass them back, concatenated, as ``batch["seg_queries"]``
+        (``train.cache_seg_queries``)."""
         x = self._inputs(batch)
         positions, _ = self.seg_targets(x.input_ids, x.image_offsets, x.num_images, x.labels)
-        logits, _, queries = self._read_answer(batch, x, positions)
-        found = {"seg_queries": queries}
-        if self.config.grounding.llm_words:
-            found["seg_llm_words"] = self.llm_phrase_words(x.input_ids, positions, logits)
-        per_sample = torch.bincount(positions[0], minlength=x.input_ids.shape[0]).tolist()
-        split = {k: torch.split(v, per_sample) for k, v in found.items()}
-        return [{k: v[i] for k, v in split.items()} for i in range(len(per_sample))]
+        queries = self._read_answer(batch, x, positions)[2]
+        return list(torch.split(queries, torch.bincount(positions[0], minlength=x.input_ids.shape[0]).tolist()))
 
     def _inputs(self, batch: dict[str, Any]) -> _Inputs:
         """A batch's tensors on the model's device, its images counted and checked, their features."""
@@ -488,8 +469,7 @@ class PrimaModel(nn.Module):
         Image inputs: ``pixel_values`` (N, 3, S, S), or precomputed ``image_features`` from `encode_images`
         (same images, same order). Labels and masks are optional (no labels: no losses). ``seg_queries`` (M, Hq),
         the concatenated output of `seg_queries` for these samples, replaces the visual tokens and the LLM's pass
-        (no text or visual-words loss then; ``logits`` is None); with ``grounding.llm_words`` it comes with
-        ``seg_llm_words``.
+        (no text or visual-words loss then; ``logits`` is None).
         """
         dev = self.device
         x = self._inputs(batch)
@@ -513,8 +493,6 @@ class PrimaModel(nn.Module):
         if seg_images.numel():
             queries = queries.to(dev, self.dtype)
             words = self.phrase_words(input_ids, positions)
-            if self.training and self.config.grounding.llm_words and labels is not None:
-                words = self._mix_llm_words(words, batch, input_ids, positions, logits)
             prompts = self.seg_projector(queries)
             mask_logits, scores = self.predict_masks(prompts, seg_images, batch, features, words)
             if self.config.grounding.image_choice:
@@ -569,27 +547,6 @@ class PrimaModel(nn.Module):
             loss_image=loss_image,
             image_choice_logits=choice_logits,
         )
-
-    def _mix_llm_words(
-        self,
-        words: torch.Tensor,
-        batch: dict[str, Any],
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        logits: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """``words`` with the rows of a random ``grounding.llm_words`` share of the [SEG]s replaced by the LLM's own
-        words for their phrases (from this pass's ``logits``, or the cached ``batch["seg_llm_words"]``)."""
-        if logits is not None:
-            llm = self.llm_phrase_words(input_ids, positions, logits.detach())
-        elif batch.get("seg_llm_words") is not None:
-            llm = batch["seg_llm_words"].to(words.device)
-        else:
-            raise PrimaError("grounding.llm_words: the batch has seg_queries but no seg_llm_words (the LLM's words)")
-        if llm.shape != words.shape:
-            raise PrimaError(f"seg_llm_words has shape {tuple(llm.shape)}, the phrases' words {tuple(words.shape)}")
-        swap = torch.rand(words.shape[0]) < self.config.grounding.llm_words
-        return torch.where(swap.to(words.device)[:, None], llm, words)
 
     def copy_logits(
         self, logits: torch.Tensor, hidden: torch.Tensor, visual: torch.Tensor, image_sample_index: torch.Tensor

@@ -38,10 +38,10 @@ class TrainCollator:
         self.cfg = model.config
         self.cache = cache
         self.encode_batch = encode_batch
-        # sample -> what `PrimaModel.seg_queries` gives for it (its grounding queries, ...), kept in memory for the
-        # run: the first batch computes those of every sample given to `expect_queries` in fixed batches (after a
-        # resume has loaded the weights), so a resumed run recomputes the very same values
-        self.queries: dict[tuple, dict[str, torch.Tensor]] | None = {} if cache_queries else None
+        # sample -> its grounding queries (num [SEG], Hq), kept in memory for the run: the first batch computes
+        # those of every sample given to `expect_queries` in fixed batches (after a resume has loaded the
+        # weights), so a resumed run recomputes the very same values
+        self.queries: dict[tuple, torch.Tensor] | None = {} if cache_queries else None
         self.pending: Sequence[Sample] = []
         self.accelerator: Any = None
 
@@ -67,8 +67,7 @@ class TrainCollator:
             pending, self.pending = self.pending, []
             self.fill_queries(pending, self.accelerator)
         if self.queries is not None:
-            found = [self._queries(s) for s in samples]
-            batch.update({k: torch.cat([f[k] for f in found]) for k in found[0]})
+            batch["seg_queries"] = torch.cat([self._queries(s) for s in samples])
         return batch
 
     def _collate(self, samples: list[Sample]) -> dict[str, Any]:
@@ -81,7 +80,7 @@ class TrainCollator:
             batch["image_features"] = stack_image_features(self.cache.features(paths, self.encode))
         return batch
 
-    def _queries(self, sample: Sample) -> dict[str, torch.Tensor]:
+    def _queries(self, sample: Sample) -> torch.Tensor:
         """The sample's grounding queries (computed now if `fill_queries` did not see it)."""
         assert self.queries is not None
         key = _sample_key(sample)
@@ -103,8 +102,7 @@ class TrainCollator:
         try:
             for i in range(0, len(mine), batch):
                 chunk = list(mine[i : i + batch])
-                for s, q in zip(chunk, model.seg_queries(self._collate(chunk))):
-                    found.append((_sample_key(s), {k: v.cpu() for k, v in q.items()}))
+                found += [(_sample_key(s), q.cpu()) for s, q in zip(chunk, model.seg_queries(self._collate(chunk)))]
         finally:
             model.train(training)
         self.queries.update(gather_object(found) if world > 1 else found)
