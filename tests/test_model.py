@@ -107,6 +107,30 @@ def test_forward_and_backward_reach_every_trainable_group(model):
     assert not any(p.requires_grad for p in model.vision.parameters())
 
 
+def test_training_runs_the_lm_head_only_where_a_label_follows(model, monkeypatch):
+    """In training mode the text loss comes from the logits of the labelled positions alone: the same loss and
+    gradient as from the full (B, L, V) logits, which evaluation mode still returns."""
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    head = model.language.get_output_embeddings()
+    rows = []
+    monkeypatch.setattr(head, "forward", lambda h, f=head.forward: rows.append(h.shape[:-1].numel()) or f(h))
+    grads = []
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        model.zero_grad()
+        out = model(batch)
+        out.loss_ce.backward()
+        grads.append([p.grad for p in model.language.parameters()])
+        if mode == "train":
+            sparse = out
+    model.zero_grad()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert sparse.logits is None and out.logits is not None and rows == [labelled, batch["input_ids"].numel()]
+    assert torch.allclose(sparse.loss_ce, out.loss_ce, atol=1e-6)
+    assert all(g is not None for g in grads[0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
 def test_n_seg_tokens_give_n_masks_each_on_the_image_its_tag_names(model, monkeypatch):
     model.eval()
     batch = make_batch(model, [negative_sample("a", 2), grounded_sample("b", 3)])

@@ -40,6 +40,29 @@ def test_batches_follow_the_step_and_split_across_ranks():
         shard(batch, 0, 3)
 
 
+def test_grouping_by_length_makes_batches_of_similar_length_from_the_same_samples():
+    """data.group_by_length: each run of `group` batches is sorted by length and cut again; batches shuffled."""
+    lengths = [int(x) for x in torch.randint(10, 200, (101,), generator=torch.Generator().manual_seed(0))]
+    plain = WeightedEpochSampler([101], seed=3)
+    grouped = WeightedEpochSampler([101], seed=3, lengths=lengths, group=4, batch_size=8)
+    order, base = grouped.epoch_order(0), plain.epoch_order(0)
+    assert sorted(order) == list(range(101)) and order != base
+    for start in range(0, 96, 32):  # each run of 4 batches holds the same samples as without grouping
+        assert sorted(order[start : start + 32]) == sorted(base[start : start + 32])
+    assert order[96:] == sorted(base[96:], key=lambda i: lengths[i])  # the short tail stays last (dropped)
+
+    def padding(sampler):  # padded tokens over 12 batches of 8
+        return sum(8 * max(b) - sum(b) for b in ([lengths[i] for i in sampler.batch_for_step(s, 8)] for s in range(12)))
+
+    assert padding(grouped) < padding(plain) / 3
+    assert [grouped.batch_for_step(s, 8) for s in range(12)] == [
+        WeightedEpochSampler([101], seed=3, lengths=lengths, group=4, batch_size=8).batch_for_step(s, 8)
+        for s in range(12)
+    ]  # fixed by seed and epoch: a resumed run reads the same batches
+    with pytest.raises(PrimaError, match="one length per sample"):
+        WeightedEpochSampler([101], lengths=lengths[:5], group=4, batch_size=8)
+
+
 def _image(path, color):
     Image.new("RGB", (8, 8), color).save(path)
     return str(path)

@@ -18,6 +18,14 @@ def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
 
+def text_loss_at(logits: torch.Tensor, targets: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """`text_loss` from the logits (K, V) of the labelled positions alone and their next tokens (K,); with none,
+    a zero that keeps ``anchor`` (the hidden states) in the graph."""
+    if targets.numel() == 0:
+        return anchor.sum() * 0.0
+    return F.cross_entropy(logits.float(), targets)
+
+
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """Per-mask soft DICE loss (M,), smoothed by ``eps`` so empty masks stay finite."""
     probs = torch.sigmoid(logits).flatten(1)

@@ -22,7 +22,7 @@ from prima.errors import PrimaError
 from prima.model.config import ModelConfig, TokenIds, image_tokens_per_image, load_model_config, mask_size
 from prima.model.grounding import GroundingImages, build_grounding
 from prima.model.language import build_language_model, hidden_size
-from prima.model.losses import IGNORE_INDEX, mask_losses, score_loss, text_loss
+from prima.model.losses import IGNORE_INDEX, mask_losses, score_loss, text_loss, text_loss_at
 from prima.model.square import ImageQueryModule
 from prima.model.vision import ImageFeatures, build_vision_encoder
 
@@ -39,7 +39,9 @@ class PrimaOutput:
     loss_bce: torch.Tensor | None
     loss_dice: torch.Tensor | None
     loss_score: torch.Tensor | None
-    logits: torch.Tensor | None  # (B, L, V); None when the batch brought its [SEG] queries (`seg_queries`)
+    # (B, L, V); None in training mode (the LM head runs only where a label follows) and when the batch brought its
+    # [SEG] queries (`seg_queries`)
+    logits: torch.Tensor | None
     loss_words: torch.Tensor | None = None  # the auxiliary visual-words loss (only when ``loss.visual_words`` > 0)
     loss_image: torch.Tensor | None = None  # the decoder's image-choice loss (only with ``grounding.image_choice``)
     mask_logits: list[torch.Tensor] = field(default_factory=list)  # per sample: (num [SEG], m, m)
@@ -58,6 +60,17 @@ class _Inputs:
     num_images: torch.Tensor
     image_offsets: torch.Tensor
     features: ImageFeatures
+
+
+@dataclass
+class _Reading:
+    """What `PrimaModel._read_answer` gives: next-token logits (B, L, V; None in training), visual tokens (N, T, H),
+    grounding queries (M, Hq) and the text loss (None without labels)."""
+
+    logits: torch.Tensor | None
+    visual: torch.Tensor
+    queries: torch.Tensor
+    text_loss: torch.Tensor | None
 
 
 @dataclass
@@ -396,12 +409,12 @@ class PrimaModel(nn.Module):
         return start + 1, end
 
     # --- forward ------------------------------------------------------------------------------------------------
-    def _read_answer(
-        self, batch: dict[str, Any], x: _Inputs, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The LLM's pass over prompt and answer: next-token logits (B, L, V), the visual tokens (N, T, H) and
-        the grounding queries (M, Hq) of the [SEG]s at ``positions`` (their last-layer states, with
-        ``phrase_pooling`` their phrases' mean state beside)."""
+    def _read_answer(self, batch: dict[str, Any], x: _Inputs, positions: torch.Tensor) -> _Reading:
+        """The LLM's pass over prompt and answer: the visual tokens, the grounding queries of the [SEG]s at
+        ``positions`` (their last-layer states, with ``phrase_pooling`` their phrases' mean state beside), and
+        with labels the text loss. The next-token logits (B, L, V) are computed outside training only: a training
+        step needs them only where a label follows, so it runs the LM head there alone (with a ~2,000-word
+        vocabulary a quarter of the tokens are labelled; docs/PERFORMANCE.md)."""
         dev = self.device
         qids, qmask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
         visual = self.visual_tokens(
@@ -411,17 +424,27 @@ class PrimaModel(nn.Module):
             qmask.to(dev) if qmask is not None else None,
         )
         embeds = self.embed_prompt(x.input_ids, visual, x.num_images)
-        out = self.language(
-            inputs_embeds=embeds, attention_mask=x.attention_mask, output_hidden_states=True, use_cache=False
-        )
-        logits = out.logits
-        last = out.hidden_states[-1]
-        if self.copy is not None:
-            logits = self.copy_logits(logits, last, visual, x.image_sample_index)
+        logits = loss = None
+        if self.training and x.labels is not None and self.copy is None:
+            last = self.language.get_decoder()(
+                inputs_embeds=embeds, attention_mask=x.attention_mask, use_cache=False
+            ).last_hidden_state
+            rows, cols = (x.labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+            head = self.language.get_output_embeddings()
+            loss = text_loss_at(head(last[rows, cols]), x.labels[rows, cols + 1], last)
+        else:
+            out = self.language(
+                inputs_embeds=embeds, attention_mask=x.attention_mask, output_hidden_states=True, use_cache=False
+            )
+            logits, last = out.logits, out.hidden_states[-1]
+            if self.copy is not None:
+                logits = self.copy_logits(logits, last, visual, x.image_sample_index)
+            if x.labels is not None:
+                loss = text_loss(logits, x.labels)
         queries = last[positions[0], positions[1]]
         if self.config.grounding.phrase_pooling:
             queries = torch.cat([queries, self.phrase_states(x.input_ids, positions, last)], dim=-1)
-        return logits, visual, queries
+        return _Reading(logits, visual, queries, loss)
 
     @torch.no_grad()
     def seg_queries(self, batch: dict[str, Any]) -> list[torch.Tensor]:
@@ -431,7 +454,7 @@ class PrimaModel(nn.Module):
         (``train.cache_seg_queries``)."""
         x = self._inputs(batch)
         positions, _ = self.seg_targets(x.input_ids, x.image_offsets, x.num_images, x.labels)
-        queries = self._read_answer(batch, x, positions)[2]
+        queries = self._read_answer(batch, x, positions).queries
         return list(torch.split(queries, torch.bincount(positions[0], minlength=x.input_ids.shape[0]).tolist()))
 
     def _inputs(self, batch: dict[str, Any]) -> _Inputs:
@@ -481,10 +504,11 @@ class PrimaModel(nn.Module):
             x.features,
         )
         positions, seg_images = self.seg_targets(input_ids, image_offsets, num_images, labels)
-        logits = visual = None
+        logits = visual = loss_ce = None
         queries = batch.get("seg_queries")
         if queries is None:
-            logits, visual, queries = self._read_answer(batch, x, positions)
+            reading = self._read_answer(batch, x, positions)
+            logits, visual, queries, loss_ce = reading.logits, reading.visual, reading.queries, reading.text_loss
         elif queries.shape[0] != positions.shape[1]:
             raise PrimaError(f"the batch has {queries.shape[0]} seg_queries for {positions.shape[1]} [SEG] tokens")
         mask_logits = torch.zeros(0, 1, 1, device=dev, dtype=self.dtype)
@@ -500,12 +524,11 @@ class PrimaModel(nn.Module):
                 candidates = _candidates(image_offsets[rows], num_images[rows])
                 choice_logits = self.image_choice_logits(prompts, words, candidates, features)
 
-        loss = loss_ce = loss_bce = loss_dice = loss_score = None
+        loss = loss_bce = loss_dice = loss_score = None
         w = self.config.loss
         if labels is not None:
             loss = torch.zeros((), device=dev)
-            if logits is not None:  # else the queries came precomputed: the LLM did not run
-                loss_ce = text_loss(logits, labels)
+            if loss_ce is not None:  # else the queries came precomputed: the LLM did not run
                 loss = loss + w.ce * loss_ce
         targets = batch.get("masks")
         if targets is not None and labels is not None:

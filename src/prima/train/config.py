@@ -37,10 +37,16 @@ class DataConfig:
     epoch_size: int | None = None  # samples per epoch; None: the sum of the sources' sizes
     feature_cache: str | None = None  # folder for cached frozen-encoder features (None: no cache)
     prefill_cache: bool = False  # encode every image before step 1 (else: on first use, paid once either way)
+    # > 1: batches of similar length (the LLM's prompt + answer tokens): each run of this many global batches of
+    # the epoch order is sorted by length, cut into batches and those are shuffled, so padding wastes less compute
+    # (docs/TRAINING.md, "Batches of similar length"); 0 or 1: off
+    group_by_length: int = 0
 
     def validate(self) -> None:
         if self.epoch_size is not None and self.epoch_size <= 0:
             raise ConfigError(f"data.epoch_size must be > 0, got {self.epoch_size}")
+        if self.group_by_length < 0:
+            raise ConfigError(f"data.group_by_length must be >= 0, got {self.group_by_length}")
 
 
 # the groups of `PrimaModel.parameter_groups`, in its order (a test keeps the two in step)

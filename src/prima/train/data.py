@@ -13,6 +13,7 @@ import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,8 +60,32 @@ class SampleSet(Sequence[Sample]):
     def __getitem__(self, i):  # type: ignore[override]
         return self.samples[i]
 
-    def sampler(self, seed: int, epoch_size: int | None = None) -> WeightedEpochSampler:
-        return WeightedEpochSampler(self.sizes, [s.weight for s in self.sources], seed=seed, epoch_size=epoch_size)
+    def sampler(
+        self,
+        seed: int,
+        epoch_size: int | None = None,
+        *,
+        lengths: Sequence[int] | None = None,
+        group: int = 0,
+        batch_size: int = 1,
+    ) -> WeightedEpochSampler:
+        return WeightedEpochSampler(
+            self.sizes,
+            [s.weight for s in self.sources],
+            seed=seed,
+            epoch_size=epoch_size,
+            lengths=lengths,
+            group=group,
+            batch_size=batch_size,
+        )
+
+
+def sample_lengths(processor: Any, samples: Sequence[Sample]) -> list[int]:
+    """Each sample's LLM sequence length in tokens (prompt with its image blocks + answer), unpadded."""
+    return [
+        len(processor.encode_prompt(s.question, len(s.images))) + len(processor.encode_answer(s.answer))
+        for s in samples
+    ]
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

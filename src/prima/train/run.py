@@ -19,7 +19,7 @@ from prima.data.schema import Sample, Segment
 from prima.errors import PrimaError
 from prima.train.checkpoint import list_checkpoints, load_model_weights
 from prima.train.config import RunConfig, load_run_config
-from prima.train.data import FeatureCache, SampleSet, load_samples, module_digest
+from prima.train.data import FeatureCache, SampleSet, load_samples, module_digest, sample_lengths
 from prima.train.trainer import Trainer, TrainResult, make_accelerator
 
 CONFIG_FILE = "config.yaml"
@@ -285,7 +285,13 @@ def run_training(
         collator,
         cfg.train,
         run_dir,
-        sampler=train_set.sampler(cfg.train.seed, cfg.data.epoch_size),
+        sampler=train_set.sampler(
+            cfg.train.seed,
+            cfg.data.epoch_size,
+            lengths=sample_lengths(model.processor, train_set.samples) if cfg.data.group_by_length > 1 else None,
+            group=cfg.data.group_by_length,
+            batch_size=cfg.train.batch_size,
+        ),
         val_set=val_samples,
         validate_fn=validate_fn,
         config_text=(run_dir / CONFIG_FILE).read_text(encoding="utf-8"),

@@ -19,6 +19,10 @@ class WeightedEpochSampler:
 
     Each epoch has ``epoch_size`` samples (default: all sources' sizes summed); source ``d`` contributes
     ``round(epoch_size * w_d / sum(w))`` of them, taken from its own shuffled order, cycled when it is small.
+
+    With ``lengths`` (one per sample) and ``group`` > 1, every run of ``group`` global batches of ``batch_size`` in
+    that order is sorted by length, cut into batches again, and those batches are shuffled among themselves: each
+    batch holds samples of similar length, so padding wastes less (``data.group_by_length``).
     """
 
     def __init__(
@@ -28,6 +32,9 @@ class WeightedEpochSampler:
         *,
         seed: int = 0,
         epoch_size: int | None = None,
+        lengths: Sequence[int] | None = None,
+        group: int = 0,
+        batch_size: int = 1,
     ):
         if not sizes or any(n <= 0 for n in sizes):
             raise PrimaError(f"every training source needs at least one sample (sizes: {list(sizes)})")
@@ -42,6 +49,10 @@ class WeightedEpochSampler:
         counts = [round(self.epoch_size * w / total) for w in weights]
         counts[-1] = self.epoch_size - sum(counts[:-1])
         self.counts = counts
+        if group > 1 and (lengths is None or len(lengths) != sum(sizes)):
+            raise PrimaError(f"grouping by length needs one length per sample ({sum(sizes)})")
+        self.lengths = list(lengths) if lengths is not None else None
+        self.group, self.batch_size = group, batch_size
         self._cache: tuple[int, list[int]] | None = None
 
     def _generator(self, epoch: int) -> torch.Generator:
@@ -61,8 +72,23 @@ class WeightedEpochSampler:
             offset += n
         flat = torch.cat(order)
         flat = flat[torch.randperm(len(flat), generator=g)].tolist()
+        if self.group > 1:
+            flat = self._grouped(flat, g)
         self._cache = (epoch, flat)
         return flat
+
+    def _grouped(self, order: list[int], g: torch.Generator) -> list[int]:
+        """``order`` with each run of ``group`` batches sorted by length and its batches shuffled."""
+        assert self.lengths is not None
+        size = self.group * self.batch_size
+        out: list[int] = []
+        for start in range(0, len(order), size):
+            chunk = sorted(order[start : start + size], key=lambda i: self.lengths[i])  # type: ignore[index]
+            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            full = [b for b in batches if len(b) == self.batch_size]  # a short last one stays last (dropped)
+            out += [i for k in torch.randperm(len(full), generator=g).tolist() for i in full[k]]
+            out += [i for b in batches[len(full) :] for i in b]
+        return out
 
     def steps_per_epoch(self, batch_size: int) -> int:
         steps = self.epoch_size // batch_size
