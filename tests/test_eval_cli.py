@@ -122,7 +122,12 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
     loaded = {}
 
     def fake_from_pretrained(path=None, device="cpu", **kwargs):
-        loaded.update(path=path, device=device, distinct_images=kwargs.get("distinct_images"))
+        loaded.update(
+            path=path,
+            device=device,
+            distinct_images=kwargs.get("distinct_images"),
+            mask_threshold=kwargs.get("mask_threshold"),
+        )
         return FakePredictor(dataset)
 
     monkeypatch.setattr(predictor.PrimaPredictor, "from_pretrained", staticmethod(fake_from_pretrained))
@@ -130,13 +135,15 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
     out = tmp_path / "run"
     code = main(["eval", "--checkpoint", "ckpt/x", "--data", str(dataset), "--out", str(out), "--wordnet", "none"])
     assert code == 0
-    assert loaded == {"path": "ckpt/x", "device": "cpu", "distinct_images": None}
+    assert loaded == {"path": "ckpt/x", "device": "cpu", "distinct_images": None, "mask_threshold": None}
     printed = capsys.readouterr().out
     assert "3 samples" in printed and "miou=100.00" in printed
     assert json.loads((out / "metrics.json").read_text())["phrase_model"] == "bag-of-words (test)"
     args = ["eval", "--checkpoint", "ckpt/x", "--data", str(dataset), "--out", str(out), "--wordnet", "none"]
-    assert main([*args, "--repeat-images"]) == 0 and loaded["distinct_images"] is False
-    assert "with distinct_images false" in json.loads((out / "metrics.json").read_text())["checkpoint"]
+    assert main([*args, "--repeat-images", "--mask-threshold", "0.3"]) == 0 and loaded["distinct_images"] is False
+    assert loaded["mask_threshold"] == 0.3
+    checkpoint = json.loads((out / "metrics.json").read_text())["checkpoint"]
+    assert "with distinct_images false" in checkpoint and "with mask_threshold 0.3" in checkpoint
 
 
 def test_eval_command_rejects_a_bad_limit(dataset, tmp_path, capsys):

@@ -805,6 +805,11 @@ def test_generate_chooses_the_tag_by_llm_plus_decoder(monkeypatch):
         assert all(1 <= s.image <= n for s in result.segments)
 
 
+def test_mask_threshold_config_is_checked():
+    with pytest.raises(PrimaError, match="mask_threshold must be in"):
+        load_model_config("tiny", ["grounding.mask_threshold=1.0"])
+
+
 def test_image_choice_config_is_checked():
     with pytest.raises(PrimaError, match="image_choice needs kind one_way"):
         load_model_config("tiny", ["grounding.kind=sam", "grounding.image_choice=true"])

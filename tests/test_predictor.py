@@ -312,3 +312,29 @@ def test_repeat_images_override_sets_distinct_images(tiny_checkpoint):
     assert PrimaPredictor.from_pretrained(tiny_checkpoint).model.config.grounding.distinct_images is True
     predictor = PrimaPredictor.from_pretrained(tiny_checkpoint, distinct_images=False)
     assert predictor.model.config.grounding.distinct_images is False
+
+
+def test_mask_threshold_is_the_checkpoints_unless_given(tiny_checkpoint, tmp_path):
+    """A pixel is in the mask when its probability reaches grounding.mask_threshold (`--mask-threshold` overrides)."""
+    import shutil
+
+    import yaml
+
+    assert PrimaPredictor.from_pretrained(tiny_checkpoint).mask_threshold == 0.5  # the config default
+    path = tmp_path / "calibrated"
+    shutil.copytree(tiny_checkpoint, path)
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    config["model"]["grounding"]["mask_threshold"] = 0.3
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    calibrated = PrimaPredictor.from_pretrained(path)
+    assert calibrated.mask_threshold == 0.3
+    assert PrimaPredictor.from_pretrained(path, mask_threshold=0.7).mask_threshold == 0.7
+    with pytest.raises(PrimaError, match="between 0 and 1"):
+        PrimaPredictor.from_pretrained(path, mask_threshold=1.5)
+
+    class Generated:  # one segment whose probabilities straddle both thresholds
+        phrase, image, score = "chair", 1, 0.9
+        mask = np.array([[0.2, 0.4], [0.6, 0.8]], dtype=np.float32)
+
+    assert calibrated._segment(Generated(), [(2, 2)]).mask.sum() == 3  # >= 0.3
+    assert PrimaPredictor(calibrated.model, mask_threshold=0.7)._segment(Generated(), [(2, 2)]).mask.sum() == 1

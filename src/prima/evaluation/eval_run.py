@@ -53,6 +53,7 @@ def run_eval(
     embed: Any = None,
     image_choice_weight: float | None = None,
     distinct_images: bool | None = None,
+    mask_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Predict the first ``limit`` samples of ``data`` into OUT/predictions.jsonl, score them into OUT.
 
@@ -73,7 +74,11 @@ def run_eval(
         from prima.inference.predictor import PrimaPredictor
 
         predictor = PrimaPredictor.from_pretrained(
-            checkpoint, device=device, image_choice_weight=image_choice_weight, distinct_images=distinct_images
+            checkpoint,
+            device=device,
+            image_choice_weight=image_choice_weight,
+            distinct_images=distinct_images,
+            mask_threshold=mask_threshold,
         )
     out = Path(out_dir)
     pred_path = out / PREDICTIONS_FILE
@@ -91,5 +96,7 @@ def run_eval(
         result["checkpoint"] += f" with image_choice_weight {image_choice_weight:g}"
     if distinct_images is not None:
         result["checkpoint"] += f" with distinct_images {str(distinct_images).lower()}"
+    if mask_threshold is not None:
+        result["checkpoint"] += f" with mask_threshold {mask_threshold:g}"
     write_outputs(result, out)
     return result

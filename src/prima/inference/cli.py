@@ -10,6 +10,10 @@ IMAGE_CHOICE_HELP = (
     "with a checkpoint that has the decoder's image choice: its weight beside the LLM's tag when picking each "
     "[SEG]'s image (default: the checkpoint's grounding.image_choice_weight; 0: the LLM alone)"
 )
+MASK_THRESHOLD_HELP = (
+    "a pixel is in a mask when the decoder's probability reaches this (default: the checkpoint's "
+    "grounding.mask_threshold)"
+)
 REPEAT_IMAGES_HELP = (
     "let a phrase the answer repeats be grounded again on an image it already names "
     "(default: the checkpoint's grounding.distinct_images, which forbids it; docs/MODEL.md)"
@@ -33,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlays", action="store_true", help="with --jsonl: also write overlay PNGs per query")
     p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
+    p.add_argument("--mask-threshold", type=float, default=None, help=MASK_THRESHOLD_HELP)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.set_defaults(func=_predict)
 
@@ -101,6 +106,7 @@ def _predict_one(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         image_choice_weight=args.image_choice_weight,
         distinct_images=False if args.repeat_images else None,
+        mask_threshold=args.mask_threshold,
     )
     prediction = predictor.predict_loaded(images, question)
     pictures = save_overlays(images, prediction, args.out)
@@ -126,6 +132,7 @@ def _predict_jsonl(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         image_choice_weight=args.image_choice_weight,
         distinct_images=False if args.repeat_images else None,
+        mask_threshold=args.mask_threshold,
     )
     out = Path(args.out)
     overlay_dir = out / "overlays" if args.overlays else None

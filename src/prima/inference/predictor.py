@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BUNDLED_CHECKPOINT = REPO_ROOT / "checkpoints" / "prima-tiny-synth"
 MAX_QUESTION_CHARS = 1000  # far above any benchmark question; keeps the prompt inside the model's context
-MASK_THRESHOLD = 0.5  # a pixel is in the mask when the decoder's probability reaches this
+MASK_THRESHOLD = 0.5  # a pixel is in the mask when the probability reaches this (models without their own)
 
 
 @dataclass
@@ -77,7 +77,7 @@ class PrimaPredictor:
         *,
         max_images: int | None = None,
         max_question_chars: int = MAX_QUESTION_CHARS,
-        mask_threshold: float = MASK_THRESHOLD,
+        mask_threshold: float | None = None,
         max_image_side: int = MAX_IMAGE_SIDE,
         max_new_tokens: int | None = None,
     ):
@@ -85,7 +85,12 @@ class PrimaPredictor:
         self.max_new_tokens = max_new_tokens  # None: the model's own default answer length
         self.max_images = max_images or _model_max_images(model)
         self.max_question_chars = max_question_chars
+        if mask_threshold is None:  # the model's own (`grounding.mask_threshold`)
+            grounding = getattr(getattr(model, "config", None), "grounding", None)
+            mask_threshold = getattr(grounding, "mask_threshold", MASK_THRESHOLD)
         self.mask_threshold = mask_threshold
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise PrimaError(f"--mask-threshold must be between 0 and 1, got {self.mask_threshold}")
         self.max_image_side = max_image_side
 
     @classmethod

@@ -123,6 +123,9 @@ class GroundingConfig:
     # image already has it): "the red cup [SEG] (IMAGE2) ... the red cup [SEG] (IMAGE2)" names one object twice, which
     # a ground-truth answer never does (answer_order written only; docs/MODEL.md, "One phrase, one image")
     distinct_images: bool = True
+    # a pixel is in a predicted mask when the decoder's probability reaches this: a property of the trained decoder,
+    # chosen on validation data (`prima eval --mask-threshold T`; docs/MODEL.md, "Where a mask ends")
+    mask_threshold: float = 0.5
     # sam
     sam: dict[str, Any] = field(default_factory=dict)  # kwargs of SamConfig (vision_config, ...)
     pretrained: str | None = None  # a local folder saved by SamModel.save_pretrained
@@ -145,6 +148,8 @@ class GroundingConfig:
                 "model.grounding.image_choice cannot be combined with phrase_pooling (generation builds the pooled "
                 "query only after the answer, the image choice needs it at each [SEG])"
             )
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ConfigError(f"model.grounding.mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if self.image_choice_weight < 0:
             raise ConfigError(f"model.grounding.image_choice_weight must be >= 0, got {self.image_choice_weight}")
 

@@ -156,7 +156,7 @@ def check_best_metric(cfg: RunConfig) -> None:
         raise PrimaError(f"train.best_metric={metric!r} needs a validation set: set data.val")
 
 
-def make_generation_validator(val_samples: list[Sample], limit: int, threshold: float = 0.5) -> Any:
+def make_generation_validator(val_samples: list[Sample], limit: int) -> Any:
     """validate_fn: greedy answers + masks for the first ``limit`` validation samples, scored like `prima eval`."""
     from accelerate.utils import gather_object
 
@@ -172,6 +172,7 @@ def make_generation_validator(val_samples: list[Sample], limit: int, threshold: 
         for i in range(accelerator.process_index, len(samples), accelerator.num_processes):
             s = samples[i]
             out = net.generate(s.images, s.question)
+            threshold = net.config.grounding.mask_threshold
             segs = [Segment(g.phrase, g.image, encode_rle(g.mask >= threshold), score=g.score) for g in out.segments]
             rows.append((i, out.answer, [seg.to_dict() for seg in segs]))
         if accelerator.num_processes > 1:
