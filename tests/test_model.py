@@ -805,6 +805,19 @@ def test_generate_chooses_the_tag_by_llm_plus_decoder(monkeypatch):
         assert all(1 <= s.image <= n for s in result.segments)
 
 
+def test_last_decoder_layer_updates_only_the_output_tokens():
+    """`OneWayBlock(keep=n)` gives exactly the first n tokens of the full update (the decoder's last layer)."""
+    from prima.model.grounding import OneWayBlock
+
+    torch.manual_seed(0)
+    block = OneWayBlock(32, 4)
+    x, memory = torch.randn(3, 9, 32), torch.randn(3, 16, 32)
+    padding = torch.zeros(3, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    full = block(x, memory, padding)
+    assert torch.allclose(block(x, memory, padding, keep=2), full[:, :2], atol=1e-6)
+
+
 def test_mask_threshold_config_is_checked():
     with pytest.raises(PrimaError, match="mask_threshold must be in"):
         load_model_config("tiny", ["grounding.mask_threshold=1.0"])

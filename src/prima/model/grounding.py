@@ -134,8 +134,9 @@ class OneWayMaskDecoder(nn.Module):
     def _attend(
         self, output_tokens: torch.Tensor, prompts: torch.Tensor, words: torch.Tensor | None, memory: torch.Tensor
     ) -> torch.Tensor:
-        """The prompt tokens [output tokens, the [SEG] prompt, the phrase's words] after the decoder's layers over
-        ``memory`` (Q, T, D), normalised: (Q, tokens, D)."""
+        """The output tokens after the decoder's layers over ``memory`` (Q, T, D), normalised: (Q, n_out, D). The
+        layers read [output tokens, the [SEG] prompt, the phrase's words]; the last layer updates only the output
+        tokens, since nothing reads the others after it."""
         q = prompts.shape[0]
         x = torch.cat([output_tokens.unsqueeze(0).expand(q, -1, -1), prompts.unsqueeze(1)], dim=1)
         padding = None
@@ -145,8 +146,8 @@ class OneWayMaskDecoder(nn.Module):
             present = words >= 0
             x = torch.cat([x, self.words(words.clamp(min=0)) + self.word_pos[: words.shape[1]]], dim=1)
             padding = torch.cat([present.new_zeros(q, output_tokens.shape[0] + 1), ~present], dim=1)
-        for layer in self.layers:
-            x = layer(x, memory, padding)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory, padding, keep=output_tokens.shape[0] if i == len(self.layers) - 1 else None)
         return self.norm(x)
 
 
@@ -160,10 +161,15 @@ class OneWayBlock(nn.Module):
         self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """``padding`` (Q, tokens): True at prompt tokens the others must not attend to."""
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, padding: torch.Tensor | None = None, keep: int | None = None
+    ) -> torch.Tensor:
+        """``padding`` (Q, tokens): True at prompt tokens the others must not attend to. ``keep``: compute and return
+        only the first ``keep`` tokens (they still attend to all)."""
         h = self.norm1(x)
-        x = x + self.self_attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
+        if keep is not None:
+            x = x[:, :keep]
+        x = x + self.self_attn(h[:, : x.shape[1]], h, h, key_padding_mask=padding, need_weights=False)[0]
         x = x + self.cross_attn(self.norm2(x), memory, memory, need_weights=False)[0]
         return x + self.mlp(self.norm3(x))
 
