@@ -413,8 +413,8 @@ class PrimaModel(nn.Module):
         """The LLM's pass over prompt and answer: the visual tokens, the grounding queries of the [SEG]s at
         ``positions`` (their last-layer states, with ``phrase_pooling`` their phrases' mean state beside), and
         with labels the text loss. The next-token logits (B, L, V) are computed outside training only: a training
-        step needs them only where a label follows, so it runs the LM head there alone (with a ~2,000-word
-        vocabulary a quarter of the tokens are labelled; docs/PERFORMANCE.md)."""
+        step needs them only where a label follows, so it runs the LM head there alone (a quarter of the tokens in
+        tiny-synth; docs/TRAINING.md, "Batches of similar length")."""
         dev = self.device
         qids, qmask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
         visual = self.visual_tokens(
