@@ -127,6 +127,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
             device=device,
             distinct_images=kwargs.get("distinct_images"),
             mask_threshold=kwargs.get("mask_threshold"),
+            mask_regions=kwargs.get("mask_regions"),
         )
         return FakePredictor(dataset)
 
@@ -135,15 +136,24 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
     out = tmp_path / "run"
     code = main(["eval", "--checkpoint", "ckpt/x", "--data", str(dataset), "--out", str(out), "--wordnet", "none"])
     assert code == 0
-    assert loaded == {"path": "ckpt/x", "device": "cpu", "distinct_images": None, "mask_threshold": None}
+    assert loaded == {
+        "path": "ckpt/x",
+        "device": "cpu",
+        "distinct_images": None,
+        "mask_threshold": None,
+        "mask_regions": None,
+    }
     printed = capsys.readouterr().out
     assert "3 samples" in printed and "miou=100.00" in printed
     assert json.loads((out / "metrics.json").read_text())["phrase_model"] == "bag-of-words (test)"
     args = ["eval", "--checkpoint", "ckpt/x", "--data", str(dataset), "--out", str(out), "--wordnet", "none"]
-    assert main([*args, "--repeat-images", "--mask-threshold", "0.3"]) == 0 and loaded["distinct_images"] is False
-    assert loaded["mask_threshold"] == 0.3
+    assert main([*args, "--repeat-images", "--mask-threshold", "0.3", "--mask-regions", "largest"]) == 0
+    assert (
+        loaded["distinct_images"] is False and loaded["mask_threshold"] == 0.3 and loaded["mask_regions"] == "largest"
+    )
     checkpoint = json.loads((out / "metrics.json").read_text())["checkpoint"]
     assert "with distinct_images false" in checkpoint and "with mask_threshold 0.3" in checkpoint
+    assert "with mask_regions largest" in checkpoint
 
 
 def test_eval_command_rejects_a_bad_limit(dataset, tmp_path, capsys):

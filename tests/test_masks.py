@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from prima.data.masks import (
+    binarize,
     decode_rle,
     encode_rle,
     mask_bbox,
@@ -93,3 +94,17 @@ def test_bbox_is_coco_xywh():
     mask[2:5, 3:7] = True
     assert mask_bbox(mask) == [3, 2, 4, 3]
     assert mask_bbox(np.zeros((3, 3), bool)) == [0, 0, 0, 0]
+
+
+def test_binarize_keeps_all_pixels_or_the_region_of_largest_probability_mass():
+    probs = np.zeros((6, 8), dtype=np.float32)
+    probs[0:2, 0:2] = 0.9  # small and sure: mass 3.6
+    probs[3:6, 4:8] = 0.35  # large and unsure: mass 4.2
+    probs[2, 3] = 0.6  # touches the large region's corner: one region with it (8-neighbourhood)
+    assert binarize(probs, 0.3).sum() == 4 + 12 + 1
+    largest = binarize(probs, 0.3, "largest")
+    assert largest.sum() == 13 and largest[2, 3] and largest[5, 7] and not largest[0, 0]
+    assert binarize(probs, 0.5, "largest").sum() == 4  # above 0.5 the sure one is the larger mass
+    assert not binarize(np.zeros((3, 3)), 0.5, "largest").any()
+    with pytest.raises(ValueError, match="regions must be one of"):
+        binarize(probs, 0.5, "biggest")

@@ -821,6 +821,8 @@ def test_last_decoder_layer_updates_only_the_output_tokens():
 def test_mask_threshold_config_is_checked():
     with pytest.raises(PrimaError, match="mask_threshold must be in"):
         load_model_config("tiny", ["grounding.mask_threshold=1.0"])
+    with pytest.raises(PrimaError, match="mask_regions must be 'all' or 'largest'"):
+        load_model_config("tiny", ["grounding.mask_regions=biggest"])
 
 
 def test_image_choice_config_is_checked():

@@ -314,8 +314,9 @@ def test_repeat_images_override_sets_distinct_images(tiny_checkpoint):
     assert predictor.model.config.grounding.distinct_images is False
 
 
-def test_mask_threshold_is_the_checkpoints_unless_given(tiny_checkpoint, tmp_path):
-    """A pixel is in the mask when its probability reaches grounding.mask_threshold (`--mask-threshold` overrides)."""
+def test_mask_threshold_and_regions_are_the_checkpoints_unless_given(tiny_checkpoint, tmp_path):
+    """A pixel is in the mask when its probability reaches grounding.mask_threshold and, with grounding.mask_regions
+    "largest", it lies in the region of the largest probability mass (`--mask-threshold`, `--mask-regions`)."""
     import shutil
 
     import yaml
@@ -338,3 +339,19 @@ def test_mask_threshold_is_the_checkpoints_unless_given(tiny_checkpoint, tmp_pat
 
     assert calibrated._segment(Generated(), [(2, 2)]).mask.sum() == 3  # >= 0.3
     assert PrimaPredictor(calibrated.model, mask_threshold=0.7)._segment(Generated(), [(2, 2)]).mask.sum() == 1
+
+    # grounding.mask_regions: "largest" keeps the connected region of the largest probability mass
+    assert calibrated.mask_regions == "all"
+    config["model"]["grounding"]["mask_regions"] = "largest"
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    one_region = PrimaPredictor.from_pretrained(path)
+    assert one_region.mask_regions == "largest"
+    assert PrimaPredictor.from_pretrained(path, mask_regions="all").mask_regions == "all"
+    with pytest.raises(PrimaError, match="--mask-regions must be one of"):
+        PrimaPredictor.from_pretrained(path, mask_regions="biggest")
+
+    class TwoBlobs(Generated):
+        mask = np.array([[0.9, 0.0, 0.4], [0.0, 0.0, 0.4]], dtype=np.float32)
+
+    assert calibrated._segment(TwoBlobs(), [(2, 3)]).mask.sum() == 3
+    assert one_region._segment(TwoBlobs(), [(2, 3)]).mask.tolist() == [[True, False, False], [False, False, False]]

@@ -97,6 +97,26 @@ def rle_iou_matrix(pred: Sequence[RLE], gt: Sequence[RLE]) -> np.ndarray:
     return np.asarray(mask_utils.iou(p, g, [0] * len(g)), dtype=np.float64).reshape(len(p), len(g))
 
 
+MASK_REGIONS = ("all", "largest")
+
+
+def binarize(probs: np.ndarray, threshold: float, regions: str = "all") -> np.ndarray:
+    """The mask of a probability map: pixels at ``threshold`` or above; with ``regions`` "largest" only its
+    connected region (8-neighbourhood) of the largest probability mass, for a phrase that names one object."""
+    mask = probs >= threshold
+    if regions == "all" or not mask.any():
+        return mask
+    if regions != "largest":
+        raise ValueError(f"regions must be one of {MASK_REGIONS}, got {regions!r}")
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n == 1:
+        return mask
+    mass = ndimage.sum(probs, labels, index=np.arange(1, n + 1))
+    return labels == 1 + int(np.argmax(mass))
+
+
 def mask_bbox(mask: np.ndarray) -> list[int]:
     """COCO box ``[x, y, w, h]`` of a bool mask; ``[0, 0, 0, 0]`` when empty."""
     ys, xs = np.nonzero(mask)

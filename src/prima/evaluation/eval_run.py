@@ -54,6 +54,7 @@ def run_eval(
     image_choice_weight: float | None = None,
     distinct_images: bool | None = None,
     mask_threshold: float | None = None,
+    mask_regions: str | None = None,
 ) -> dict[str, Any]:
     """Predict the first ``limit`` samples of ``data`` into OUT/predictions.jsonl, score them into OUT.
 
@@ -79,6 +80,7 @@ def run_eval(
             image_choice_weight=image_choice_weight,
             distinct_images=distinct_images,
             mask_threshold=mask_threshold,
+            mask_regions=mask_regions,
         )
     out = Path(out_dir)
     pred_path = out / PREDICTIONS_FILE
@@ -98,5 +100,7 @@ def run_eval(
         result["checkpoint"] += f" with distinct_images {str(distinct_images).lower()}"
     if mask_threshold is not None:
         result["checkpoint"] += f" with mask_threshold {mask_threshold:g}"
+    if mask_regions is not None:
+        result["checkpoint"] += f" with mask_regions {mask_regions}"
     write_outputs(result, out)
     return result

@@ -14,6 +14,10 @@ MASK_THRESHOLD_HELP = (
     "a pixel is in a mask when the decoder's probability reaches this (default: the checkpoint's "
     "grounding.mask_threshold)"
 )
+MASK_REGIONS_HELP = (
+    "which pixels above the threshold make a mask: all, or the largest connected region by probability "
+    "(default: the checkpoint's grounding.mask_regions)"
+)
 REPEAT_IMAGES_HELP = (
     "let a phrase the answer repeats be grounded again on an image it already names "
     "(default: the checkpoint's grounding.distinct_images, which forbids it; docs/MODEL.md)"
@@ -38,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     p.add_argument("--mask-threshold", type=float, default=None, help=MASK_THRESHOLD_HELP)
+    p.add_argument("--mask-regions", choices=("all", "largest"), default=None, help=MASK_REGIONS_HELP)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.set_defaults(func=_predict)
 
@@ -107,6 +112,7 @@ def _predict_one(args: argparse.Namespace) -> int:
         image_choice_weight=args.image_choice_weight,
         distinct_images=False if args.repeat_images else None,
         mask_threshold=args.mask_threshold,
+        mask_regions=args.mask_regions,
     )
     prediction = predictor.predict_loaded(images, question)
     pictures = save_overlays(images, prediction, args.out)
@@ -133,6 +139,7 @@ def _predict_jsonl(args: argparse.Namespace) -> int:
         image_choice_weight=args.image_choice_weight,
         distinct_images=False if args.repeat_images else None,
         mask_threshold=args.mask_threshold,
+        mask_regions=args.mask_regions,
     )
     out = Path(args.out)
     overlay_dir = out / "overlays" if args.overlays else None

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from prima.constants import MAX_IMAGES, SPECIAL_TOKENS
-from prima.data.masks import encode_rle, mask_bbox, resize_mask
+from prima.data.masks import MASK_REGIONS, binarize, encode_rle, mask_bbox, resize_mask
 from prima.data.schema import strip_markup
 from prima.errors import PrimaError
 from prima.inference.images import MAX_IMAGE_SIDE, ImageInput, LoadedImage, load_images
@@ -78,6 +78,7 @@ class PrimaPredictor:
         max_images: int | None = None,
         max_question_chars: int = MAX_QUESTION_CHARS,
         mask_threshold: float | None = None,
+        mask_regions: str | None = None,
         max_image_side: int = MAX_IMAGE_SIDE,
         max_new_tokens: int | None = None,
     ):
@@ -85,12 +86,15 @@ class PrimaPredictor:
         self.max_new_tokens = max_new_tokens  # None: the model's own default answer length
         self.max_images = max_images or _model_max_images(model)
         self.max_question_chars = max_question_chars
-        if mask_threshold is None:  # the model's own (`grounding.mask_threshold`)
-            grounding = getattr(getattr(model, "config", None), "grounding", None)
+        grounding = getattr(getattr(model, "config", None), "grounding", None)  # the model's own cut, if it has one
+        if mask_threshold is None:
             mask_threshold = getattr(grounding, "mask_threshold", MASK_THRESHOLD)
         self.mask_threshold = mask_threshold
         if not 0.0 < self.mask_threshold < 1.0:
             raise PrimaError(f"--mask-threshold must be between 0 and 1, got {self.mask_threshold}")
+        self.mask_regions = mask_regions or getattr(grounding, "mask_regions", "all")
+        if self.mask_regions not in MASK_REGIONS:
+            raise PrimaError(f"--mask-regions must be one of {', '.join(MASK_REGIONS)}, got {self.mask_regions!r}")
         self.max_image_side = max_image_side
 
     @classmethod
@@ -170,7 +174,7 @@ class PrimaPredictor:
         if not 1 <= k <= len(sizes):
             raise PrimaError(f"the model grounded {generated.phrase!r} in image {k}, but there are {len(sizes)}")
         probs = _to_numpy(generated.mask)
-        mask = probs >= self.mask_threshold
+        mask = binarize(probs, self.mask_threshold, self.mask_regions)
         if mask.shape != sizes[k - 1]:  # the model promises original size; be safe for foreign models
             mask = resize_mask(mask, sizes[k - 1])
         return Segment(generated.phrase, k, mask, float(generated.score), mask_bbox(mask))

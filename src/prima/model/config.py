@@ -126,6 +126,9 @@ class GroundingConfig:
     # a pixel is in a predicted mask when the decoder's probability reaches this: a property of the trained decoder,
     # chosen on validation data (`prima eval --mask-threshold T`; docs/MODEL.md, "Where a mask ends")
     mask_threshold: float = 0.5
+    # which pixels above the threshold make the mask: "all", or "largest", the connected region of the largest
+    # probability mass (a [SEG] names one object; chosen on validation data; docs/MODEL.md, "Where a mask ends")
+    mask_regions: str = "all"
     # sam
     sam: dict[str, Any] = field(default_factory=dict)  # kwargs of SamConfig (vision_config, ...)
     pretrained: str | None = None  # a local folder saved by SamModel.save_pretrained
@@ -148,6 +151,8 @@ class GroundingConfig:
                 "model.grounding.image_choice cannot be combined with phrase_pooling (generation builds the pooled "
                 "query only after the answer, the image choice needs it at each [SEG])"
             )
+        if self.mask_regions not in ("all", "largest"):
+            raise ConfigError(f"model.grounding.mask_regions must be 'all' or 'largest', got {self.mask_regions!r}")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ConfigError(f"model.grounding.mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if self.image_choice_weight < 0:

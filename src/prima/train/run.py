@@ -160,7 +160,7 @@ def make_generation_validator(val_samples: list[Sample], limit: int) -> Any:
     """validate_fn: greedy answers + masks for the first ``limit`` validation samples, scored like `prima eval`."""
     from accelerate.utils import gather_object
 
-    from prima.data.masks import encode_rle
+    from prima.data.masks import binarize, encode_rle
     from prima.evaluation.scorer import M4SegEvaluator, PredictionRecord
 
     samples = val_samples[:limit]
@@ -172,8 +172,11 @@ def make_generation_validator(val_samples: list[Sample], limit: int) -> Any:
         for i in range(accelerator.process_index, len(samples), accelerator.num_processes):
             s = samples[i]
             out = net.generate(s.images, s.question)
-            threshold = net.config.grounding.mask_threshold
-            segs = [Segment(g.phrase, g.image, encode_rle(g.mask >= threshold), score=g.score) for g in out.segments]
+            cut = net.config.grounding
+            segs = [
+                Segment(g.phrase, g.image, encode_rle(binarize(g.mask, cut.mask_threshold, cut.mask_regions)), g.score)
+                for g in out.segments
+            ]
             rows.append((i, out.answer, [seg.to_dict() for seg in segs]))
         if accelerator.num_processes > 1:
             rows = gather_object(rows)
