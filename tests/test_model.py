@@ -825,6 +825,29 @@ def test_mask_threshold_config_is_checked():
         load_model_config("tiny", ["grounding.mask_regions=biggest"])
 
 
+def test_choice_layers_are_the_image_choices_own_and_start_from_the_mask_layers():
+    """grounding.choice_layers: the choice reads its own copy of the decoder's layers; the masks never read it."""
+    model = small_model("grounding.image_choice=true", "grounding.phrase_tokens=2", "grounding.choice_layers=true")
+    model.eval()
+    g = model.grounding
+    assert all(any(p is q for q in g.choice_parameters()) for p in g.choice_layers.parameters())
+    batch = make_batch(model, [grounded_sample()])
+    with torch.no_grad():
+        before = model(batch)
+        for p in g.choice_layers.parameters():
+            p.add_(0.1)
+        after = model(batch)
+    assert torch.equal(torch.cat(before.mask_logits), torch.cat(after.mask_logits))
+    assert not torch.allclose(before.image_choice_logits, after.image_choice_logits)
+    # a stage 2 from a model without them starts them from the mask layers; a model that has them keeps its own
+    g.warm_start({"words.weight"})
+    assert not torch.equal(g.choice_layers[0].mlp[0].weight, g.layers[0].mlp[0].weight)
+    g.warm_start({f"choice_layers.{k}" for k in g.choice_layers.state_dict()})
+    assert all(torch.equal(a, b) for a, b in zip(g.choice_layers.state_dict().values(), g.layers.state_dict().values()))
+    with pytest.raises(PrimaError, match="choice_layers needs image_choice"):
+        load_model_config("tiny", ["grounding.choice_layers=true"])
+
+
 def test_image_choice_config_is_checked():
     with pytest.raises(PrimaError, match="image_choice needs kind one_way"):
         load_model_config("tiny", ["grounding.kind=sam", "grounding.image_choice=true"])

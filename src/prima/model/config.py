@@ -119,6 +119,9 @@ class GroundingConfig:
     # log-probability + image_choice_weight x the decoder's (docs/MODEL.md, "Which image: the decoder's second opinion")
     image_choice: bool = False
     image_choice_weight: float = 1.0
+    # the image choice reads its own copy of the decoder's layers instead of the mask's (a stage 2 whose init_from
+    # has none starts them from the mask layers); sharing them slowed the masks (docs/MODEL.md, "Which image: ...")
+    choice_layers: bool = False
     # at generation, a phrase the answer repeats never gets an image it already named that phrase on (unless every
     # image already has it): "the red cup [SEG] (IMAGE2) ... the red cup [SEG] (IMAGE2)" names one object twice, which
     # a ground-truth answer never does (answer_order written only; docs/MODEL.md, "One phrase, one image")
@@ -155,6 +158,8 @@ class GroundingConfig:
             raise ConfigError(f"model.grounding.mask_regions must be 'all' or 'largest', got {self.mask_regions!r}")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ConfigError(f"model.grounding.mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        if self.choice_layers and not self.image_choice:
+            raise ConfigError("model.grounding.choice_layers needs image_choice: true (they are its layers)")
         if self.image_choice_weight < 0:
             raise ConfigError(f"model.grounding.image_choice_weight must be >= 0, got {self.image_choice_weight}")
 

@@ -76,6 +76,11 @@ class OneWayMaskDecoder(nn.Module):
         # attention, whose normalised output cannot say how well the best token matched)
         self.choice_token = nn.Parameter(torch.randn(1, d) * 0.02) if cfg.image_choice else None
         self.choice_query = nn.Linear(d, d) if cfg.image_choice else None
+        self.choice_layers = (
+            nn.ModuleList([OneWayBlock(d, cfg.num_heads) for _ in range(cfg.num_layers)])
+            if cfg.image_choice and cfg.choice_layers
+            else None
+        )
 
     def encode_tokens(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Image tokens (n, T, D) with positions added: the transformer's keys and values."""
@@ -121,7 +126,7 @@ class OneWayMaskDecoder(nn.Module):
         if self.choice_token is None or self.choice_query is None:
             raise ValueError("this decoder was built without image_choice")
         memory = tokens[image_index]
-        x = self._attend(self.choice_token, prompts, words, memory)
+        x = self._attend(self.choice_token, prompts, words, memory, self.choice_layers)
         match = torch.einsum("qd,qtd->qt", self.choice_query(x[:, 0]), memory) / memory.shape[-1] ** 0.5
         return torch.logsumexp(match, dim=-1)
 
@@ -129,14 +134,29 @@ class OneWayMaskDecoder(nn.Module):
         """The parameters only the image choice uses (none without ``image_choice``)."""
         if self.choice_token is None or self.choice_query is None:
             return []
-        return [self.choice_token, *self.choice_query.parameters()]
+        layers = self.choice_layers.parameters() if self.choice_layers is not None else []
+        return [self.choice_token, *self.choice_query.parameters(), *layers]
+
+    def warm_start(self, fresh: set[str]) -> None:
+        """Start the choice's own layers from the mask layers when ``fresh`` (the state-dict names a trained model
+        lacked, relative to this module) holds all of theirs (``grounding.choice_layers``)."""
+        if self.choice_layers is None:
+            return
+        own = {f"choice_layers.{k}" for k in self.choice_layers.state_dict()}
+        if own <= fresh:
+            self.choice_layers.load_state_dict(self.layers.state_dict())
 
     def _attend(
-        self, output_tokens: torch.Tensor, prompts: torch.Tensor, words: torch.Tensor | None, memory: torch.Tensor
+        self,
+        output_tokens: torch.Tensor,
+        prompts: torch.Tensor,
+        words: torch.Tensor | None,
+        memory: torch.Tensor,
+        layers: nn.ModuleList | None = None,
     ) -> torch.Tensor:
-        """The output tokens after the decoder's layers over ``memory`` (Q, T, D), normalised: (Q, n_out, D). The
-        layers read [output tokens, the [SEG] prompt, the phrase's words]; the last layer updates only the output
-        tokens, since nothing reads the others after it."""
+        """The output tokens after the decoder's layers (or ``layers``) over ``memory`` (Q, T, D), normalised:
+        (Q, n_out, D). The layers read [output tokens, the [SEG] prompt, the phrase's words]; the last layer updates
+        only the output tokens, since nothing reads the others after it."""
         q = prompts.shape[0]
         x = torch.cat([output_tokens.unsqueeze(0).expand(q, -1, -1), prompts.unsqueeze(1)], dim=1)
         padding = None
@@ -146,8 +166,9 @@ class OneWayMaskDecoder(nn.Module):
             present = words >= 0
             x = torch.cat([x, self.words(words.clamp(min=0)) + self.word_pos[: words.shape[1]]], dim=1)
             padding = torch.cat([present.new_zeros(q, output_tokens.shape[0] + 1), ~present], dim=1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, memory, padding, keep=output_tokens.shape[0] if i == len(self.layers) - 1 else None)
+        layers = self.layers if layers is None else layers
+        for i, layer in enumerate(layers):
+            x = layer(x, memory, padding, keep=output_tokens.shape[0] if i == len(layers) - 1 else None)
         return self.norm(x)
 
 

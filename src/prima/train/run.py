@@ -268,6 +268,8 @@ def run_training(
         )
         if accelerator.is_main_process:
             print(f"init_from {init_from}: {len(fresh)} weight(s) start fresh {fresh[:6]}", flush=True)
+        if hasattr(model.grounding, "warm_start"):
+            model.grounding.warm_start({k.removeprefix("grounding.") for k in fresh})
     groups = model.parameter_groups()
     for name in cfg.train.freeze:  # before the optimizer is made: it takes the parameters that still train
         for p in groups[name]:
