@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prima.inference.cli import IMAGE_CHOICE_HELP, MASK_REGIONS_HELP, MASK_THRESHOLD_HELP, REPEAT_IMAGES_HELP
+from prima.inference.cli import add_readout_options, readout_options
 
 
 def _add_scoring_options(p: argparse.ArgumentParser) -> None:
@@ -49,10 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     p.add_argument("--batch-size", type=int, default=1, help="queries per predictor call (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
-    p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
-    p.add_argument("--mask-threshold", type=float, default=None, help=MASK_THRESHOLD_HELP)
-    p.add_argument("--mask-regions", choices=("all", "largest"), default=None, help=MASK_REGIONS_HELP)
+    add_readout_options(p)
     _add_scoring_options(p)
     p.set_defaults(func=_eval)
 
@@ -98,10 +95,7 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device,
         phrase_model=args.phrase_model,
         wordnet=args.wordnet,
-        image_choice_weight=args.image_choice_weight,
-        distinct_images=False if args.repeat_images else None,
-        mask_threshold=args.mask_threshold,
-        mask_regions=args.mask_regions,
+        **readout_options(args),
     )
     print(_summary(result, args.out))
     return 0

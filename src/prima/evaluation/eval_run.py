@@ -71,17 +71,16 @@ def run_eval(
         samples = samples[:limit]
     if not samples:
         raise PrimaError(f"{data} has no samples to evaluate")
+    readout = {
+        "image_choice_weight": image_choice_weight,
+        "distinct_images": distinct_images,
+        "mask_threshold": mask_threshold,
+        "mask_regions": mask_regions,
+    }
     if predictor is None:
         from prima.inference.predictor import PrimaPredictor
 
-        predictor = PrimaPredictor.from_pretrained(
-            checkpoint,
-            device=device,
-            image_choice_weight=image_choice_weight,
-            distinct_images=distinct_images,
-            mask_threshold=mask_threshold,
-            mask_regions=mask_regions,
-        )
+        predictor = PrimaPredictor.from_pretrained(checkpoint, device=device, **readout)
     out = Path(out_dir)
     pred_path = out / PREDICTIONS_FILE
     write_jsonl(pred_path, predict_samples(predictor, samples, data.parent, batch_size))
@@ -94,13 +93,11 @@ def run_eval(
     )
     result["ground_truth"] = str(data) + (f" (first {len(samples)} samples)" if limit is not None else "")
     result["checkpoint"] = str(checkpoint) if checkpoint is not None else "(bundled or injected predictor)"
-    if image_choice_weight is not None:
-        result["checkpoint"] += f" with image_choice_weight {image_choice_weight:g}"
-    if distinct_images is not None:
-        result["checkpoint"] += f" with distinct_images {str(distinct_images).lower()}"
-    if mask_threshold is not None:
-        result["checkpoint"] += f" with mask_threshold {mask_threshold:g}"
-    if mask_regions is not None:
-        result["checkpoint"] += f" with mask_regions {mask_regions}"
+    for name, value in readout.items():  # what overrode the checkpoint's own read-out
+        if value is not None:
+            shown = (
+                str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else value
+            )
+            result["checkpoint"] += f" with {name} {shown}"
     write_outputs(result, out)
     return result

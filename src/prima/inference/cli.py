@@ -24,6 +24,24 @@ REPEAT_IMAGES_HELP = (
 )
 
 
+def add_readout_options(p: argparse.ArgumentParser) -> None:
+    """The flags that change how a checkpoint's answers and masks are read out (`prima predict`, `prima eval`)."""
+    p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
+    p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
+    p.add_argument("--mask-threshold", type=float, default=None, help=MASK_THRESHOLD_HELP)
+    p.add_argument("--mask-regions", choices=("all", "largest"), default=None, help=MASK_REGIONS_HELP)
+
+
+def readout_options(args: argparse.Namespace) -> dict:
+    """`PrimaPredictor.from_pretrained` keyword arguments from `add_readout_options`' flags (None: the checkpoint's)."""
+    return {
+        "image_choice_weight": args.image_choice_weight,
+        "distinct_images": False if args.repeat_images else None,
+        "mask_threshold": args.mask_threshold,
+        "mask_regions": args.mask_regions,
+    }
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
@@ -39,10 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 or float16")
     p.add_argument("--overlays", action="store_true", help="with --jsonl: also write overlay PNGs per query")
-    p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
-    p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
-    p.add_argument("--mask-threshold", type=float, default=None, help=MASK_THRESHOLD_HELP)
-    p.add_argument("--mask-regions", choices=("all", "largest"), default=None, help=MASK_REGIONS_HELP)
+    add_readout_options(p)
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.set_defaults(func=_predict)
 
@@ -109,10 +124,7 @@ def _predict_one(args: argparse.Namespace) -> int:
         args.checkpoint,
         device=args.device,
         dtype=args.dtype,
-        image_choice_weight=args.image_choice_weight,
-        distinct_images=False if args.repeat_images else None,
-        mask_threshold=args.mask_threshold,
-        mask_regions=args.mask_regions,
+        **readout_options(args),
     )
     prediction = predictor.predict_loaded(images, question)
     pictures = save_overlays(images, prediction, args.out)
@@ -136,10 +148,7 @@ def _predict_jsonl(args: argparse.Namespace) -> int:
         args.checkpoint,
         device=args.device,
         dtype=args.dtype,
-        image_choice_weight=args.image_choice_weight,
-        distinct_images=False if args.repeat_images else None,
-        mask_threshold=args.mask_threshold,
-        mask_regions=args.mask_regions,
+        **readout_options(args),
     )
     out = Path(args.out)
     overlay_dir = out / "overlays" if args.overlays else None
