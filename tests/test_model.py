@@ -857,3 +857,59 @@ def test_image_choice_config_is_checked():
         load_model_config("tiny", ["grounding.phrase_pooling=true", "grounding.image_choice=true"])
     with pytest.raises(PrimaError, match="image_choice_weight must be >= 0"):
         load_model_config("tiny", ["grounding.image_choice_weight=-1"])
+
+
+def test_tag_pointer_adds_each_images_match_to_its_tag_at_each_seg(monkeypatch):
+    """``tag_pointer``: at an answer's [SEG] (only there, only on the tags of its sample's images) the pointer's
+    score of each image is added to the tag's logit, alike in training (LM head at labelled positions only) and
+    evaluation; a fresh pointer adds nothing; generation reads it at the step after a [SEG]."""
+    plain = small_model()
+    model = small_model("tag_pointer=true")
+    model.load_state_dict(plain.state_dict(), strict=False)  # the same weights but the pointer's
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    for m in (plain, model):
+        m.eval()
+    assert torch.equal(model(batch).logits, plain(batch).logits)  # zero-initialised query: nothing added
+
+    with torch.no_grad():
+        model.tag_pointer.query.weight.normal_(0, 1.0)
+        model.tag_pointer.key.weight.normal_(0, 1.0)
+    diff = (model(batch).logits - plain(batch).logits).abs() > 1e-6
+    t = model.config.tokens
+    seg_rows, seg_cols = ((batch["input_ids"] == t.seg_token_id) & (batch["labels"] != -100)).nonzero(as_tuple=True)
+    assert diff.any(-1).nonzero().tolist() == torch.stack([seg_rows, seg_cols], 1).tolist()  # at answer [SEGs] only
+    assert set(diff.nonzero()[:, 2].tolist()) == set(t.image_tag_ids[:3])  # the grounded sample has 3 images
+
+    model.eval()
+    losses = [model(batch).loss_ce]
+    model.train()
+    losses.append(model(batch).loss_ce)
+    assert torch.allclose(*losses, atol=1e-6)
+    losses[1].backward()
+    assert model.tag_pointer.query.weight.grad.abs().sum() > 0
+    assert "tag_pointer.query.weight" in {n for n, _ in model.named_parameters()}
+    assert PrimaModel.group_of("tag_pointer.query.weight") == "language"
+    model.zero_grad(set_to_none=True)
+    model(make_batch(model, [negative_sample("a"), negative_sample("b", 3)])).loss.backward()  # no [SEG] at all
+    assert all(p.grad is not None for p in model.tag_pointer.parameters())  # still in the graph (DDP)
+
+    # generation: a pointer that prefers the last image decides an undecided LLM's tag
+    model.eval()
+    undecided = ["<p>", "chair", "</p>", "[SEG]", "chair", "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, undecided))
+    seen = []
+
+    def prefer_last(states, visual, candidates):
+        seen.append(candidates.tolist())
+        scores = torch.zeros(candidates.shape)
+        scores[:, -1] = 5.0
+        return scores
+
+    monkeypatch.setattr(model.tag_pointer, "forward", prefer_last)
+    assert [s.image for s in model.generate(random_images(3), "Where?", max_new_tokens=10).segments] == [3]
+    assert seen == [[[0, 1, 2]]]
+
+
+def test_tag_pointer_config_is_checked():
+    with pytest.raises(PrimaError, match="tag_pointer needs model.answer_order 'written'"):
+        load_model_config("tiny", ["tag_pointer=true", "answer_order=image_first"])

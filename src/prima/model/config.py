@@ -232,6 +232,10 @@ class ModelConfig:
     # and mixes in the words the visual-words head reads from them (a gate decides how much; pointer-generator
     # style), so naming what an image shows does not have to pass through the LLM's own weights (docs/MODEL.md)
     visual_copy: bool = False
+    # at a [SEG], add to each image tag's logit how well the [SEG]'s state matches that image's visual tokens (its
+    # best-matching token), so the tag the LLM writes can depend on the pixels (a pointer over the sample's images;
+    # answer_order 'written' only; docs/MODEL.md, "A pointer for the image tag")
+    tag_pointer: bool = False
     language: LanguageConfig = field(default_factory=LanguageConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -256,6 +260,10 @@ class ModelConfig:
         if self.grounding.image_choice and self.answer_order != "written":
             raise ConfigError(
                 "model.grounding.image_choice needs model.answer_order 'written' (the tag must come after the [SEG])"
+            )
+        if self.tag_pointer and self.answer_order != "written":
+            raise ConfigError(
+                "model.tag_pointer needs model.answer_order 'written' (the tag must come after the [SEG])"
             )
         if self.cross_image in ("square", "projection", "pooling") and self.qformer is None:
             raise ConfigError(f"model.cross_image={self.cross_image!r} needs a 'model.qformer' section")

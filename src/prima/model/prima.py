@@ -115,6 +115,27 @@ class VisualCopy(nn.Module):
         return torch.logaddexp(F.logsigmoid(gate) + lm_logprobs, F.logsigmoid(-gate) + copied)
 
 
+class TagPointer(nn.Module):
+    """``tag_pointer``: a score per candidate image for a [SEG]'s state: how well it matches that image's visual
+    tokens (a log-mean-exp over the tokens, so the best match decides); added to the LLM's logit of the image's tag.
+    The query starts at zero, so a fresh pointer adds nothing."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden, bias=False)
+        nn.init.zeros_(self.query.weight)
+        nn.init.zeros_(self.query.bias)
+
+    def forward(self, states: torch.Tensor, visual: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(M, K) scores for [SEG] states (M, H) over candidate images ``candidates`` (M, K; indices into
+        ``visual`` (N, T, H), -1 padded, 0 there)."""
+        keys = self.key(F.rms_norm(visual, visual.shape[-1:]))[candidates.clamp(min=0)]  # (M, K, T, H)
+        match = torch.einsum("mh,mkth->mkt", self.query(states), keys) / states.shape[-1] ** 0.5
+        scores = torch.logsumexp(match.float(), dim=-1) - np.log(keys.shape[2])
+        return scores.masked_fill(candidates < 0, 0.0)
+
+
 def fill_token_ids(cfg: ModelConfig, processor: Any) -> None:
     """Record the tokenizer's vocabulary size and every special-token id in ``cfg.tokens`` (checked if present)."""
     from prima.data.processor import IMAGE_SLOT_TOKEN, check_special_tokens
@@ -193,6 +214,7 @@ class PrimaModel(nn.Module):
         wants_words = cfg.loss.visual_words > 0 or cfg.visual_copy
         self.visual_words = nn.Linear(llm_hidden, cfg.tokens.vocab_size) if wants_words else None
         self.copy = VisualCopy(llm_hidden) if cfg.visual_copy else None
+        self.tag_pointer = TagPointer(llm_hidden) if cfg.tag_pointer else None
 
     @property
     def device(self) -> torch.device:
@@ -232,7 +254,7 @@ class PrimaModel(nn.Module):
     @staticmethod
     def group_of(name: str) -> str:
         """The `parameter_groups` group of a parameter name."""
-        if name.startswith(("language.", "copy.")):  # the copy path is part of the word head
+        if name.startswith(("language.", "copy.", "tag_pointer.")):  # the copy path and pointer: the word head
             return "language"
         if name.startswith(("query.relational.", "query.context_proj.")):
             return "square"
@@ -431,7 +453,12 @@ class PrimaModel(nn.Module):
             ).last_hidden_state
             rows, cols = (x.labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
             head = self.language.get_output_embeddings()
-            loss = text_loss_at(head(last[rows, cols]), x.labels[rows, cols + 1], last)
+            logits_at = head(last[rows, cols])
+            if self.tag_pointer is not None:
+                seg = (x.input_ids[rows, cols] == self.config.tokens.seg_token_id).nonzero(as_tuple=True)[0]
+                pointed = self.point_tags(logits_at[seg], last[rows[seg], cols[seg]], visual, x, rows[seg])
+                logits_at = logits_at.index_copy(0, seg, pointed)
+            loss = text_loss_at(logits_at, x.labels[rows, cols + 1], last)
         else:
             out = self.language(
                 inputs_embeds=embeds, attention_mask=x.attention_mask, output_hidden_states=True, use_cache=False
@@ -439,6 +466,9 @@ class PrimaModel(nn.Module):
             logits, last = out.logits, out.hidden_states[-1]
             if self.copy is not None:
                 logits = self.copy_logits(logits, last, visual, x.image_sample_index)
+            if self.tag_pointer is not None and positions.shape[1]:
+                r, c = positions[0], positions[1]
+                logits = logits.index_put((r, c), self.point_tags(logits[r, c], last[r, c], visual, x, r))
             if x.labels is not None:
                 loss = text_loss(logits, x.labels)
         queries = last[positions[0], positions[1]]
@@ -571,6 +601,29 @@ class PrimaModel(nn.Module):
             image_choice_logits=choice_logits,
         )
 
+    def point_tags(
+        self, logits: torch.Tensor, states: torch.Tensor, visual: torch.Tensor, x: _Inputs, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Next-token logits (M, V) at [SEG]s of batch rows ``rows`` (M,) with the ``tag_pointer`` scores of their
+        states (M, H) added to the tags of each row's images (``visual`` (N, T, H): every image's visual tokens)."""
+        return self._point_tags(logits, states, visual, x.image_offsets[rows], x.num_images[rows])
+
+    def _point_tags(
+        self,
+        logits: torch.Tensor,
+        states: torch.Tensor,
+        visual: torch.Tensor,
+        offsets: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:
+        assert self.tag_pointer is not None
+        if not logits.shape[0]:  # no [SEG]: keep the pointer in the graph, as the mask branch does
+            return logits + sum(p.sum() for p in self.tag_pointer.parameters()) * 0.0
+        candidates = _candidates(offsets, counts)
+        scores = self.tag_pointer(states, visual, candidates).to(logits.dtype)
+        tags = torch.tensor(self.config.tokens.image_tag_ids[: candidates.shape[1]], device=logits.device)
+        return logits.index_add(1, tags, scores)
+
     def copy_logits(
         self, logits: torch.Tensor, hidden: torch.Tensor, visual: torch.Tensor, image_sample_index: torch.Tensor
     ) -> torch.Tensor:
@@ -689,6 +742,14 @@ class PrimaModel(nn.Module):
             else:
                 ban = torch.stack([rules[self._phrase_state(g, in_phrase[b])][b] for b, g in enumerate(generated)])
             scores = logits.float()
+            if self.tag_pointer is not None and bool(after_seg.any()):
+                rows = after_seg.nonzero(as_tuple=True)[0]
+                states = torch.stack([seg_hidden[b][-1] for b in rows.tolist()])
+                offsets = torch.tensor([sum(counts[:b]) for b in rows.tolist()], device=dev)
+                pointed = self._point_tags(
+                    scores[rows], states, visual, offsets, torch.tensor(counts, device=dev)[rows]
+                )
+                scores = scores.index_copy(0, rows, pointed.float())
             if self.config.grounding.image_choice and bool(after_seg.any()):
                 scores = self._choose_tags(scores, after_seg, generated, seg_hidden, features, counts)
             if rules is None and self.config.grounding.distinct_images:
