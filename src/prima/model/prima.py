@@ -456,7 +456,8 @@ class PrimaModel(nn.Module):
             logits_at = head(last[rows, cols])
             if self.tag_pointer is not None:
                 seg = (x.input_ids[rows, cols] == self.config.tokens.seg_token_id).nonzero(as_tuple=True)[0]
-                pointed = self.point_tags(logits_at[seg], last[rows[seg], cols[seg]], visual, x, rows[seg])
+                r, c = rows[seg], cols[seg]
+                pointed = self.point_tags(logits_at[seg], last[r, c], visual, x.image_offsets[r], x.num_images[r])
                 logits_at = logits_at.index_copy(0, seg, pointed)
             loss = text_loss_at(logits_at, x.labels[rows, cols + 1], last)
         else:
@@ -468,7 +469,8 @@ class PrimaModel(nn.Module):
                 logits = self.copy_logits(logits, last, visual, x.image_sample_index)
             if self.tag_pointer is not None and positions.shape[1]:
                 r, c = positions[0], positions[1]
-                logits = logits.index_put((r, c), self.point_tags(logits[r, c], last[r, c], visual, x, r))
+                pointed = self.point_tags(logits[r, c], last[r, c], visual, x.image_offsets[r], x.num_images[r])
+                logits = logits.index_put((r, c), pointed)
             if x.labels is not None:
                 loss = text_loss(logits, x.labels)
         queries = last[positions[0], positions[1]]
@@ -602,13 +604,6 @@ class PrimaModel(nn.Module):
         )
 
     def point_tags(
-        self, logits: torch.Tensor, states: torch.Tensor, visual: torch.Tensor, x: _Inputs, rows: torch.Tensor
-    ) -> torch.Tensor:
-        """Next-token logits (M, V) at [SEG]s of batch rows ``rows`` (M,) with the ``tag_pointer`` scores of their
-        states (M, H) added to the tags of each row's images (``visual`` (N, T, H): every image's visual tokens)."""
-        return self._point_tags(logits, states, visual, x.image_offsets[rows], x.num_images[rows])
-
-    def _point_tags(
         self,
         logits: torch.Tensor,
         states: torch.Tensor,
@@ -616,6 +611,9 @@ class PrimaModel(nn.Module):
         offsets: torch.Tensor,
         counts: torch.Tensor,
     ) -> torch.Tensor:
+        """Next-token logits (M, V) at M [SEG]s with the ``tag_pointer`` scores of their states (M, H) added to the
+        tags of their samples' images: ``counts[m]`` images from batch image ``offsets[m]`` of ``visual`` (N, T, H),
+        every image's visual tokens."""
         assert self.tag_pointer is not None
         if not logits.shape[0]:  # no [SEG]: keep the pointer in the graph, as the mask branch does
             return logits + sum(p.sum() for p in self.tag_pointer.parameters()) * 0.0
@@ -746,9 +744,7 @@ class PrimaModel(nn.Module):
                 rows = after_seg.nonzero(as_tuple=True)[0]
                 states = torch.stack([seg_hidden[b][-1] for b in rows.tolist()])
                 offsets = torch.tensor([sum(counts[:b]) for b in rows.tolist()], device=dev)
-                pointed = self._point_tags(
-                    scores[rows], states, visual, offsets, torch.tensor(counts, device=dev)[rows]
-                )
+                pointed = self.point_tags(scores[rows], states, visual, offsets, torch.tensor(counts, device=dev)[rows])
                 scores = scores.index_copy(0, rows, pointed.float())
             if self.config.grounding.image_choice and bool(after_seg.any()):
                 scores = self._choose_tags(scores, after_seg, generated, seg_hidden, features, counts)
