@@ -877,7 +877,7 @@ def test_tag_pointer_adds_each_images_match_to_its_tag_at_each_seg(monkeypatch):
     diff = (model(batch).logits - plain(batch).logits).abs() > 1e-6
     t = model.config.tokens
     seg_rows, seg_cols = ((batch["input_ids"] == t.seg_token_id) & (batch["labels"] != -100)).nonzero(as_tuple=True)
-    assert diff.any(-1).nonzero().tolist() == torch.stack([seg_rows, seg_cols], 1).tolist()  # at answer [SEGs] only
+    assert diff.any(-1).nonzero().tolist() == torch.stack([seg_rows, seg_cols], 1).tolist()  # at answer [SEG]s only
     assert set(diff.nonzero()[:, 2].tolist()) == set(t.image_tag_ids[:3])  # the grounded sample has 3 images
 
     model.eval()
