@@ -910,6 +910,24 @@ def test_tag_pointer_adds_each_images_match_to_its_tag_at_each_seg(monkeypatch):
     assert seen == [[[0, 1, 2]]]
 
 
+def test_tag_pointer_detach_keeps_the_pointers_loss_out_of_the_visual_tokens():
+    """``tag_pointer_detach``: the tags' loss still trains the pointer, but reaches the query module only through
+    the LLM (as without a pointer), never through the pointer's keys."""
+    batch_of = lambda m: make_batch(m, [grounded_sample()])  # noqa: E731
+    grads = {}
+    for detach in (False, True):
+        model = small_model("tag_pointer=true", f"tag_pointer_detach={str(detach).lower()}")
+        with torch.no_grad():
+            model.tag_pointer.query.weight.normal_(0, 1.0)
+        outputs: list[torch.Tensor] = []
+        model.query.register_forward_hook(lambda mod, args, out, seen=outputs: seen.append(out) or out.retain_grad())
+        model.train()
+        model(batch_of(model)).loss_ce.backward()
+        assert model.tag_pointer.key.weight.grad.abs().sum() > 0
+        grads[detach] = outputs[0].grad
+    assert not torch.allclose(grads[False], grads[True])  # the pointer's keys are one path less
+
+
 def test_tag_pointer_config_is_checked():
     with pytest.raises(PrimaError, match="tag_pointer needs model.answer_order 'written'"):
         load_model_config("tiny", ["tag_pointer=true", "answer_order=image_first"])

@@ -236,6 +236,9 @@ class ModelConfig:
     # best-matching token), so the tag the LLM writes can depend on the pixels (a pointer over the sample's images;
     # answer_order 'written' only; docs/MODEL.md, "A pointer for the image tag")
     tag_pointer: bool = False
+    # the pointer's loss trains the pointer and the [SEG] state but not the visual tokens, which then stay words
+    # for the LLM (docs/MODEL.md, "A pointer for the image tag")
+    tag_pointer_detach: bool = False
     language: LanguageConfig = field(default_factory=LanguageConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     loss: LossConfig = field(default_factory=LossConfig)

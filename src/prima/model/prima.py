@@ -120,8 +120,9 @@ class TagPointer(nn.Module):
     tokens (a log-mean-exp over the tokens, so the best match decides); added to the LLM's logit of the image's tag.
     The query starts at zero, so a fresh pointer adds nothing."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, detach: bool = False):
         super().__init__()
+        self.detach = detach  # ``tag_pointer_detach``: no gradient from here into the visual tokens
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden, bias=False)
         nn.init.zeros_(self.query.weight)
@@ -130,6 +131,7 @@ class TagPointer(nn.Module):
     def forward(self, states: torch.Tensor, visual: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """(M, K) scores for [SEG] states (M, H) over candidate images ``candidates`` (M, K; indices into
         ``visual`` (N, T, H), -1 padded, 0 there)."""
+        visual = visual.detach() if self.detach else visual
         keys = self.key(F.rms_norm(visual, visual.shape[-1:]))[candidates.clamp(min=0)]  # (M, K, T, H)
         match = torch.einsum("mh,mkth->mkt", self.query(states), keys) / states.shape[-1] ** 0.5
         scores = torch.logsumexp(match.float(), dim=-1) - np.log(keys.shape[2])
@@ -214,7 +216,7 @@ class PrimaModel(nn.Module):
         wants_words = cfg.loss.visual_words > 0 or cfg.visual_copy
         self.visual_words = nn.Linear(llm_hidden, cfg.tokens.vocab_size) if wants_words else None
         self.copy = VisualCopy(llm_hidden) if cfg.visual_copy else None
-        self.tag_pointer = TagPointer(llm_hidden) if cfg.tag_pointer else None
+        self.tag_pointer = TagPointer(llm_hidden, cfg.tag_pointer_detach) if cfg.tag_pointer else None
 
     @property
     def device(self) -> torch.device:
