@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
+from model_step import step_times  # benchmarks/ is on sys.path when this script runs
 
 from prima.model import PrimaModel
 from prima.train.data import load_samples
@@ -41,17 +41,10 @@ def main() -> None:
     samples = load_samples(args.data, limit=args.batch * args.steps)
     batches = [collate(samples[i : i + args.batch]) for i in range(0, len(samples), args.batch)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    model.train()
     choice = model.config.grounding.image_choice
     for with_choice in dict.fromkeys([choice, False]):
         model.config.grounding.image_choice = with_choice
-        times = []
-        for batch in batches:
-            start = time.perf_counter()
-            model(batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            times.append(time.perf_counter() - start)
+        times = step_times(model, batches, optimizer)
         print(
             f"image choice {'on ' if with_choice else 'off'}: median step {1000 * statistics.median(times[2:]):.0f} ms "
             f"({args.batch} samples, {len(times) - 2} steps after 2 warm-up), load {os.getloadavg()[0]:.1f}"

@@ -27,6 +27,20 @@ from prima.data.schema import read_samples
 from prima.model import PrimaModel, create_model, load_model_config
 
 
+def step_times(model: torch.nn.Module, batches: list[dict], optimizer: torch.optim.Optimizer) -> list[float]:
+    """Seconds of each training step (forward, backward, optimizer step) of ``model`` over ``batches``, in training
+    mode (also used by benchmarks/decoder_step.py)."""
+    model.train()
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        model(batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/synth/train/samples.jsonl")
@@ -59,14 +73,7 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-        model.train()
-        times = []
-        for batch in batches:
-            start = time.perf_counter()
-            model(batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            times.append(time.perf_counter() - start)
+        times = step_times(model, batches, optimizer)
         print(
             f"threads {threads}: median step {statistics.median(times):.2f} s "
             f"(all: {', '.join(f'{t:.2f}' for t in times)}), load {os.getloadavg()[0]:.1f}"
