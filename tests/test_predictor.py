@@ -16,27 +16,11 @@ from prima.inference.images import load_image, load_images
 from prima.inference.predictor import MAX_QUESTION_CHARS, Prediction, PrimaPredictor, check_question
 from prima.inference.render import answer_html, render_overlays
 from prima.visualize import color_for, color_hex
+from test_model import SMALL
 
 # A tiny random PRIMA (hidden 32, 2 layers): built once per test session through the model's own constructor
-# and save_pretrained, then loaded the way a real checkpoint is. The other inference test files reuse it.
-TINY_OVERRIDES = [
-    "vision.image_size=64",
-    "language.config.hidden_size=32",
-    "language.config.intermediate_size=64",
-    "language.config.num_hidden_layers=2",
-    "language.config.num_attention_heads=2",
-    "language.config.num_key_value_heads=2",
-    "qformer.num_queries=4",
-    "qformer.config.hidden_size=32",
-    "qformer.config.num_hidden_layers=1",
-    "qformer.config.num_attention_heads=2",
-    "qformer.config.intermediate_size=64",
-    "relational.num_heads=2",
-    "grounding.hidden_size=32",
-    "grounding.num_heads=2",
-    "grounding.pixel_dim=16",
-    "grounding.num_layers=1",
-]
+# (test_model.SMALL) and save_pretrained, then loaded the way a real checkpoint is. The other inference test files
+# reuse it.
 TINY_TEXTS = ["Which object appears in every image? The <p> mug </p> [SEG] (IMAGE1) and <p> chair </p> [SEG] (IMAGE2)."]
 
 
@@ -54,7 +38,7 @@ def build_tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.getbasetemp() / "prima-tiny-random"  # shared with the files that import this fixture
     if not (path / "model.safetensors").is_file():
         torch.manual_seed(0)
-        create_model(load_model_config("tiny", TINY_OVERRIDES), TINY_TEXTS).save_pretrained(path)
+        create_model(load_model_config("tiny", SMALL), TINY_TEXTS).save_pretrained(path)
     return path
 
 
@@ -298,7 +282,7 @@ def test_image_choice_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pa
     torch.manual_seed(0)
     path = tmp_path / "with-choice"
     create_model(
-        load_model_config("tiny", [*TINY_OVERRIDES, "grounding.image_choice=true"]), TINY_TEXTS
+        load_model_config("tiny", [*SMALL, "grounding.image_choice=true"]), TINY_TEXTS
     ).save_pretrained(path)
     assert PrimaPredictor.from_pretrained(path).model.config.grounding.image_choice_weight == 1.0  # the checkpoint's
     predictor = PrimaPredictor.from_pretrained(path, image_choice_weight=0.0)
