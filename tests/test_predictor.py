@@ -281,9 +281,7 @@ def test_image_choice_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pa
         PrimaPredictor.from_pretrained(tiny_checkpoint, image_choice_weight=0.0)
     torch.manual_seed(0)
     path = tmp_path / "with-choice"
-    create_model(
-        load_model_config("tiny", [*SMALL, "grounding.image_choice=true"]), TINY_TEXTS
-    ).save_pretrained(path)
+    create_model(load_model_config("tiny", [*SMALL, "grounding.image_choice=true"]), TINY_TEXTS).save_pretrained(path)
     assert PrimaPredictor.from_pretrained(path).model.config.grounding.image_choice_weight == 1.0  # the checkpoint's
     predictor = PrimaPredictor.from_pretrained(path, image_choice_weight=0.0)
     assert predictor.model.config.grounding.image_choice_weight == 0.0
