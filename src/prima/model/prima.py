@@ -716,6 +716,8 @@ class PrimaModel(nn.Module):
             tag_only[b, t.image_tag_ids[:n]] = False
         rules = self._phrase_rules(banned) if self.config.answer_order != "written" else None
         in_phrase = [False] * len(requests)
+        num_images = torch.tensor(counts, device=dev)
+        image_offsets = num_images.cumsum(0) - num_images  # each row's first image in `features` and `visual`
 
         copy = self.copy is not None
         out = self.language(
@@ -745,11 +747,11 @@ class PrimaModel(nn.Module):
             if self.tag_pointer is not None and bool(after_seg.any()):
                 rows = after_seg.nonzero(as_tuple=True)[0]
                 states = torch.stack([seg_hidden[b][-1] for b in rows.tolist()])
-                offsets = torch.tensor([sum(counts[:b]) for b in rows.tolist()], device=dev)
-                pointed = self.point_tags(scores[rows], states, visual, offsets, torch.tensor(counts, device=dev)[rows])
+                pointed = self.point_tags(scores[rows], states, visual, image_offsets[rows], num_images[rows])
                 scores = scores.index_copy(0, rows, pointed.float())
             if self.config.grounding.image_choice and bool(after_seg.any()):
-                scores = self._choose_tags(scores, after_seg, generated, seg_hidden, features, counts)
+                candidates = _candidates(image_offsets[after_seg], num_images[after_seg])
+                scores = self._choose_tags(scores, after_seg, generated, seg_hidden, features, candidates, counts)
             if rules is None and self.config.grounding.distinct_images:
                 for b in after_seg.nonzero(as_tuple=True)[0].tolist():
                     ban[b, self._repeated_tags(generated[b], counts[b])] = True
@@ -807,17 +809,14 @@ class PrimaModel(nn.Module):
         generated: list[list[int]],
         seg_hidden: list[list[torch.Tensor]],
         features: ImageFeatures,
+        candidates: torch.Tensor,
         counts: list[int],
     ) -> torch.Tensor:
         """Next-token scores (B, vocab) where rows right after a [SEG] rank the image tags by the LLM's tag
         log-probability + ``grounding.image_choice_weight`` x the decoder's image log-probability (its
-        `image_choice_logits` for that [SEG]'s state and phrase over the row's images)."""
-        t, dev = self.config.tokens, self.device
+        `image_choice_logits` for that [SEG]'s state and phrase over ``candidates``, the rows' images)."""
+        t = self.config.tokens
         rows = after_seg.nonzero(as_tuple=True)[0].tolist()
-        candidates = _candidates(
-            torch.tensor([sum(counts[:b]) for b in rows], device=dev),
-            torch.tensor([counts[b] for b in rows], device=dev),
-        )
         prompts = self.seg_projector(torch.stack([seg_hidden[b][-1] for b in rows]))
         words = None
         if self.config.grounding.phrase_tokens:
