@@ -641,6 +641,41 @@ def test_phrase_tokens_config_is_checked():
         load_model_config("tiny", ["grounding.kind=sam", "grounding.phrase_tokens=4"])
 
 
+def test_word_noise_swaps_the_decoders_words_in_training_only(monkeypatch):
+    from prima.model.prima import swap_words
+
+    words = torch.tensor([[1, 2, -1], [3, -1, -1], [5, 6, 7]]).repeat(50, 1)
+    assert torch.equal(swap_words(words, 0.0), words)
+    torch.manual_seed(0)
+    out = swap_words(words, 0.9)
+    assert torch.equal(out >= 0, words >= 0)  # a word stays a word, padding stays padding
+    for col, allowed in enumerate([{1, 3, 5}, {2, 6, -1}, {7, -1}]):  # ... from the same place of another phrase
+        assert set(out[:, col].tolist()) <= allowed
+    assert (out[:, 0] != words[:, 0]).float().mean() > 0.4  # 0.9 x 2/3 expected: a third of the donors agree
+
+    model = small_model("grounding.phrase_tokens=2", "grounding.word_noise=0.9")
+    seen = []
+    decode = model.grounding.decode
+    monkeypatch.setattr(model.grounding, "decode", lambda *a: seen.append(a[3]) or decode(*a))
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    with torch.no_grad():
+        model.eval()(batch)
+        exact = seen[-1].clone()
+        model.train()
+        for seed in range(8):
+            torch.manual_seed(seed)
+            model(batch)
+    assert all(torch.equal(w >= 0, exact >= 0) for w in seen[1:])
+    assert any(not torch.equal(w, exact) for w in seen[1:])  # training swaps some words, evaluation none
+
+
+def test_word_noise_config_is_checked():
+    with pytest.raises(PrimaError, match="word_noise needs phrase_tokens"):
+        small_model("grounding.word_noise=0.5")
+    with pytest.raises(PrimaError, match=r"word_noise must be in \[0, 1\)"):
+        small_model("grounding.phrase_tokens=2", "grounding.word_noise=1.0")
+
+
 def test_position_in_sample_counts_images_within_each_sample():
     from prima.model.square import position_in_sample
 

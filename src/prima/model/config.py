@@ -113,6 +113,10 @@ class GroundingConfig:
     # prompt tokens from its own word table, next to the [SEG] state; 0 = the [SEG] state alone (the paper).
     # In tiny, 12 made the masks much better but the answers worse, so it is off there too (docs/MODEL.md)
     phrase_tokens: int = 0
+    # in training, each phrase word the decoder reads is swapped, with this probability, for the word at the same
+    # place in another [SEG]'s phrase of the batch: at generation it reads the LLM's words, whose colours are mostly
+    # wrong, so it should not trust every word (docs/MODEL.md, "A decoder that does not trust every word")
+    word_noise: float = 0.0
     # a second opinion on WHICH image a [SEG] means: the decoder scores its query (the [SEG] state and phrase words)
     # against each of the sample's images (a learned choice token through the same layers, trained with a softmax
     # over the sample's images, loss.image_choice); at generation the tag after a [SEG] is chosen by the LLM's tag
@@ -147,6 +151,10 @@ class GroundingConfig:
             raise ConfigError(f"model.grounding.phrase_tokens must be >= 0, got {self.phrase_tokens}")
         if self.phrase_tokens and self.kind == "sam":
             raise ConfigError("model.grounding.phrase_tokens needs kind one_way (SAM's decoder takes the [SEG] prompt)")
+        if not 0.0 <= self.word_noise < 1.0:
+            raise ConfigError(f"model.grounding.word_noise must be in [0, 1), got {self.word_noise}")
+        if self.word_noise and not self.phrase_tokens:
+            raise ConfigError("model.grounding.word_noise needs phrase_tokens > 0 (it swaps the decoder's words)")
         if self.image_choice and self.kind == "sam":
             raise ConfigError("model.grounding.image_choice needs kind one_way")
         if self.image_choice and self.phrase_pooling:

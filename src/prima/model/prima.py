@@ -551,6 +551,8 @@ class PrimaModel(nn.Module):
         if seg_images.numel():
             queries = queries.to(dev, self.dtype)
             words = self.phrase_words(input_ids, positions)
+            if self.training and words is not None:
+                words = swap_words(words, self.config.grounding.word_noise)
             prompts = self.seg_projector(queries)
             mask_logits, scores = self.predict_masks(prompts, seg_images, batch, features, words)
             if self.config.grounding.image_choice:
@@ -997,6 +999,16 @@ class PrimaModel(nn.Module):
         model.load_state_dict(state, strict=False)  # the rest are external weights, loaded from their source
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
         return model.eval()
+
+
+def swap_words(words: torch.Tensor, p: float) -> torch.Tensor:
+    """``words`` (M, L; -1 where none) with each word swapped, with probability ``p``, for the word at the same
+    place of a random row (kept where that row has none there; the row drawn may be its own)."""
+    if not p:
+        return words
+    donors = words.gather(0, torch.randint(words.shape[0], words.shape, device=words.device))
+    swap = (torch.rand(words.shape, device=words.device) < p) & (words >= 0) & (donors >= 0)
+    return torch.where(swap, donors, words)
 
 
 def _candidates(offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
