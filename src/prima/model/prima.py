@@ -746,16 +746,20 @@ class PrimaModel(nn.Module):
             else:
                 ban = torch.stack([rules[self._phrase_state(g, in_phrase[b])][b] for b, g in enumerate(generated)])
             scores = logits.float()
-            if self.tag_pointer is not None and bool(after_seg.any()):
-                rows = after_seg.nonzero(as_tuple=True)[0]
-                states = torch.stack([seg_hidden[b][-1] for b in rows.tolist()])
-                pointed = self.point_tags(scores[rows], states, visual, image_offsets[rows], num_images[rows])
-                scores = scores.index_copy(0, rows, pointed.float())
-            if self.config.grounding.image_choice and bool(after_seg.any()):
-                candidates = _candidates(image_offsets[after_seg], num_images[after_seg])
-                scores = self._choose_tags(scores, after_seg, generated, seg_hidden, features, candidates, counts)
+            seg_rows = after_seg.nonzero(as_tuple=True)[0]  # the rows whose next token follows a [SEG]
+            if self.tag_pointer is not None and seg_rows.numel():
+                states = torch.stack([seg_hidden[b][-1] for b in seg_rows.tolist()])
+                pointed = self.point_tags(
+                    scores[seg_rows], states, visual, image_offsets[seg_rows], num_images[seg_rows]
+                )
+                scores = scores.index_copy(0, seg_rows, pointed.float())
+            if self.config.grounding.image_choice and seg_rows.numel():
+                candidates = _candidates(image_offsets[seg_rows], num_images[seg_rows])
+                scores = self._choose_tags(
+                    scores, seg_rows.tolist(), generated, seg_hidden, features, candidates, counts
+                )
             if rules is None and self.config.grounding.distinct_images:
-                for b in after_seg.nonzero(as_tuple=True)[0].tolist():
+                for b in seg_rows.tolist():
                     ban[b, self._repeated_tags(generated[b], counts[b])] = True
             tokens = scores.masked_fill(ban, float("-inf")).argmax(-1)
             fed_seg = []
@@ -807,18 +811,17 @@ class PrimaModel(nn.Module):
     def _choose_tags(
         self,
         scores: torch.Tensor,
-        after_seg: torch.Tensor,
+        rows: list[int],
         generated: list[list[int]],
         seg_hidden: list[list[torch.Tensor]],
         features: ImageFeatures,
         candidates: torch.Tensor,
         counts: list[int],
     ) -> torch.Tensor:
-        """Next-token scores (B, vocab) where rows right after a [SEG] rank the image tags by the LLM's tag
-        log-probability + ``grounding.image_choice_weight`` x the decoder's image log-probability (its
+        """Next-token scores (B, vocab) where ``rows``, those right after a [SEG], rank the image tags by the LLM's
+        tag log-probability + ``grounding.image_choice_weight`` x the decoder's image log-probability (its
         `image_choice_logits` for that [SEG]'s state and phrase over ``candidates``, the rows' images)."""
         t = self.config.tokens
-        rows = after_seg.nonzero(as_tuple=True)[0].tolist()
         prompts = self.seg_projector(torch.stack([seg_hidden[b][-1] for b in rows]))
         words = None
         if self.config.grounding.phrase_tokens:
