@@ -3,7 +3,8 @@
 Feeds each sample's ground-truth answer (so every `[SEG]` names the right object on the right image), thresholds
 the mask logits at 0 and reports the mean IoU with the GT masks at the model's mask size. With ``--png`` it writes
 one row per mask (GT | prediction) of the first batch: the quickest way to see whether the decoder segments the
-wrong object or a poor outline of the right one.
+wrong object or a poor outline of the right one. With ``grounding.word_readout`` it also reports how often the word
+reader names each phrase's first word from the pixels under the GT mask and under the predicted one.
 
     .venv/bin/python benchmarks/teacher_forced_masks.py runs/tiny/final --samples 48 \
         --feature-cache .cache/features --png runs/eval/teacher_forced.png
@@ -38,17 +39,28 @@ def main() -> None:
     collate = TrainCollator(model, cache)
     samples = load_samples(args.data, limit=args.samples)
     ious: list[float] = []
+    reads = {"GT": [], "predicted": []}  # word reader right or wrong, per mask
     rows: list[np.ndarray] = []
     with torch.no_grad():
         for i in range(0, len(samples), args.batch):
             batch = collate(samples[i : i + args.batch])
             if batch.get("masks") is None or not len(batch["masks"]):
                 continue
-            pred = torch.cat(model(batch).mask_logits) > 0
+            out = model(batch)
+            pred = torch.cat(out.mask_logits) > 0
             gt = batch["masks"] > 0.5
             inter = (pred & gt).flatten(1).sum(1).float()
             union = (pred | gt).flatten(1).sum(1).float().clamp(min=1)
             ious += (inter / union).tolist()
+            if model.config.grounding.word_readout:
+                x = model._inputs(batch)  # the batch's tensors and image features, as forward reads them
+                positions, images = model.seg_targets(x.input_ids, x.image_offsets, x.num_images, x.labels)
+                first = model.phrase_words(x.input_ids, positions)[:, 0]
+                probs = torch.sigmoid(torch.cat(out.mask_logits))
+                features = x.features
+                for name, masks in (("GT", batch["masks"].float()), ("predicted", probs)):
+                    words = model.read_first_words(masks, images, features).argmax(-1)
+                    reads[name] += (words == first)[first >= 0].tolist()
             if args.png and not rows:
                 rows = [np.concatenate([g.numpy(), p.numpy()], 1) for g, p in zip(gt, pred)]
     print(f"{args.checkpoint}: {len(samples)} samples of {args.data}, {len(ious)} masks")
@@ -56,6 +68,9 @@ def main() -> None:
         f"teacher-forced mask IoU: mean {np.mean(ious):.3f}, median {np.median(ious):.3f}, "
         f"share >= 0.5: {np.mean(np.array(ious) >= 0.5):.3f}"
     )
+    for name, hits in reads.items():
+        if hits:
+            print(f"word reader, first phrase word under the {name} mask: accuracy {np.mean(hits):.3f}")
     if args.png and rows:
         Image.fromarray((np.concatenate(rows, 0) * 255).astype(np.uint8)).save(args.png)
         print(f"wrote {args.png} (left: GT, right: prediction; one row per [SEG])")

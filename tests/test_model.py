@@ -966,3 +966,129 @@ def test_tag_pointer_detach_keeps_the_pointers_loss_out_of_the_visual_tokens():
 def test_tag_pointer_config_is_checked():
     with pytest.raises(PrimaError, match="tag_pointer needs model.answer_order 'written'"):
         load_model_config("tiny", ["tag_pointer=true", "answer_order=image_first"])
+
+
+READOUT = ("grounding.phrase_tokens=2", "grounding.word_readout=true")
+
+
+def test_word_readout_learns_each_phrases_first_word_from_the_pixels_under_its_gt_mask(monkeypatch):
+    """grounding.word_readout: in training a classifier reads the first word of each [SEG]'s phrase from the image
+    features under its GT mask (loss.word_readout); it is part of `grounding` and in the graph without any [SEG]."""
+    from prima.model.config import GroundingConfig
+
+    assert GroundingConfig().word_readout is False
+    assert small_model("grounding.phrase_tokens=2").grounding.reader is None
+    model = small_model(*READOUT).train()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    read = []
+    reader = model.read_first_words
+    monkeypatch.setattr(model, "read_first_words", lambda *a: read.append(a) or reader(*a))
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    out = model(batch)
+    masks, images, _ = read[-1]
+    predicted = torch.sigmoid(torch.cat(out.mask_logits).detach())
+    assert torch.equal(masks, torch.cat([batch["masks"], predicted]))  # the GT masks, then the decoder's ...
+    assert images.tolist() == [1, 0, 1, 1, 0, 1]  # ... on their images
+    expected = torch.nn.functional.cross_entropy(
+        reader(*read[-1]).float(), torch.tensor([vocab("chair"), vocab("desk"), vocab("legs")] * 2)
+    )
+    assert torch.allclose(out.loss_readout, expected)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.grounding.reader.parameters())
+    assert {id(p) for p in model.grounding.reader.parameters()} <= {
+        id(p) for p in model.parameter_groups()["grounding"]
+    }
+
+    model.zero_grad(set_to_none=True)  # no [SEG] in the batch: still in the graph (distributed training)
+    out = model(make_batch(model, [negative_sample("a"), negative_sample("b", 3)]))
+    out.loss.backward()
+    assert float(out.loss_readout.detach()) == 0.0
+    assert all(p.grad is not None for p in model.grounding.reader.parameters())
+
+
+def test_word_reader_sees_only_the_pixels_in_and_around_its_mask():
+    from prima.model.grounding import WordReader
+
+    torch.manual_seed(0)
+    reader = WordReader([3, 5], hidden=16, vocab_size=7, margin=4)  # one cell of the coarse grid
+    features = [torch.randn(1, 3, 32, 32), torch.randn(1, 5, 16, 16)]
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 4:10, 4:10] = 1.0
+    logits = reader(features, mask)
+    assert logits.shape == (1, 7)
+    far = [f.clone() for f in features]
+    far[0][..., 20:, 20:] += 5.0  # beyond the mask and its margin
+    far[1][..., 10:, 10:] += 5.0
+    assert torch.allclose(reader(far, mask), logits)
+    near = [f.clone() for f in features]
+    near[0][..., 11, 11] += 5.0  # in the margin only: the grown region reads it
+    assert not torch.allclose(reader(near, mask), logits)
+    inside = [f.clone() for f in features]
+    inside[1][..., 3, 3] += 5.0
+    assert not torch.allclose(reader(inside, mask), logits)
+
+
+def test_generate_writes_the_first_word_its_own_mask_reads_as(monkeypatch):
+    """At generation the LLM's first phrase word competes with the reader's best READOUT_CANDIDATES under the LLM's
+    mask; each is drawn with its own words and the one the reader finds under its own mask most surely is written,
+    with that mask."""
+    from prima.model.prima import READOUT_CANDIDATES
+
+    model = small_model(*READOUT).eval()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    drawn = []  # per decoder call: the words it read and the scores it gave
+    decode = model.grounding.decode
+
+    def recording_decode(*a):
+        masks, scores = decode(*a)
+        drawn.append((a[3].tolist(), scores))
+        return masks, scores
+
+    monkeypatch.setattr(model.grounding, "decode", recording_decode)
+
+    def reader(sure):  # reads `sure` under every mask
+        calls = []
+
+        def read_first_words(masks, seg_images, features):
+            calls.append(seg_images.tolist())
+            logits = torch.zeros(masks.shape[0], model.config.tokens.vocab_size)
+            logits[:, model.config.tokens.seg_token_id] = 50.0  # markup is never a candidate
+            logits[:, vocab(sure)] = 5.0
+            return logits
+
+        return read_first_words, calls
+
+    script = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", "</s>"]
+    read, calls = reader("lamp")
+    monkeypatch.setattr(model, "read_first_words", read)
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert [(s.phrase, s.image) for s in result.segments] == [("lamp", 2)]
+    assert "<p> lamp </p> [SEG] (IMAGE2)" in result.answer and vocab("lamp") in result.token_ids
+    assert calls == [[1], [1] * (1 + READOUT_CANDIDATES)]  # on the tagged image: the LLM's mask, then every option's
+    (llm_words, _), (options, scores) = drawn[-2:]
+    assert llm_words == [[vocab("chair"), -1]]
+    assert len(options) == READOUT_CANDIDATES and options[0] == [vocab("lamp"), -1]
+    assert vocab("[SEG]") not in [row[0] for row in options]
+    assert result.segments[0].score == pytest.approx(float(scores[0]))  # the mask drawn with "lamp"
+
+    read, calls = reader("chair")  # the reader agrees with the LLM: its word and its mask stand
+    monkeypatch.setattr(model, "read_first_words", read)
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    drawn.clear()
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert [s.phrase for s in result.segments] == ["chair"]
+    (_, llm_scores), (options, _) = drawn
+    assert result.segments[0].score == pytest.approx(float(llm_scores[0]))
+
+    model.config.grounding.word_readout = False  # switched off: the LLM's words stand
+    read, calls = reader("lamp")
+    monkeypatch.setattr(model, "read_first_words", read)
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    assert [s.phrase for s in model.generate(random_images(2), "Where?", max_new_tokens=10).segments] == ["chair"]
+    assert calls == []
+
+
+def test_word_readout_config_is_checked():
+    with pytest.raises(PrimaError, match="word_readout needs kind one_way and phrase_tokens"):
+        small_model("grounding.word_readout=true")

@@ -296,6 +296,16 @@ def test_repeat_images_override_sets_distinct_images(tiny_checkpoint):
     assert predictor.model.config.grounding.distinct_images is False
 
 
+def test_llm_words_override_turns_the_word_readout_off(tiny_checkpoint):
+    """`--llm-words` (prima predict / prima eval) keeps the LLM's first phrase words; asking for a read-out a
+    checkpoint has no reader for is an error naming it."""
+    assert (
+        PrimaPredictor.from_pretrained(tiny_checkpoint, word_readout=False).model.config.grounding.word_readout is False
+    )
+    with pytest.raises(PrimaError, match="has no word reader"):
+        PrimaPredictor.from_pretrained(tiny_checkpoint, word_readout=True)
+
+
 def test_mask_threshold_and_regions_are_the_checkpoints_unless_given(tiny_checkpoint, tmp_path):
     """A pixel is in the mask when its probability reaches grounding.mask_threshold and, with grounding.mask_regions
     "largest", it lies in the region of the largest probability mass (`--mask-threshold`, `--mask-regions`)."""

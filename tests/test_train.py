@@ -166,6 +166,35 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     assert [v for _, v in full] == pytest.approx([v for _, v in accum], abs=DISTRIBUTED_TOLERANCE)
 
 
+class ToyWithOwnHead(ToyModel):
+    """ToyModel plus a head with a loss of its own (it reads detached inputs), large enough to dominate the norm."""
+
+    def __init__(self, clip_alone: bool):
+        super().__init__(dropout=0.0)
+        self.head = nn.Linear(4, 1)
+        self.clip_alone = clip_alone
+
+    def separately_clipped_parameters(self):
+        return list(self.head.parameters()) if self.clip_alone else []
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        own = 100.0 * ((self.head(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+        return ToyOutput(loss=out.loss + own, loss_mse=out.loss_mse, loss_l1=out.loss_l1)
+
+
+def test_a_head_clipped_on_its_own_leaves_the_other_updates_as_without_it(tmp_path):
+    """`separately_clipped_parameters`: a head whose loss shares no gradient path with the rest is clipped on its own,
+    so the rest trains exactly as without the head (in one global norm it would scale their updates down)."""
+    plain, alone, shared = ToyModel(dropout=0.0), ToyWithOwnHead(clip_alone=True), ToyWithOwnHead(clip_alone=False)
+    for name, model in (("plain", plain), ("alone", alone), ("shared", shared)):
+        run_toy(tmp_path / name, model=model, grad_clip=0.5)
+    for a, b in zip(plain.net.parameters(), alone.net.parameters()):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(plain.net.parameters(), shared.net.parameters()))
+    assert losses(tmp_path / "plain", key="loss_mse") == losses(tmp_path / "alone", key="loss_mse")
+
+
 @pytest.mark.slow
 def test_one_process_batch_8_equals_two_processes_batch_4(tmp_path):
     run_toy(tmp_path / "one", model=ToyModel(dropout=0.0))

@@ -107,11 +107,14 @@ def test_second_stage_trains_only_the_unfrozen_groups_from_a_trained_model(synth
         *overrides(synth, tmp_path, init_from=first / "final", val_generate=1),
         "train.freeze=[language, query_module, square, projector]",
         "model.grounding.phrase_tokens=4",
+        "model.grounding.word_readout=true",
     ]
     assert main(["train", "--config", "tiny", *stage2, "--out", str(second)]) == 0
     before = load_file(str(first / "final" / "model.safetensors"))
     after = load_file(str(second / "final" / "model.safetensors"))
-    assert {"grounding.words.weight", "grounding.word_pos"} <= set(after) - set(before)  # new: started fresh
+    new = {"grounding.words.weight", "grounding.word_pos", "grounding.reader.mlp.1.weight"}
+    assert new <= set(after) - set(before)  # started fresh
+    assert "loss_readout" in (second / "log.jsonl").read_text()
     changed = {k for k in before if not (before[k] == after[k]).all()}
     assert changed and all(k.startswith(("grounding.", "seg_projector.")) for k in changed)
     assert (second / "processor" / "tokenizer.json").read_bytes() == (first / "final" / "tokenizer.json").read_bytes()
@@ -128,6 +131,7 @@ def test_cached_seg_queries_train_stage_two_as_the_full_pass_does_and_resume_exa
         "train.freeze=[language, query_module, square, projector]",
         "model.grounding.phrase_tokens=4",
         "model.grounding.image_choice=true",
+        "model.grounding.word_readout=true",
         # the cache computes queries in eval mode; a frozen Q-Former with dropout would differ from its train mode
         "model.qformer.config.hidden_dropout_prob=0.0",
         "model.qformer.config.attention_probs_dropout_prob=0.0",

@@ -53,6 +53,7 @@ def run_eval(
     embed: Any = None,
     image_choice_weight: float | None = None,
     distinct_images: bool | None = None,
+    word_readout: bool | None = None,
     mask_threshold: float | None = None,
     mask_regions: str | None = None,
 ) -> dict[str, Any]:
@@ -74,6 +75,7 @@ def run_eval(
     readout = {
         "image_choice_weight": image_choice_weight,
         "distinct_images": distinct_images,
+        "word_readout": word_readout,
         "mask_threshold": mask_threshold,
         "mask_regions": mask_regions,
     }

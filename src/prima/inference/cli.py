@@ -23,11 +23,17 @@ REPEAT_IMAGES_HELP = (
     "(default: the checkpoint's grounding.distinct_images, which forbids it; docs/MODEL.md)"
 )
 
+LLM_WORDS_HELP = (
+    "with a checkpoint that reads each phrase's first word from its mask (grounding.word_readout): keep the LLM's "
+    'word instead (docs/MODEL.md, "The first word read from the mask")'
+)
+
 
 def add_readout_options(p: argparse.ArgumentParser) -> None:
     """The flags that change how a checkpoint's answers and masks are read out (`prima predict`, `prima eval`)."""
     p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
+    p.add_argument("--llm-words", action="store_true", help=LLM_WORDS_HELP)
     p.add_argument("--mask-threshold", type=float, default=None, help=MASK_THRESHOLD_HELP)
     p.add_argument("--mask-regions", choices=("all", "largest"), default=None, help=MASK_REGIONS_HELP)
 
@@ -37,6 +43,7 @@ def readout_options(args: argparse.Namespace) -> dict:
     return {
         "image_choice_weight": args.image_choice_weight,
         "distinct_images": False if args.repeat_images else None,
+        "word_readout": False if args.llm_words else None,
         "mask_threshold": args.mask_threshold,
         "mask_regions": args.mask_regions,
     }

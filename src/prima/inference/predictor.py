@@ -105,11 +105,13 @@ class PrimaPredictor:
         dtype: Any = None,
         image_choice_weight: float | None = None,
         distinct_images: bool | None = None,
+        word_readout: bool | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
         """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
         ``image_choice_weight`` replaces the checkpoint's ``grounding.image_choice_weight`` (0: the LLM alone
-        picks each [SEG]'s image), ``distinct_images`` its ``grounding.distinct_images``."""
+        picks each [SEG]'s image), ``distinct_images`` its ``grounding.distinct_images``, ``word_readout`` its
+        ``grounding.word_readout`` (False: the LLM's first phrase words stand)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
@@ -125,6 +127,10 @@ class PrimaPredictor:
             model.config.grounding.image_choice_weight = float(image_choice_weight)
         if distinct_images is not None:
             model.config.grounding.distinct_images = bool(distinct_images)
+        if word_readout is not None:
+            if word_readout and getattr(model.grounding, "reader", None) is None:
+                raise PrimaError(f"word_readout: {path} has no word reader (model.grounding.word_readout is off)")
+            model.config.grounding.word_readout = bool(word_readout)
         model.eval()
         return cls(model, **kwargs)
 

@@ -126,6 +126,12 @@ class GroundingConfig:
     # the image choice reads its own copy of the decoder's layers instead of the mask's (a stage 2 whose init_from
     # has none starts them from the mask layers); sharing them slowed the masks (docs/MODEL.md, "Which image: ...")
     choice_layers: bool = False
+    # the phrase's first word (in M4Seg-Synth its colour, which the tiny LLM names at chance) read again from the
+    # pixels: a classifier over the encoder features under the [SEG]'s mask and around it (loss.word_readout); at
+    # generation the LLM's first word competes with the reader's best under its mask, each drawn with its own words,
+    # and the one the reader finds under its own mask most surely is written (docs/MODEL.md, "The first word read
+    # from the mask")
+    word_readout: bool = False
     # at generation, a phrase the answer repeats never gets an image it already named that phrase on (unless every
     # image already has it): "the red cup [SEG] (IMAGE2) ... the red cup [SEG] (IMAGE2)" names one object twice, which
     # a ground-truth answer never does (answer_order written only; docs/MODEL.md, "One phrase, one image")
@@ -166,6 +172,11 @@ class GroundingConfig:
             raise ConfigError(f"model.grounding.mask_regions must be 'all' or 'largest', got {self.mask_regions!r}")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ConfigError(f"model.grounding.mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        if self.word_readout and (self.kind == "sam" or not self.phrase_tokens):
+            raise ConfigError(
+                "model.grounding.word_readout needs kind one_way and phrase_tokens > 0 (it reads the phrase's first "
+                "word, which the decoder's words carry)"
+            )
         if self.choice_layers and not self.image_choice:
             raise ConfigError("model.grounding.choice_layers needs image_choice: true (they are its layers)")
         if self.image_choice_weight < 0:
@@ -184,6 +195,9 @@ class LossConfig:
     visual_words: float = 0.0
     # with grounding.image_choice: cross-entropy of the decoder's image scores against the [SEG]'s tagged image
     image_choice: float = 1.0
+    # with grounding.word_readout: cross-entropy of the first word read under each GT mask and each predicted one
+    # (the trainer clips the reader's gradients on their own: `PrimaModel.separately_clipped_parameters`)
+    word_readout: float = 1.0
 
 
 @dataclass

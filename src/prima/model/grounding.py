@@ -81,6 +81,10 @@ class OneWayMaskDecoder(nn.Module):
             if cfg.image_choice and cfg.choice_layers
             else None
         )
+        self.reader = None
+        if cfg.word_readout:
+            with torch.random.fork_rng(devices=[]):  # drawn without moving the random stream: every other weight
+                self.reader = WordReader(channels, d, vocab_size, margin=image_size // 16)  # starts as without it
 
     def encode_tokens(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Image tokens (n, T, D) with positions added: the transformer's keys and values."""
@@ -170,6 +174,37 @@ class OneWayMaskDecoder(nn.Module):
         for i, layer in enumerate(layers):
             x = layer(x, memory, padding, keep=output_tokens.shape[0] if i == len(layers) - 1 else None)
         return self.norm(x)
+
+
+class WordReader(nn.Module):
+    """``grounding.word_readout``: word logits from the encoder features under a mask. Each scale is averaged with
+    the mask as weights, once inside the mask and once over the mask grown by ``margin`` pixels (a part's first word
+    names its object's colour, which glass windows or black tyres do not show); both through a LayerNorm and an MLP.
+    The grown region is found at a quarter of the mask's resolution (max-pooling the full-size mask cost more than
+    the rest of a decoder training step's reading)."""
+
+    COARSE = 4
+
+    def __init__(self, channels: list[int], hidden: int, vocab_size: int, margin: int):
+        super().__init__()
+        width = 2 * sum(channels)
+        self.margin = max(1, margin // self.COARSE)  # in coarse cells
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, vocab_size)
+        )
+
+    def forward(self, features: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+        """(Q, vocab) logits from ``features`` (per scale (Q, C_s, H_s, W_s): each mask's image) and ``masks``
+        (Q, m, m) weights in 0..1 (GT or predicted masks in training, the predicted probabilities at generation)."""
+        inside = masks.unsqueeze(1).float()
+        coarse = F.avg_pool2d(inside, self.COARSE) if inside.shape[-1] >= 4 * self.COARSE else inside
+        grown = F.max_pool2d(coarse, 2 * self.margin + 1, stride=1, padding=self.margin)
+        pooled = []
+        for region in (inside, grown):
+            for f in features:
+                w = F.adaptive_avg_pool2d(region, f.shape[-2:])
+                pooled.append((f.float() * w).sum((-2, -1)) / w.sum((-2, -1)).clamp(min=1e-6))
+        return self.mlp(torch.cat(pooled, dim=-1).to(self.mlp[1].weight.dtype))
 
 
 class OneWayBlock(nn.Module):

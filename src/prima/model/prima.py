@@ -27,6 +27,8 @@ from prima.model.square import ImageQueryModule
 from prima.model.vision import ImageFeatures, build_vision_encoder
 
 WEIGHTS_FILE = "model.safetensors"
+# grounding.word_readout: how many of the reader's words compete with the LLM's for a phrase's first word
+READOUT_CANDIDATES = 3
 CONFIG_FILE = "config.yaml"
 
 
@@ -49,6 +51,7 @@ class PrimaOutput:
     seg_image_index: torch.Tensor | None = None  # (M,) the image (index into the batch's images) of each [SEG]
     # grounding.image_choice: (M, K) the decoder's logits for each [SEG] over its sample's images (-inf: none)
     image_choice_logits: torch.Tensor | None = None
+    loss_readout: torch.Tensor | None = None  # the first word read from the pixels (only with grounding.word_readout)
 
 
 @dataclass
@@ -266,6 +269,13 @@ class PrimaModel(nn.Module):
             return "grounding"
         return "query_module"  # the query module, and a frozen encoder made trainable by the user
 
+    def separately_clipped_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters with a loss of their own that no other parameter's gradient shares: the word reader
+        (``grounding.word_readout``) reads frozen features under GT and detached masks. The trainer clips their
+        gradient norm on their own, so switching the reader on leaves every other update as it was."""
+        reader = getattr(self.grounding, "reader", None)
+        return [p for p in reader.parameters() if p.requires_grad] if reader is not None else []
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for group in self.parameter_groups().values() for p in group]
 
@@ -383,6 +393,11 @@ class PrimaModel(nn.Module):
             tokens, candidates[valid], prompts[which], words[which] if words is not None else None
         )
         return pairs.new_full(candidates.shape, float("-inf")).masked_scatter(valid, pairs)
+
+    def read_first_words(self, masks: torch.Tensor, seg_images: torch.Tensor, features: ImageFeatures) -> torch.Tensor:
+        """Word logits (M, vocab) of each phrase's first word read from the encoder features of batch images
+        ``seg_images`` (M,) under ``masks`` (M, m, m) in 0..1 (``grounding.word_readout``)."""
+        return self.grounding.reader([f[seg_images].to(self.dtype) for f in features], masks)
 
     def phrase_states(self, ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Mean hidden state (M, H) of each [SEG]'s phrase tokens (the `<p> ... </p>` right before it; 0 if none)."""
@@ -547,10 +562,11 @@ class PrimaModel(nn.Module):
             raise PrimaError(f"the batch has {queries.shape[0]} seg_queries for {positions.shape[1]} [SEG] tokens")
         mask_logits = torch.zeros(0, 1, 1, device=dev, dtype=self.dtype)
         scores = torch.zeros(0, device=dev, dtype=self.dtype)
-        choice_logits = None
+        choice_logits = first_words = None
         if seg_images.numel():
             queries = queries.to(dev, self.dtype)
             words = self.phrase_words(input_ids, positions)
+            first_words = words[:, 0] if words is not None else None
             if self.training and words is not None:
                 words = swap_words(words, self.config.grounding.word_noise)
             prompts = self.seg_projector(queries)
@@ -580,6 +596,16 @@ class PrimaModel(nn.Module):
                 branch = [*self.seg_projector.parameters(), *self.grounding.parameters()]
                 loss_bce = loss_dice = loss_score = sum(p.sum() for p in branch if p.requires_grad) * 0.0
             loss = loss + w.bce * loss_bce + w.dice * loss_dice + w.score * loss_score
+        loss_readout = None
+        if self.config.grounding.word_readout and targets is not None and labels is not None:
+            if first_words is not None and bool((first_words >= 0).any()):
+                # under the GT masks and under the decoder's own (what generation reads), for the same words
+                masks = torch.cat([targets, torch.sigmoid(mask_logits.detach().float())])
+                read = self.read_first_words(masks, seg_images.repeat(2), features)
+                loss_readout = F.cross_entropy(read.float(), first_words.repeat(2), ignore_index=-1)
+            else:  # no [SEG]: keep the reader in the graph, as the mask branch above
+                loss_readout = sum(p.sum() for p in self.grounding.reader.parameters()) * 0.0
+            loss = loss + w.word_readout * loss_readout
         loss_image = None
         if self.config.grounding.image_choice and labels is not None:
             if choice_logits is not None:
@@ -605,6 +631,7 @@ class PrimaModel(nn.Module):
             loss_words=loss_words,
             loss_image=loss_image,
             image_choice_logits=choice_logits,
+            loss_readout=loss_readout,
         )
 
     def point_tags(
@@ -892,6 +919,9 @@ class PrimaModel(nn.Module):
         pil: list[Any],
         n: int,
     ) -> tuple[list[GeneratedSegment], list[int]]:
+        """The masks of the answer ``ids``' [SEG]s (their queries ``seg_hidden``) and the 1-based images they are on.
+        With ``grounding.word_readout`` each phrase's first word in ``ids`` is replaced, in place, by the word read
+        from the pixels under its mask."""
         t = self.config.tokens
         tag_to_image = {tid: k for k, tid in enumerate(t.image_tag_ids[:n])}
         phrases, images, seg_at = [], [], []
@@ -906,9 +936,17 @@ class PrimaModel(nn.Module):
         if self.config.grounding.kind == "sam":
             batch["grounding_pixel_values"] = self.processor.preprocess_grounding_images(pil)
         seg_images = torch.tensor(images, device=self.device)
-        words = self.phrase_words(torch.tensor([ids]), torch.tensor([[0] * len(seg_at), seg_at]))
+        at = torch.tensor([[0] * len(seg_at), seg_at])
+        words = self.phrase_words(torch.tensor([ids]), at)
         prompts = self.seg_projector(torch.stack(seg_hidden[: len(images)]))
         logits, scores = self.predict_masks(prompts, seg_images, batch, features, words)
+        if self.config.grounding.word_readout and words is not None:
+            first, logits, scores = self._read_first_words(prompts, seg_images, batch, features, words, logits, scores)
+            for q, word in enumerate(first.tolist()):
+                start, end = self._phrase_span(ids, seg_at[q])
+                if end > start:
+                    ids[start] = word
+            phrases = [self._phrase_before(ids, pos) for pos in seg_at]
         segments = []
         for q, k in enumerate(images):
             h, w = pil[k].height, pil[k].width
@@ -919,6 +957,42 @@ class PrimaModel(nn.Module):
                 GeneratedSegment(phrases[q], k + 1, prob.cpu().numpy().astype(np.float32), float(scores[q]))
             )
         return segments, sorted({k + 1 for k in images})
+
+    def _read_first_words(
+        self,
+        prompts: torch.Tensor,
+        seg_images: torch.Tensor,
+        batch: dict[str, Any],
+        features: ImageFeatures,
+        words: torch.Tensor,
+        logits: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``grounding.word_readout`` at generation: each phrase's first word (M,) and its masks and scores. The
+        candidates are the LLM's word, with its mask ``logits``, and the reader's best ``READOUT_CANDIDATES`` under that
+        mask, each drawn with its own phrase; the word kept is the one the reader finds under its own mask most surely
+        (a word whose mask shows something else reads as that something else)."""
+        k = READOUT_CANDIDATES
+        m = words.shape[0]
+        read = self.read_first_words(torch.sigmoid(logits.float()), seg_images, features).float()
+        read[:, self._structure_token_ids()] = float("-inf")
+        options = torch.cat([words[:, :1], read.topk(k, dim=-1).indices], dim=1)  # (M, 1 + k)
+        trial = words.repeat(k, 1)
+        trial[:, 0] = options[:, 1:].T.reshape(-1)
+        drawn, drawn_scores = self.predict_masks(prompts.repeat(k, 1), seg_images.repeat(k), batch, features, trial)
+        drawn, drawn_scores = torch.cat([logits, drawn]), torch.cat([scores, drawn_scores])  # row j * M + q
+        agree = self.read_first_words(torch.sigmoid(drawn.float()), seg_images.repeat(1 + k), features).float()
+        agree = agree.log_softmax(-1).gather(1, options.T.reshape(-1, 1).clamp(min=0)).view(1 + k, m)
+        best = torch.where(words[:, 0] >= 0, agree.argmax(0), 0)  # a phrase with no words keeps the LLM's mask
+        pick = best * m + torch.arange(m, device=best.device)
+        return options.gather(1, best[:, None])[:, 0], drawn[pick], drawn_scores[pick]
+
+    def _structure_token_ids(self) -> list[int]:
+        """The tokens that are markup, never a word: image tags and blocks, phrase marks, [SEG], special tokens."""
+        t = self.config.tokens
+        marks = (t.image_slot_id, t.image_start_id, t.image_end_id, t.bos_token_id, t.eos_token_id, t.pad_token_id)
+        fixed = (t.phrase_start_id, t.phrase_end_id, t.seg_token_id)
+        return [i for i in (*marks, *fixed, *t.image_tag_ids) if i is not None]
 
     def _phrase_before(self, ids: list[int], seg_pos: int) -> str:
         """The text of the `<p> ... </p>` that ends right before the [SEG] at ``seg_pos`` ('' if there is none)."""

@@ -181,6 +181,12 @@ class Trainer:
             ds["gradient_accumulation_steps"] = self.accum
             ds["train_batch_size"] = cfg.batch_size
             ds["gradient_clipping"] = cfg.grad_clip or 0.0
+        # parameters a model trains by a loss of their own (no gradient path shared with the rest) are clipped on
+        # their own, so adding them leaves every other update exactly as it was (`separately_clipped_parameters`)
+        own = getattr(model, "separately_clipped_parameters", None)
+        self.clip_alone = list(own()) if callable(own) else []
+        alone = {id(p) for p in self.clip_alone}
+        self.clip_rest = [p for p in model.parameters() if id(p) not in alone]
         optimizer = make_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -263,8 +269,10 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / self.accum
         grad_norm = None
         if self.cfg.grad_clip is not None and acc.sync_gradients and acc.state.deepspeed_plugin is None:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            grad_norm = acc.clip_grad_norm_(self.clip_rest, self.cfg.grad_clip)
             self._check_finite(grad_norm.detach(), "the gradient norm")
+            if self.clip_alone:  # already unscaled and synchronised by the call above
+                torch.nn.utils.clip_grad_norm_(self.clip_alone, self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
