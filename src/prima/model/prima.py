@@ -369,7 +369,12 @@ class PrimaModel(nn.Module):
         """Mask logits (M, m, m) at the model's mask size and scores (M,) for grounding prompts (M, D) (the
         `seg_projector` of the [SEG] states) on batch images ``seg_images`` (M,) (``words``: see `phrase_words`)."""
         used, local = torch.unique(seg_images, return_inverse=True)
-        state = self.encode_grounding(batch, features, used)
+        return self.decode_masks(self.encode_grounding(batch, features, used), local, prompts, words)
+
+    def decode_masks(
+        self, state: GroundingImages, local: torch.Tensor, prompts: torch.Tensor, words: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`predict_masks` on grounding ``state`` already encoded (``local``: each prompt's image in it)."""
         logits, scores = self.grounding.decode(state, local, prompts, words)
         side = mask_size(self.config)
         if logits.shape[-1] != side:
@@ -939,9 +944,13 @@ class PrimaModel(nn.Module):
         at = torch.tensor([[0] * len(seg_at), seg_at])
         words = self.phrase_words(torch.tensor([ids]), at)
         prompts = self.seg_projector(torch.stack(seg_hidden[: len(images)]))
-        logits, scores = self.predict_masks(prompts, seg_images, batch, features, words)
+        used, local = torch.unique(seg_images, return_inverse=True)
+        state = self.encode_grounding(batch, features, used)  # once: every candidate word below reuses it
+        logits, scores = self.decode_masks(state, local, prompts, words)
         if self.config.grounding.word_readout and words is not None:
-            first, logits, scores = self._read_first_words(prompts, seg_images, batch, features, words, logits, scores)
+            first, logits, scores = self._read_first_words(
+                state, local, prompts, seg_images, features, words, logits, scores
+            )
             for q, word in enumerate(first.tolist()):
                 start, end = self._phrase_span(ids, seg_at[q])
                 if end > start:
@@ -960,9 +969,10 @@ class PrimaModel(nn.Module):
 
     def _read_first_words(
         self,
+        state: GroundingImages,
+        local: torch.Tensor,
         prompts: torch.Tensor,
         seg_images: torch.Tensor,
-        batch: dict[str, Any],
         features: ImageFeatures,
         words: torch.Tensor,
         logits: torch.Tensor,
@@ -971,7 +981,8 @@ class PrimaModel(nn.Module):
         """``grounding.word_readout`` at generation: each phrase's first word (M,) and its masks and scores. The
         candidates are the LLM's word, with its mask ``logits``, and the reader's best ``READOUT_CANDIDATES`` under that
         mask, each drawn with its own phrase; the word kept is the one the reader finds under its own mask most surely
-        (a word whose mask shows something else reads as that something else)."""
+        (a word whose mask shows something else reads as that something else). Drawn on the grounding ``state`` of the
+        answer's images (``local``: each [SEG]'s image in it; ``seg_images`` the same in ``features``)."""
         k = READOUT_CANDIDATES
         m = words.shape[0]
         read = self.read_first_words(torch.sigmoid(logits.float()), seg_images, features).float()
@@ -979,7 +990,7 @@ class PrimaModel(nn.Module):
         options = torch.cat([words[:, :1], read.topk(k, dim=-1).indices], dim=1)  # (M, 1 + k)
         trial = words.repeat(k, 1)
         trial[:, 0] = options[:, 1:].T.reshape(-1)
-        drawn, drawn_scores = self.predict_masks(prompts.repeat(k, 1), seg_images.repeat(k), batch, features, trial)
+        drawn, drawn_scores = self.decode_masks(state, local.repeat(k), prompts.repeat(k, 1), trial)
         drawn, drawn_scores = torch.cat([logits, drawn]), torch.cat([scores, drawn_scores])  # row j * M + q
         agree = self.read_first_words(torch.sigmoid(drawn.float()), seg_images.repeat(1 + k), features).float()
         agree = agree.log_softmax(-1).gather(1, options.T.reshape(-1, 1).clamp(min=0)).view(1 + k, m)
