@@ -442,8 +442,9 @@ def test_forward_and_generate_under_bf16_autocast(model):
     assert all(s.mask.dtype == np.float32 for s in result.segments)
 
 
-def test_loading_in_bfloat16_generates(model, tmp_path):
-    model.save_pretrained(tmp_path)
+@pytest.mark.parametrize("readout", [False, True])
+def test_loading_in_bfloat16_generates(model, tmp_path, readout):
+    (small_model(*READOUT) if readout else model).save_pretrained(tmp_path)
     half = PrimaModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16 and half.language.get_input_embeddings().weight.dtype == torch.bfloat16
     monkey = ScriptedLogits(half, ["<p>", "chair", "</p>", "[SEG]", "(IMAGE1)", "</s>"])
