@@ -368,8 +368,14 @@ class PrimaModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits (M, m, m) at the model's mask size and scores (M,) for grounding prompts (M, D) (the
         `seg_projector` of the [SEG] states) on batch images ``seg_images`` (M,) (``words``: see `phrase_words`)."""
+        return self.decode_masks(*self._grounding_state(seg_images, batch, features), prompts, words)
+
+    def _grounding_state(
+        self, seg_images: torch.Tensor, batch: dict[str, Any], features: ImageFeatures
+    ) -> tuple[GroundingImages, torch.Tensor]:
+        """The grounding state of the distinct batch images in ``seg_images`` (M,) and each one's index in it."""
         used, local = torch.unique(seg_images, return_inverse=True)
-        return self.decode_masks(self.encode_grounding(batch, features, used), local, prompts, words)
+        return self.encode_grounding(batch, features, used), local
 
     def decode_masks(
         self, state: GroundingImages, local: torch.Tensor, prompts: torch.Tensor, words: torch.Tensor | None = None
@@ -929,23 +935,20 @@ class PrimaModel(nn.Module):
         from the pixels under its mask."""
         t = self.config.tokens
         tag_to_image = {tid: k for k, tid in enumerate(t.image_tag_ids[:n])}
-        phrases, images, seg_at = [], [], []
+        images, seg_at = [], []
         for pos, tok in enumerate(ids):
             if tok != t.seg_token_id:
                 continue
             images.append(tag_to_image[self._seg_tag(ids, pos)])  # generate() binds every [SEG] to a tag
-            phrases.append(self._phrase_before(ids, pos))
             seg_at.append(pos)
         if not images:
             return [], []
         if self.config.grounding.kind == "sam":
             batch["grounding_pixel_values"] = self.processor.preprocess_grounding_images(pil)
         seg_images = torch.tensor(images, device=self.device)
-        at = torch.tensor([[0] * len(seg_at), seg_at])
-        words = self.phrase_words(torch.tensor([ids]), at)
+        words = self.phrase_words(torch.tensor([ids]), torch.tensor([[0] * len(seg_at), seg_at]))
         prompts = self.seg_projector(torch.stack(seg_hidden[: len(images)]))
-        used, local = torch.unique(seg_images, return_inverse=True)
-        state = self.encode_grounding(batch, features, used)  # once: every candidate word below reuses it
+        state, local = self._grounding_state(seg_images, batch, features)  # once: every candidate word reuses it
         logits, scores = self.decode_masks(state, local, prompts, words)
         if self.config.grounding.word_readout and words is not None:
             first, logits, scores = self._read_first_words(
@@ -955,7 +958,7 @@ class PrimaModel(nn.Module):
                 start, end = self._phrase_span(ids, seg_at[q])
                 if end > start:
                     ids[start] = word
-            phrases = [self._phrase_before(ids, pos) for pos in seg_at]
+        phrases = [self._phrase_before(ids, pos) for pos in seg_at]
         segments = []
         for q, k in enumerate(images):
             h, w = pil[k].height, pil[k].width
