@@ -2,8 +2,9 @@
 
 What `configs/tiny-masks.yaml` runs per step (`train.freeze` everything but `grounding`,
 `train.cache_seg_queries`): forward through the mask decoder (masks and, with ``grounding.image_choice``, the
-image choice), backward, AdamW. Prints the median step time over the batches, with and without the image
-choice, one thread (as each of the two training processes runs).
+image choice; with ``grounding.word_readout`` and ``grounding.phrase_check`` their readers), backward, AdamW.
+Prints the median step time over the batches as trained and with each optional head switched off, one thread (as
+each of the two training processes runs).
 
     .venv/bin/python benchmarks/decoder_step.py checkpoints/prima-tiny-synth --feature-cache .cache/features-v9
 """
@@ -41,15 +42,22 @@ def main() -> None:
     samples = load_samples(args.data, limit=args.batch * args.steps)
     batches = [collate(samples[i : i + args.batch]) for i in range(0, len(samples), args.batch)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    choice = model.config.grounding.image_choice
-    for with_choice in dict.fromkeys([choice, False]):
-        model.config.grounding.image_choice = with_choice
+    g = model.config.grounding
+    variants = {"as trained": {}}  # then each optional head of the checkpoint switched off
+    for head in ("image_choice", "word_readout", "phrase_check"):
+        if getattr(g, head):
+            variants[f"{head} off"] = {head: False}
+    for name, switches in variants.items():
+        saved = {k: getattr(g, k) for k in switches}
+        for k, v in switches.items():
+            setattr(g, k, v)
         times = step_times(model, batches, optimizer)
         print(
-            f"image choice {'on ' if with_choice else 'off'}: median step {1000 * statistics.median(times[2:]):.0f} ms "
+            f"{name}: median step {1000 * statistics.median(times[2:]):.0f} ms "
             f"({args.batch} samples, {len(times) - 2} steps after 2 warm-up), load {os.getloadavg()[0]:.1f}"
         )
-    model.config.grounding.image_choice = choice
+        for k, v in saved.items():
+            setattr(g, k, v)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
             device=device,
             distinct_images=kwargs.get("distinct_images"),
             word_readout=kwargs.get("word_readout"),
+            phrase_check=kwargs.get("phrase_check"),
             mask_threshold=kwargs.get("mask_threshold"),
             mask_regions=kwargs.get("mask_regions"),
         )
@@ -142,6 +143,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
         "device": "cpu",
         "distinct_images": None,
         "word_readout": None,
+        "phrase_check": None,
         "mask_threshold": None,
         "mask_regions": None,
     }
@@ -149,13 +151,14 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
     assert "3 samples" in printed and "miou=100.00" in printed
     assert json.loads((out / "metrics.json").read_text())["phrase_model"] == "bag-of-words (test)"
     args = ["eval", "--checkpoint", "ckpt/x", "--data", str(dataset), "--out", str(out), "--wordnet", "none"]
-    flags = ["--repeat-images", "--llm-words", "--mask-threshold", "0.3", "--mask-regions", "largest"]
+    flags = ["--repeat-images", "--llm-words", "--phrase-check", "0.2", "--mask-threshold", "0.3"]
+    flags += ["--mask-regions", "largest"]
     assert main([*args, *flags]) == 0
     assert loaded["distinct_images"] is False and loaded["word_readout"] is False
     assert loaded["mask_threshold"] == 0.3 and loaded["mask_regions"] == "largest"
     checkpoint = json.loads((out / "metrics.json").read_text())["checkpoint"]
     assert "with distinct_images false" in checkpoint and "with mask_threshold 0.3" in checkpoint
-    assert "with word_readout false" in checkpoint
+    assert "with word_readout false" in checkpoint and "with phrase_check 0.2" in checkpoint
     assert "with mask_regions largest" in checkpoint
 
 

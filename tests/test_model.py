@@ -1007,6 +1007,113 @@ def test_word_readout_learns_each_phrases_first_word_from_the_pixels_under_its_g
     assert all(p.grad is not None for p in model.grounding.reader.parameters())
 
 
+CHECK = ("grounding.phrase_tokens=2", "grounding.phrase_check=true")
+
+
+def test_phrase_check_learns_every_word_of_each_phrase_from_the_pixels_under_its_mask(monkeypatch):
+    """grounding.phrase_check: in training a multi-label classifier reads every word of each [SEG]'s phrase from the
+    image features under its GT mask and under the decoder's own (loss.phrase_check: binary cross-entropy summed over
+    the vocabulary); it is part of `grounding`, clipped on its own, and in the graph without any [SEG]."""
+    from prima.model.config import GroundingConfig
+
+    assert GroundingConfig().phrase_check is False
+    assert small_model("grounding.phrase_tokens=2").grounding.checker is None
+    model = small_model(*CHECK, "grounding.word_readout=true").train()
+    assert model.grounding.checker is not None and model.grounding.reader is not None
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    read = []
+    check = model.check_phrases
+    monkeypatch.setattr(model, "check_phrases", lambda *a: read.append(a) or check(*a))
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    out = model(batch)
+    masks, images, _ = read[-1]
+    predicted = torch.sigmoid(torch.cat(out.mask_logits).detach())
+    assert torch.equal(masks, torch.cat([batch["masks"], predicted]))  # the GT masks, then the decoder's ...
+    assert images.tolist() == [1, 0, 1, 1, 0, 1]  # ... on their images
+    target = torch.zeros(3, model.config.tokens.vocab_size)
+    for row, phrase in enumerate((["chair"], ["desk"], ["legs"])):
+        target[row, [vocab(w) for w in phrase]] = 1.0
+    logits = check(*read[-1]).float()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target.repeat(2, 1), reduction="sum") / 6
+    assert torch.allclose(out.loss_check, expected)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.grounding.checker.parameters())
+    groups = model.separately_clipped_groups()
+    assert [len(g) for g in groups] == [len(list(model.grounding.reader.parameters()))] * 2  # reader, then checker
+    assert {id(p) for p in groups[1]} == {id(p) for p in model.grounding.checker.parameters()}
+
+    model.zero_grad(set_to_none=True)  # no [SEG] in the batch: still in the graph (distributed training)
+    out = model(make_batch(model, [negative_sample("a"), negative_sample("b", 3)]))
+    out.loss.backward()
+    assert float(out.loss_check.detach()) == 0.0
+    assert all(p.grad is not None for p in model.grounding.checker.parameters())
+
+
+def test_generate_writes_an_answer_without_masks_when_the_pixels_show_none_of_its_phrases(monkeypatch):
+    """grounding.phrase_check at generation: each segment's support is its phrase's least likely word under its mask;
+    an answer whose every phrase reads below phrase_check_threshold is written again with no phrase, tag or [SEG]
+    allowed, from each of the UNGROUNDED_STARTS likeliest first tokens; the likeliest of those answers replaces it if
+    the LLM finds it as likely per token, and the first answer is kept as ``unsupported_answer``."""
+    model = small_model(*CHECK).eval()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    grounded = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", "</s>"]
+
+    def checker_reading(word):
+        def check_phrases(masks, seg_images, features):
+            logits = torch.full((masks.shape[0], model.config.tokens.vocab_size), -10.0)
+            logits[:, vocab(word)] = 10.0
+            return logits
+
+        return check_phrases
+
+    monkeypatch.setattr(model, "check_phrases", checker_reading("lamp"))  # the pixels show a lamp, not a chair
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, [*grounded, "none", "</s>"]))
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert result.segments == [] and result.answer == "none"
+    assert result.unsupported_answer is not None and "<p> chair </p> [SEG] (IMAGE2)" in result.unsupported_answer
+
+    # the LLM has no answer without a phrase (it insists on `<p>`, which is banned): the grounded answer stands
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, [*grounded, *["<p>"] * 10]))
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert [s.phrase for s in result.segments] == ["chair"] and result.unsupported_answer is None
+
+    monkeypatch.setattr(model, "check_phrases", checker_reading("chair"))  # shown: the answer stands
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, grounded))
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert [s.phrase for s in result.segments] == ["chair"] and result.unsupported_answer is None
+    assert result.segments[0].support == pytest.approx(torch.sigmoid(torch.tensor(10.0)).item())
+
+    model.config.grounding.phrase_check_threshold = 0.0  # nothing is below 0: every answer stands
+    monkeypatch.setattr(model, "check_phrases", checker_reading("lamp"))
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, grounded))
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert [s.phrase for s in result.segments] == ["chair"] and result.segments[0].support < 1e-3
+
+
+def test_a_parts_phrase_is_supported_when_its_owner_is(monkeypatch):
+    """`phrase_support` reads the words that name the object: up to the first possessive, which counts as itself or
+    as its bare noun (the checker reads a part's mask as its whole object), or up to a lone "'s" token."""
+    model = small_model(*CHECK).eval()
+    n = model.config.tokens.vocab_size
+    red, table, tables, top, clitic = 10, 11, 12, 13, 14  # ids standing for red, table, table's, top, 's
+    bare, possessive, lone = torch.arange(n), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    bare[tables], possessive[tables], lone[clitic] = table, True, True
+    monkeypatch.setattr(model, "_possessive_tables", (bare, possessive, lone), raising=False)
+    prob = torch.full((1, n), 0.5)
+    prob[0, [red, table, tables, top]] = torch.tensor([0.9, 0.8, 0.1, 0.01])
+    monkeypatch.setattr(model, "check_phrases", lambda *a: torch.logit(prob.expand(a[0].shape[0], -1)))
+    words = torch.tensor([[red, tables, top, -1], [red, table, clitic, top], [red, top, -1, -1], [-1, -1, -1, -1]])
+    support = model.phrase_support(torch.zeros(4, 8, 8), torch.zeros(4, dtype=torch.long), [], words)
+    assert support.tolist() == pytest.approx([0.8, 0.8, 0.01, 1.0])
+
+
+def test_phrase_check_config_is_checked():
+    with pytest.raises(PrimaError, match="phrase_check needs kind one_way and phrase_tokens"):
+        small_model("grounding.phrase_check=true")
+    with pytest.raises(PrimaError, match="phrase_check_threshold must be in"):
+        small_model(*CHECK, "grounding.phrase_check_threshold=1.5")
+
+
 def test_word_reader_sees_only_the_pixels_in_and_around_its_mask():
     from prima.model.grounding import WordReader
 

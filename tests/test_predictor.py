@@ -13,7 +13,7 @@ from PIL import Image
 from prima.data.masks import decode_rle
 from prima.errors import PrimaError
 from prima.inference.images import load_image, load_images
-from prima.inference.predictor import MAX_QUESTION_CHARS, Prediction, PrimaPredictor, check_question
+from prima.inference.predictor import MAX_QUESTION_CHARS, Prediction, PrimaPredictor, Segment, check_question
 from prima.inference.render import answer_html, render_overlays
 from prima.visualize import color_for, color_hex
 from test_model import SMALL
@@ -236,6 +236,27 @@ def test_prediction_json_of_an_answer_without_masks():
     assert Prediction("No, there is no lamp.").to_json() == {"answer": "No, there is no lamp.", "segments": []}
 
 
+def test_prediction_json_and_summary_show_the_phrase_check():
+    """grounding.phrase_check: each segment's support and the answer the check turned down are in prediction.json
+    and in `prima predict`'s summary; without a check neither field appears."""
+    from prima.inference.render import format_summary
+
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[1:3, 1:3] = True
+    shown = Prediction("The <p> lamp </p> [SEG] (IMAGE1).", [Segment("lamp", 1, mask, 0.9, [1, 1, 2, 2], 0.87)])
+    assert shown.to_json()["segments"][0]["support"] == 0.87 and "unsupported_answer" not in shown.to_json()
+    assert "support 0.87" in format_summary(shown)
+    turned_down = Prediction("No lamp.", unsupported_answer="The <p> lamp </p> [SEG] (IMAGE1).")
+    assert turned_down.to_json() == {
+        "answer": "No lamp.",
+        "segments": [],
+        "unsupported_answer": turned_down.unsupported_answer,
+    }
+    assert "did not show: 'The lamp.'" in format_summary(turned_down)
+    plain = Prediction("The <p> lamp </p> [SEG] (IMAGE1).", [Segment("lamp", 1, mask, 0.9, [1, 1, 2, 2])])
+    assert "support" not in plain.to_json()["segments"][0] and "support" not in format_summary(plain)
+
+
 def test_public_import():
     from prima import PrimaPredictor as Exported
 
@@ -304,6 +325,8 @@ def test_llm_words_override_turns_the_word_readout_off(tiny_checkpoint):
     )
     with pytest.raises(PrimaError, match="has no word reader"):
         PrimaPredictor.from_pretrained(tiny_checkpoint, word_readout=True)
+    with pytest.raises(PrimaError, match="has no phrase check"):
+        PrimaPredictor.from_pretrained(tiny_checkpoint, phrase_check=0.5)
 
 
 def test_mask_threshold_and_regions_are_the_checkpoints_unless_given(tiny_checkpoint, tmp_path):

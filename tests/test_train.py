@@ -174,8 +174,8 @@ class ToyWithOwnHead(ToyModel):
         self.head = nn.Linear(4, 1)
         self.clip_alone = clip_alone
 
-    def separately_clipped_parameters(self):
-        return list(self.head.parameters()) if self.clip_alone else []
+    def separately_clipped_groups(self):
+        return [list(self.head.parameters())] if self.clip_alone else []
 
     def forward(self, batch):
         out = super().forward(batch)
@@ -184,7 +184,7 @@ class ToyWithOwnHead(ToyModel):
 
 
 def test_a_head_clipped_on_its_own_leaves_the_other_updates_as_without_it(tmp_path):
-    """`separately_clipped_parameters`: a head whose loss shares no gradient path with the rest is clipped on its own,
+    """`separately_clipped_groups`: a head whose loss shares no gradient path with the rest is clipped on its own,
     so the rest trains exactly as without the head (in one global norm it would scale their updates down)."""
     plain, alone, shared = ToyModel(dropout=0.0), ToyWithOwnHead(clip_alone=True), ToyWithOwnHead(clip_alone=False)
     for name, model in (("plain", plain), ("alone", alone), ("shared", shared)):

@@ -54,6 +54,7 @@ def run_eval(
     image_choice_weight: float | None = None,
     distinct_images: bool | None = None,
     word_readout: bool | None = None,
+    phrase_check: float | None = None,
     mask_threshold: float | None = None,
     mask_regions: str | None = None,
 ) -> dict[str, Any]:
@@ -76,6 +77,7 @@ def run_eval(
         "image_choice_weight": image_choice_weight,
         "distinct_images": distinct_images,
         "word_readout": word_readout,
+        "phrase_check": phrase_check,
         "mask_threshold": mask_threshold,
         "mask_regions": mask_regions,
     }

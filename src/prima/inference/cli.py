@@ -28,12 +28,19 @@ LLM_WORDS_HELP = (
     'word instead (docs/MODEL.md, "The first word read from the mask")'
 )
 
+PHRASE_CHECK_HELP = (
+    "with a checkpoint that reads every phrase word again from its mask (grounding.phrase_check): the probability "
+    "below which a phrase counts as not shown; an answer none of whose phrases is shown is written again without "
+    "masks (default: the checkpoint's grounding.phrase_check_threshold; 0 keeps every answer; docs/MODEL.md)"
+)
+
 
 def add_readout_options(p: argparse.ArgumentParser) -> None:
     """The flags that change how a checkpoint's answers and masks are read out (`prima predict`, `prima eval`)."""
     p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     p.add_argument("--llm-words", action="store_true", help=LLM_WORDS_HELP)
+    p.add_argument("--phrase-check", type=float, default=None, metavar="P", help=PHRASE_CHECK_HELP)
     p.add_argument("--mask-threshold", type=float, default=None, help=MASK_THRESHOLD_HELP)
     p.add_argument("--mask-regions", choices=("all", "largest"), default=None, help=MASK_REGIONS_HELP)
 
@@ -44,6 +51,7 @@ def readout_options(args: argparse.Namespace) -> dict:
         "image_choice_weight": args.image_choice_weight,
         "distinct_images": False if args.repeat_images else None,
         "word_readout": False if args.llm_words else None,
+        "phrase_check": args.phrase_check,
         "mask_threshold": args.mask_threshold,
         "mask_regions": args.mask_regions,
     }

@@ -39,15 +39,19 @@ class Segment:
     mask: np.ndarray  # bool, (height, width) of that image
     score: float
     bbox: list[int]  # COCO [x, y, w, h] of the mask; [0, 0, 0, 0] when the mask is empty
+    support: float | None = None  # grounding.phrase_check: how surely the pixels show the phrase (None: no check)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "phrase": self.phrase,
             "image": self.image,
             "score": round(float(self.score), 6),
             "bbox": list(self.bbox),
             "mask": encode_rle(self.mask),
         }
+        if self.support is not None:
+            out["support"] = round(float(self.support), 6)
+        return out
 
 
 @dataclass
@@ -57,6 +61,9 @@ class Prediction:
     answer: str
     segments: list[Segment] = field(default_factory=list)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) the masks have
+    # grounding.phrase_check: the grounded answer the model wrote first, when its pixels showed none of its phrases
+    # and ``answer`` was written again without masks
+    unsupported_answer: str | None = None
 
     @property
     def text(self) -> str:
@@ -64,8 +71,12 @@ class Prediction:
         return strip_markup(self.answer)
 
     def to_json(self) -> dict[str, Any]:
-        """``{"answer", "segments": [{"phrase", "image", "score", "bbox", "mask": COCO RLE}]}``."""
-        return {"answer": self.answer, "segments": [s.to_json() for s in self.segments]}
+        """``{"answer", "segments": [{"phrase", "image", "score", "bbox", "mask": COCO RLE[, "support"]}]
+        [, "unsupported_answer"]}``."""
+        out: dict[str, Any] = {"answer": self.answer, "segments": [s.to_json() for s in self.segments]}
+        if self.unsupported_answer is not None:
+            out["unsupported_answer"] = self.unsupported_answer
+        return out
 
 
 class PrimaPredictor:
@@ -106,12 +117,14 @@ class PrimaPredictor:
         image_choice_weight: float | None = None,
         distinct_images: bool | None = None,
         word_readout: bool | None = None,
+        phrase_check: float | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
         """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
         ``image_choice_weight`` replaces the checkpoint's ``grounding.image_choice_weight`` (0: the LLM alone
         picks each [SEG]'s image), ``distinct_images`` its ``grounding.distinct_images``, ``word_readout`` its
-        ``grounding.word_readout`` (False: the LLM's first phrase words stand)."""
+        ``grounding.word_readout`` (False: the LLM's first phrase words stand), ``phrase_check`` its
+        ``grounding.phrase_check_threshold`` (0: every grounded answer stands)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
@@ -131,6 +144,12 @@ class PrimaPredictor:
             if word_readout and getattr(model.grounding, "reader", None) is None:
                 raise PrimaError(f"word_readout: {path} has no word reader (model.grounding.word_readout is off)")
             model.config.grounding.word_readout = bool(word_readout)
+        if phrase_check is not None:
+            if getattr(model.grounding, "checker", None) is None:
+                raise PrimaError(f"--phrase-check: {path} has no phrase check (model.grounding.phrase_check is off)")
+            if not 0.0 <= phrase_check <= 1.0:
+                raise PrimaError(f"--phrase-check must be between 0 and 1, got {phrase_check}")
+            model.config.grounding.phrase_check_threshold = float(phrase_check)
         model.eval()
         return cls(model, **kwargs)
 
@@ -173,7 +192,8 @@ class PrimaPredictor:
             kwargs = {} if self.max_new_tokens is None else {"max_new_tokens": self.max_new_tokens}
             out = self.model.generate([im.image for im in images], question, **kwargs)
         sizes = [im.size for im in images]
-        return Prediction(out.answer, [self._segment(s, sizes) for s in out.segments], sizes)
+        segments = [self._segment(s, sizes) for s in out.segments]
+        return Prediction(out.answer, segments, sizes, getattr(out, "unsupported_answer", None))
 
     def _segment(self, generated: Any, sizes: list[tuple[int, int]]) -> Segment:
         k = int(generated.image)
@@ -183,7 +203,8 @@ class PrimaPredictor:
         mask = binarize(probs, self.mask_threshold, self.mask_regions)
         if mask.shape != sizes[k - 1]:  # the model promises original size; be safe for foreign models
             mask = resize_mask(mask, sizes[k - 1])
-        return Segment(generated.phrase, k, mask, float(generated.score), mask_bbox(mask))
+        support = getattr(generated, "support", None)
+        return Segment(generated.phrase, k, mask, float(generated.score), mask_bbox(mask), support)
 
 
 def resolve_checkpoint(path: str | Path | None) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from prima.constants import GROUNDED_PHRASE_RE
+from prima.data.schema import strip_markup
 from prima.inference.images import LoadedImage
 from prima.inference.predictor import Prediction
 from prima.visualize import color_for, color_hex, overlay_masks
@@ -50,10 +51,15 @@ def save_overlays(
 
 
 def format_summary(prediction: Prediction) -> str:
-    """The plain answer, then one line per grounded segment: phrase, image, score, box."""
+    """The plain answer, then one line per grounded segment: phrase, image, score, box (and support, when the model
+    checks its phrases); then the answer the phrase check turned down, if any."""
     lines = [prediction.text or "(empty answer)"]
     for i, s in enumerate(prediction.segments, start=1):
-        lines.append(f"  [{i}] {s.phrase!r} in image {s.image}: score {s.score:.2f}, bbox {s.bbox}")
+        support = f", support {s.support:.2f}" if s.support is not None else ""
+        lines.append(f"  [{i}] {s.phrase!r} in image {s.image}: score {s.score:.2f}{support}, bbox {s.bbox}")
+    if prediction.unsupported_answer is not None:
+        turned_down = strip_markup(prediction.unsupported_answer)
+        lines.append(f"  (first answer, whose phrases its pixels did not show: {turned_down!r})")
     return "\n".join(lines)
 
 

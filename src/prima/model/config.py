@@ -132,6 +132,12 @@ class GroundingConfig:
     # and the one the reader finds under its own mask most surely is written (docs/MODEL.md, "The first word read
     # from the mask")
     word_readout: bool = False
+    # every word of each phrase read again from the pixels under its mask (a multi-label classifier like the word
+    # reader, loss.phrase_check): at generation a phrase is supported when each of its words reads with probability
+    # >= phrase_check_threshold, and an answer that names objects none of which is supported is written again with
+    # no phrase and no mask ("none of the images shows ..."; docs/MODEL.md, "Is it there? The phrase check")
+    phrase_check: bool = False
+    phrase_check_threshold: float = 0.5
     # at generation, a phrase the answer repeats never gets an image it already named that phrase on (unless every
     # image already has it): "the red cup [SEG] (IMAGE2) ... the red cup [SEG] (IMAGE2)" names one object twice, which
     # a ground-truth answer never does (answer_order written only; docs/MODEL.md, "One phrase, one image")
@@ -177,6 +183,15 @@ class GroundingConfig:
                 "model.grounding.word_readout needs kind one_way and phrase_tokens > 0 (it reads the phrase's first "
                 "word, which the decoder's words carry)"
             )
+        if self.phrase_check and (self.kind == "sam" or not self.phrase_tokens):
+            raise ConfigError(
+                "model.grounding.phrase_check needs kind one_way and phrase_tokens > 0 (it reads the phrase's words, "
+                "which the decoder's words carry)"
+            )
+        if not 0.0 <= self.phrase_check_threshold <= 1.0:
+            raise ConfigError(
+                f"model.grounding.phrase_check_threshold must be in [0, 1], got {self.phrase_check_threshold}"
+            )
         if self.choice_layers and not self.image_choice:
             raise ConfigError("model.grounding.choice_layers needs image_choice: true (they are its layers)")
         if self.image_choice_weight < 0:
@@ -196,8 +211,11 @@ class LossConfig:
     # with grounding.image_choice: cross-entropy of the decoder's image scores against the [SEG]'s tagged image
     image_choice: float = 1.0
     # with grounding.word_readout: cross-entropy of the first word read under each GT mask and each predicted one
-    # (the trainer clips the reader's gradients on their own: `PrimaModel.separately_clipped_parameters`)
+    # (the trainer clips the reader's gradients on their own: `PrimaModel.separately_clipped_groups`)
     word_readout: float = 1.0
+    # with grounding.phrase_check: binary cross-entropy of every vocabulary word read under each GT mask and each
+    # predicted one against the phrase's words (summed over the vocabulary; clipped on its own as the word reader)
+    phrase_check: float = 1.0
 
 
 @dataclass

@@ -81,10 +81,14 @@ class OneWayMaskDecoder(nn.Module):
             if cfg.image_choice and cfg.choice_layers
             else None
         )
-        self.reader = None
-        if cfg.word_readout:
+        self.reader = self.checker = None
+        if cfg.word_readout or cfg.phrase_check:
             with torch.random.fork_rng(devices=[]):  # drawn without moving the random stream: every other weight
-                self.reader = WordReader(channels, d, vocab_size, margin=image_size // 16)  # starts as without it
+                # starts as without them
+                if cfg.word_readout:
+                    self.reader = WordReader(channels, d, vocab_size, margin=image_size // 16)
+                if cfg.phrase_check:  # the same reading, every word of the phrase at once (multi-label)
+                    self.checker = WordReader(channels, d, vocab_size, margin=image_size // 16)
 
     def encode_tokens(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Image tokens (n, T, D) with positions added: the transformer's keys and values."""

@@ -27,6 +27,8 @@ from prima.model.square import ImageQueryModule
 from prima.model.vision import ImageFeatures, build_vision_encoder
 
 WEIGHTS_FILE = "model.safetensors"
+# grounding.phrase_check: how many first tokens start the answers an unsupported answer is written again from
+UNGROUNDED_STARTS = 4
 # grounding.word_readout: how many of the reader's words compete with the LLM's for a phrase's first word
 READOUT_CANDIDATES = 3
 CONFIG_FILE = "config.yaml"
@@ -52,6 +54,7 @@ class PrimaOutput:
     # grounding.image_choice: (M, K) the decoder's logits for each [SEG] over its sample's images (-inf: none)
     image_choice_logits: torch.Tensor | None = None
     loss_readout: torch.Tensor | None = None  # the first word read from the pixels (only with grounding.word_readout)
+    loss_check: torch.Tensor | None = None  # every phrase word read from the pixels (only with grounding.phrase_check)
 
 
 @dataclass
@@ -82,6 +85,8 @@ class GeneratedSegment:
     image: int  # 1-based, as in the answer text
     mask: np.ndarray  # float32 probabilities at the image's original (height, width)
     score: float
+    # grounding.phrase_check: how surely the pixels under the mask show the phrase (its least likely word); else None
+    support: float | None = None
 
 
 @dataclass
@@ -90,6 +95,12 @@ class GenerationOutput:
     segments: list[GeneratedSegment]
     token_ids: list[int] = field(default_factory=list)
     grounded_images: list[int] = field(default_factory=list)  # 1-based images the grounding encoder ran on
+    # the mean log-probability of the answer's tokens (</s> included) as the model scores them, before the greedy
+    # loop's bans: an answer written around a ban the model wanted to break scores low
+    mean_logprob: float = 0.0
+    # grounding.phrase_check: the grounded answer written first, when no phrase of it was supported by its pixels and
+    # ``answer`` is the one written again without phrases; else None
+    unsupported_answer: str | None = None
 
 
 class VisualCopy(nn.Module):
@@ -269,12 +280,14 @@ class PrimaModel(nn.Module):
             return "grounding"
         return "query_module"  # the query module, and a frozen encoder made trainable by the user
 
-    def separately_clipped_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters with a loss of their own that no other parameter's gradient shares: the word reader
-        (``grounding.word_readout``) reads frozen features under GT and detached masks. The trainer clips their
-        gradient norm on their own, so switching the reader on leaves every other update as it was."""
-        reader = getattr(self.grounding, "reader", None)
-        return [p for p in reader.parameters() if p.requires_grad] if reader is not None else []
+    def separately_clipped_groups(self) -> list[list[nn.Parameter]]:
+        """Groups of trainable parameters, each with a loss of its own that no other parameter's gradient shares: the
+        word reader (``grounding.word_readout``) and the phrase check (``grounding.phrase_check``) read frozen
+        features under GT and detached masks. The trainer clips each group's gradient norm on its own, so switching
+        them on leaves every other update as it was."""
+        heads = [getattr(self.grounding, name, None) for name in ("reader", "checker")]
+        groups = [[p for p in head.parameters() if p.requires_grad] for head in heads if head is not None]
+        return [g for g in groups if g]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for group in self.parameter_groups().values() for p in group]
@@ -409,6 +422,49 @@ class PrimaModel(nn.Module):
         """Word logits (M, vocab) of each phrase's first word read from the encoder features of batch images
         ``seg_images`` (M,) under ``masks`` (M, m, m) in 0..1 (``grounding.word_readout``)."""
         return self.grounding.reader([f[seg_images].to(self.dtype) for f in features], masks)
+
+    def check_phrases(self, masks: torch.Tensor, seg_images: torch.Tensor, features: ImageFeatures) -> torch.Tensor:
+        """Logits (M, vocab) of each vocabulary word being in the phrase of the object under each of ``masks``
+        (M, m, m) on batch images ``seg_images`` (M,) (``grounding.phrase_check``; multi-label, a sigmoid each)."""
+        return self.grounding.checker([f[seg_images].to(self.dtype) for f in features], masks)
+
+    def phrase_support(
+        self, masks: torch.Tensor, seg_images: torch.Tensor, features: ImageFeatures, words: torch.Tensor
+    ) -> torch.Tensor:
+        """How surely the pixels under each of ``masks`` show its phrase ``words`` (M, L; -1 padded): the least
+        probability among the words that name the object (M,); 1 for a phrase with no words
+        (``grounding.phrase_check``). A part's phrase is shown when its owner is: its words up to the first possessive
+        ("red table's" of "red table's top"), that one read as itself or as the bare noun, whichever reads surer;
+        the checker reads a part's mask as its whole object (docs/MODEL.md, "Is it there? The phrase check")."""
+        prob = torch.sigmoid(self.check_phrases(masks, seg_images, features).float())
+        bare, possessive, clitic = (table.to(words.device) for table in self._possessives())
+        ids = words.clamp(min=0)
+        read = torch.maximum(prob.gather(1, ids), prob.gather(1, bare[ids]))  # "table's" or "table"
+        # the words after the first possessive, or from a lone "'s" on, name the part: not checked
+        owner = possessive[ids] & (words >= 0)
+        part = (owner.long().cumsum(1) - owner.long() + clitic[ids].long().cumsum(1)) > 0
+        return read.masked_fill((words < 0) | part, 1.0).min(dim=1).values
+
+    def _possessives(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per vocabulary id (computed once from the tokenizer): its bare noun ("table" for "table's"; the id itself
+        for any other word or where the vocabulary has no bare form), whether it is a possessive word, and whether
+        it is a lone "'s" token (a tokenizer that splits it off)."""
+        if getattr(self, "_possessive_tables", None) is None:
+            n = self.config.tokens.vocab_size
+            bare = torch.arange(n)
+            possessive = torch.zeros(n, dtype=torch.bool)
+            clitic = torch.zeros(n, dtype=torch.bool)
+            vocab = self.processor.tokenizer.get_vocab() if self.processor is not None else {}
+            for word, i in vocab.items():
+                if i >= n:
+                    continue
+                if word == "'s":
+                    clitic[i] = True
+                elif word.endswith("'s"):
+                    possessive[i] = True
+                    bare[i] = vocab.get(word[:-2], i) if vocab.get(word[:-2], n) < n else i
+            self._possessive_tables = (bare, possessive, clitic)
+        return self._possessive_tables
 
     def phrase_states(self, ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Mean hidden state (M, H) of each [SEG]'s phrase tokens (the `<p> ... </p>` right before it; 0 if none)."""
@@ -573,11 +629,12 @@ class PrimaModel(nn.Module):
             raise PrimaError(f"the batch has {queries.shape[0]} seg_queries for {positions.shape[1]} [SEG] tokens")
         mask_logits = torch.zeros(0, 1, 1, device=dev, dtype=self.dtype)
         scores = torch.zeros(0, device=dev, dtype=self.dtype)
-        choice_logits = first_words = None
+        choice_logits = first_words = phrase_targets = None
         if seg_images.numel():
             queries = queries.to(dev, self.dtype)
             words = self.phrase_words(input_ids, positions)
             first_words = words[:, 0] if words is not None else None
+            phrase_targets = words
             if self.training and words is not None:
                 words = swap_words(words, self.config.grounding.word_noise)
             prompts = self.seg_projector(queries)
@@ -617,6 +674,22 @@ class PrimaModel(nn.Module):
             else:  # no [SEG]: keep the reader in the graph, as the mask branch above
                 loss_readout = sum(p.sum() for p in self.grounding.reader.parameters()) * 0.0
             loss = loss + w.word_readout * loss_readout
+        loss_check = None
+        if self.config.grounding.phrase_check and targets is not None and labels is not None:
+            has_words = (phrase_targets >= 0).any(-1) if phrase_targets is not None else None
+            if has_words is not None and bool(has_words.any()):
+                # every word of the phrase under the GT masks and under the decoder's own, as the word reader
+                rows = has_words.nonzero(as_tuple=True)[0]
+                masks = torch.cat([targets[rows], torch.sigmoid(mask_logits.detach()[rows].float())])
+                read = self.check_phrases(masks, seg_images[rows].repeat(2), features).float()
+                present = torch.zeros_like(read[: rows.numel()])
+                present.scatter_add_(1, phrase_targets[rows].clamp(min=0), (phrase_targets[rows] >= 0).float())
+                present.clamp_(max=1.0)  # a word twice in a phrase is still one word
+                loss_check = F.binary_cross_entropy_with_logits(read, present.repeat(2, 1), reduction="none")
+                loss_check = loss_check.sum(-1).mean()
+            else:  # no [SEG]: keep the check in the graph, as the mask branch above
+                loss_check = sum(p.sum() for p in self.grounding.checker.parameters()) * 0.0
+            loss = loss + w.phrase_check * loss_check
         loss_image = None
         if self.config.grounding.image_choice and labels is not None:
             if choice_logits is not None:
@@ -643,6 +716,7 @@ class PrimaModel(nn.Module):
             loss_image=loss_image,
             image_choice_logits=choice_logits,
             loss_readout=loss_readout,
+            loss_check=loss_check,
         )
 
     def point_tags(
@@ -717,7 +791,46 @@ class PrimaModel(nn.Module):
 
     @torch.no_grad()
     def generate_batch(self, requests: list[tuple[list[Any], str]], max_new_tokens: int = 96) -> list[GenerationOutput]:
-        """`generate` for several (images, question) pairs at once: prompts left-padded, one cached greedy loop."""
+        """`generate` for several (images, question) pairs at once: prompts left-padded, one cached greedy loop.
+
+        With ``grounding.phrase_check`` an answer that grounds phrases none of which its pixels support (every
+        phrase's `GeneratedSegment.support` below ``phrase_check_threshold``) is written again with no phrase, tag or
+        [SEG] allowed, and that answer ("None of the images shows ...") replaces it when the LLM scores it at least
+        as likely per token (`GenerationOutput.mean_logprob`)."""
+        results = self._generate(requests, max_new_tokens, [False] * len(requests))
+        g = self.config.grounding
+        if not g.phrase_check:
+            return results
+        redo = [
+            b
+            for b, r in enumerate(results)
+            if r.segments and all(s.support is not None and s.support < g.phrase_check_threshold for s in r.segments)
+        ]
+        if redo:
+            # greedy from the LLM's first word would keep its grounded sentence ("You could sit on the ...") and run
+            # into the ban; so each of its UNGROUNDED_STARTS most likely first tokens starts an answer, and the most
+            # likely per token is taken ("None of the images shows something you could sit on.") if the LLM finds it
+            # at least as likely as the grounded one: where it has no answer without phrases (it wanted a phrase
+            # all along), the grounded answer stands
+            k = UNGROUNDED_STARTS
+            rows = [requests[b] for b in redo for _ in range(k)]
+            again = self._generate(rows, max_new_tokens, [True] * len(rows), list(range(k)) * len(redo))
+            for i, b in enumerate(redo):
+                best = max(again[i * k : (i + 1) * k], key=lambda r: r.mean_logprob)
+                if best.mean_logprob >= results[b].mean_logprob:
+                    best.unsupported_answer = results[b].answer
+                    results[b] = best
+        return results
+
+    def _generate(
+        self,
+        requests: list[tuple[list[Any], str]],
+        max_new_tokens: int,
+        ungrounded: list[bool],
+        first_rank: list[int] | None = None,
+    ) -> list[GenerationOutput]:
+        """The greedy loop of `generate_batch`; rows with ``ungrounded`` set may not write a phrase, tag or [SEG], and
+        with ``first_rank`` row b starts with its ``first_rank[b]``-th most likely first token (0: the greedy one)."""
         from prima.data.processor import load_image
 
         if self.processor is None:
@@ -753,6 +866,8 @@ class PrimaModel(nn.Module):
             ):
                 if tid is not None and tid != t.eos_token_id:
                     banned[b, tid] = True
+            if ungrounded[b]:
+                banned[b, [t.phrase_start_id, t.phrase_end_id, t.seg_token_id, *t.image_tag_ids]] = True
             tag_only[b, t.image_tag_ids[:n]] = False
         rules = self._phrase_rules(banned) if self.config.answer_order != "written" else None
         in_phrase = [False] * len(requests)
@@ -773,6 +888,7 @@ class PrimaModel(nn.Module):
         pooling = self.config.grounding.phrase_pooling
         fed_hidden: list[list[torch.Tensor]] = [[] for _ in requests]  # phrase pooling: the state of each fed token
         done = [False] * len(requests)
+        logp = [0.0] * len(requests)  # each row's summed log-probability of its tokens, before the bans
         while True:
             after_seg = torch.tensor([bool(g) and g[-1] == t.seg_token_id for g in generated], device=dev)
             for b, g in enumerate(generated):
@@ -799,13 +915,19 @@ class PrimaModel(nn.Module):
             if rules is None and self.config.grounding.distinct_images:
                 for b in seg_rows.tolist():
                     ban[b, self._repeated_tags(generated[b], counts[b])] = True
-            tokens = scores.masked_fill(ban, float("-inf")).argmax(-1)
+            allowed = scores.masked_fill(ban, float("-inf"))
+            tokens = allowed.argmax(-1)
+            if first_rank is not None and not any(generated):  # the first token: the rank-th most likely instead
+                ranks = torch.tensor(first_rank, device=dev)[:, None]
+                tokens = allowed.topk(max(first_rank) + 1, dim=-1).indices.gather(1, ranks)[:, 0]
+            token_logp = scores.log_softmax(-1).gather(1, tokens[:, None])[:, 0].tolist()
             fed_seg = []
             for b, token in enumerate(tokens.tolist()):
                 if done[b]:
                     tokens[b] = t.pad_token_id  # finished rows idle along; their outputs are ignored
                     continue
                 generated[b].append(token)
+                logp[b] += token_logp[b]
                 in_phrase[b] = token == t.phrase_start_id or (in_phrase[b] and token != t.phrase_end_id)
                 done[b] = token == t.eos_token_id
                 if token == t.seg_token_id:
@@ -842,7 +964,8 @@ class PrimaModel(nn.Module):
                 phrase = self.phrase_states(torch.tensor([generated[b]]), pos, states.unsqueeze(0))
                 queries = list(torch.cat([torch.stack(queries), phrase], dim=-1))
             segments, grounded = self._segments(answer_ids, queries, own, own_features, pil[b], n)
-            results.append(GenerationOutput(proc.decode(answer_ids), segments, answer_ids, grounded))
+            mean_logp = logp[b] / max(1, len(generated[b]))
+            results.append(GenerationOutput(proc.decode(answer_ids), segments, answer_ids, grounded, mean_logp))
             offset += n
         return results
 
@@ -958,6 +1081,10 @@ class PrimaModel(nn.Module):
                 start, end = self._phrase_span(ids, seg_at[q])
                 if end > start:
                     ids[start] = word
+        support: list[float | None] = [None] * len(images)
+        if self.config.grounding.phrase_check and words is not None:
+            words = self.phrase_words(torch.tensor([ids]), torch.tensor([[0] * len(seg_at), seg_at]))  # as written
+            support = self.phrase_support(torch.sigmoid(logits.float()), seg_images, features, words).tolist()
         phrases = [self._phrase_before(ids, pos) for pos in seg_at]
         segments = []
         for q, k in enumerate(images):
@@ -966,7 +1093,7 @@ class PrimaModel(nn.Module):
                 F.interpolate(logits[q][None, None].float(), size=(h, w), mode="bilinear", align_corners=False)
             )[0, 0]
             segments.append(
-                GeneratedSegment(phrases[q], k + 1, prob.cpu().numpy().astype(np.float32), float(scores[q]))
+                GeneratedSegment(phrases[q], k + 1, prob.cpu().numpy().astype(np.float32), float(scores[q]), support[q])
             )
         return segments, sorted({k + 1 for k in images})
 

@@ -182,10 +182,11 @@ class Trainer:
             ds["train_batch_size"] = cfg.batch_size
             ds["gradient_clipping"] = cfg.grad_clip or 0.0
         # parameters a model trains by a loss of their own (no gradient path shared with the rest) are clipped on
-        # their own, so adding them leaves every other update exactly as it was (`separately_clipped_parameters`)
-        own = getattr(model, "separately_clipped_parameters", None)
-        self.clip_alone = list(own()) if callable(own) else []
-        alone = {id(p) for p in self.clip_alone}
+        # their own, group by group, so adding them leaves every other update exactly as it was
+        # (`separately_clipped_groups`)
+        own = getattr(model, "separately_clipped_groups", None)
+        self.clip_alone = [list(group) for group in own()] if callable(own) else []
+        alone = {id(p) for group in self.clip_alone for p in group}
         self.clip_rest = [p for p in model.parameters() if id(p) not in alone]
         optimizer = make_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -271,8 +272,8 @@ class Trainer:
         if self.cfg.grad_clip is not None and acc.sync_gradients and acc.state.deepspeed_plugin is None:
             grad_norm = acc.clip_grad_norm_(self.clip_rest, self.cfg.grad_clip)
             self._check_finite(grad_norm.detach(), "the gradient norm")
-            if self.clip_alone:  # already unscaled and synchronised by the call above
-                torch.nn.utils.clip_grad_norm_(self.clip_alone, self.cfg.grad_clip)
+            for group in self.clip_alone:  # already unscaled and synchronised by the call above
+                torch.nn.utils.clip_grad_norm_(group, self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
