@@ -1,9 +1,11 @@
 """Choose `grounding.phrase_check_threshold` on validation data: the metrics at each threshold, from two runs.
 
-`prima eval --phrase-check 0` keeps every answer and records each segment's ``support``; `prima eval --phrase-check 1`
+`prima eval --phrase-check 0` (the check off) keeps every answer and records each segment's ``support``; `prima eval --phrase-check 1`
 writes every grounded answer again without masks (and keeps the new one where the LLM finds it as likely). A threshold
 T takes, per sample, the second run's answer when every segment of the first has support below T, else the first's:
-exactly what generation does at T (greedy decoding is deterministic), without a prediction run per threshold.
+exactly what the first rule of the check does at T (greedy decoding is deterministic), without a prediction run per
+threshold. The second rule (answers without phrases replaced by grounded ones whose phrases are shown) is not
+modelled: answers without phrases keep the first run's; run `prima eval` at the chosen threshold for it.
 
     .venv/bin/prima eval --checkpoint C --data data/synth/val/samples.jsonl --out runs/eval/pc0 --phrase-check 0
     .venv/bin/prima eval --checkpoint C --data data/synth/val/samples.jsonl --out runs/eval/pc1 --phrase-check 1
@@ -61,7 +63,7 @@ def main() -> None:
                 path = Path(tmp) / f"{t}.jsonl"
                 path.write_text("".join(json.dumps(r) + "\n" for r in rows))
                 m = score_predictions(path, args.samples)
-                n = sum("unsupported_answer" in r for r in rows)
+                n = sum("first_answer" in r for r in rows)
                 cells = [m[k] for k in ("miou", "recall", "ss", "no_mask_acc", "meteor", "giou")]
                 print(f"| {t:g} | {n} | " + " | ".join(f"{100 * v:.2f}" for v in cells) + " |")
     except PrimaError as e:

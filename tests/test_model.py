@@ -1053,7 +1053,7 @@ def test_generate_writes_an_answer_without_masks_when_the_pixels_show_none_of_it
     """grounding.phrase_check at generation: each segment's support is its phrase's least likely word under its mask;
     an answer whose every phrase reads below phrase_check_threshold is written again with no phrase, tag or [SEG]
     allowed, from each of the UNGROUNDED_STARTS likeliest first tokens; the likeliest of those answers replaces it if
-    the LLM finds it as likely per token, and the first answer is kept as ``unsupported_answer``."""
+    the LLM finds it as likely per token, and the first answer is kept as ``first_answer``."""
     model = small_model(*CHECK).eval()
     vocab = model.processor.tokenizer.convert_tokens_to_ids
     grounded = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", "</s>"]
@@ -1070,24 +1070,79 @@ def test_generate_writes_an_answer_without_masks_when_the_pixels_show_none_of_it
     monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, [*grounded, "none", "</s>"]))
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
     assert result.segments == [] and result.answer == "none"
-    assert result.unsupported_answer is not None and "<p> chair </p> [SEG] (IMAGE2)" in result.unsupported_answer
+    assert result.first_answer is not None and "<p> chair </p> [SEG] (IMAGE2)" in result.first_answer
 
     # the LLM has no answer without a phrase (it insists on `<p>`, which is banned): the grounded answer stands
     monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, [*grounded, *["<p>"] * 10]))
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
-    assert [s.phrase for s in result.segments] == ["chair"] and result.unsupported_answer is None
+    assert [s.phrase for s in result.segments] == ["chair"] and result.first_answer is None
 
     monkeypatch.setattr(model, "check_phrases", checker_reading("chair"))  # shown: the answer stands
     monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, grounded))
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
-    assert [s.phrase for s in result.segments] == ["chair"] and result.unsupported_answer is None
+    assert [s.phrase for s in result.segments] == ["chair"] and result.first_answer is None
     assert result.segments[0].support == pytest.approx(torch.sigmoid(torch.tensor(10.0)).item())
 
-    model.config.grounding.phrase_check_threshold = 0.0  # nothing is below 0: every answer stands
+    model.config.grounding.phrase_check_threshold = 0.0  # off: every answer stands, its supports still recorded
     monkeypatch.setattr(model, "check_phrases", checker_reading("lamp"))
     monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, grounded))
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
     assert [s.phrase for s in result.segments] == ["chair"] and result.segments[0].support < 1e-3
+
+
+class GradedScript(ScriptedLogits):
+    """ScriptedLogits whose steps may also be ``{token: score}``: those tokens get those scores, the rest -1e4."""
+
+    def __init__(self, model: PrimaModel, script: list):
+        super().__init__(model, [t if isinstance(t, str) else "</s>" for t in script])
+        tok = model.processor.tokenizer
+        self.graded = {i: {tok.convert_tokens_to_ids(k): v for k, v in t.items()} for i, t in enumerate(script)
+                       if isinstance(t, dict)}  # fmt: skip
+
+    def __call__(self, *args, **kwargs):
+        step = self.step
+        out = super().__call__(*args, **kwargs)
+        if step in self.graded:
+            out.logits[:, -1] = -1e4
+            for token, score in self.graded[step].items():
+                out.logits[:, -1, token] = score
+        return out
+
+
+def test_generate_grounds_an_answer_without_phrases_when_the_pixels_show_its_phrases(monkeypatch):
+    """grounding.phrase_check: an answer without phrases is written again from the LLM's next UNGROUNDED_STARTS
+    likeliest first tokens; the likeliest of those whose every phrase the pixels show replaces it (however unlikely
+    the LLM finds it), and the first answer is kept as ``first_answer``; threshold 0 turns the check off."""
+    model = small_model(*CHECK).eval()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    ungrounded = ["none", "</s>"]
+    grounded = [{"none": 1e4, "the": 5e3}, "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", "</s>"]  # "the" ranks second
+
+    def checker_reading(word):
+        def check_phrases(masks, seg_images, features):
+            logits = torch.full((masks.shape[0], model.config.tokens.vocab_size), -10.0)
+            logits[:, vocab(word)] = 10.0
+            return logits
+
+        return check_phrases
+
+    monkeypatch.setattr(model, "check_phrases", checker_reading("chair"))  # the pixels show the chair
+    monkeypatch.setattr(model.language, "forward", GradedScript(model, [*ungrounded, *grounded]))
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert [(s.phrase, s.image) for s in result.segments] == [("chair", 2)]
+    assert result.answer.startswith("the <p> chair </p> [SEG] (IMAGE2)") and result.first_answer == "none"
+
+    monkeypatch.setattr(model, "check_phrases", checker_reading("lamp"))  # not shown: the answer stands
+    monkeypatch.setattr(model.language, "forward", GradedScript(model, [*ungrounded, *grounded]))
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert result.answer == "none" and result.segments == [] and result.first_answer is None
+
+    model.config.grounding.phrase_check_threshold = 0.0  # off: no second answer is written
+    monkeypatch.setattr(model, "check_phrases", checker_reading("chair"))
+    script = GradedScript(model, [*ungrounded, *grounded])
+    monkeypatch.setattr(model.language, "forward", script)
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert result.answer == "none" and script.step == len(ungrounded)
 
 
 def test_a_parts_phrase_is_supported_when_its_owner_is(monkeypatch):

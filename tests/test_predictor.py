@@ -244,15 +244,15 @@ def test_prediction_json_and_summary_show_the_phrase_check():
     mask = np.zeros((4, 4), dtype=bool)
     mask[1:3, 1:3] = True
     shown = Prediction("The <p> lamp </p> [SEG] (IMAGE1).", [Segment("lamp", 1, mask, 0.9, [1, 1, 2, 2], 0.87)])
-    assert shown.to_json()["segments"][0]["support"] == 0.87 and "unsupported_answer" not in shown.to_json()
+    assert shown.to_json()["segments"][0]["support"] == 0.87 and "first_answer" not in shown.to_json()
     assert "support 0.87" in format_summary(shown)
-    turned_down = Prediction("No lamp.", unsupported_answer="The <p> lamp </p> [SEG] (IMAGE1).")
+    turned_down = Prediction("No lamp.", first_answer="The <p> lamp </p> [SEG] (IMAGE1).")
     assert turned_down.to_json() == {
         "answer": "No lamp.",
         "segments": [],
-        "unsupported_answer": turned_down.unsupported_answer,
+        "first_answer": turned_down.first_answer,
     }
-    assert "did not show: 'The lamp.'" in format_summary(turned_down)
+    assert "replaced by the phrase check: 'The lamp.'" in format_summary(turned_down)
     plain = Prediction("The <p> lamp </p> [SEG] (IMAGE1).", [Segment("lamp", 1, mask, 0.9, [1, 1, 2, 2])])
     assert "support" not in plain.to_json()["segments"][0] and "support" not in format_summary(plain)
 

@@ -29,9 +29,10 @@ LLM_WORDS_HELP = (
 )
 
 PHRASE_CHECK_HELP = (
-    "with a checkpoint that reads every phrase word again from its mask (grounding.phrase_check): the probability "
-    "below which a phrase counts as not shown; an answer none of whose phrases is shown is written again without "
-    "masks (default: the checkpoint's grounding.phrase_check_threshold; 0 keeps every answer; docs/MODEL.md)"
+    "with a checkpoint that reads every phrase word again from its mask (grounding.phrase_check): the probability a "
+    "phrase's words must reach to count as shown; an answer none of whose phrases is shown is written again without "
+    "phrases, and one without phrases is replaced by one whose phrases are all shown, if the model writes one "
+    "(default: the checkpoint's grounding.phrase_check_threshold; 0 turns the check off; docs/MODEL.md)"
 )
 
 

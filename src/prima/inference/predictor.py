@@ -61,9 +61,9 @@ class Prediction:
     answer: str
     segments: list[Segment] = field(default_factory=list)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) the masks have
-    # grounding.phrase_check: the grounded answer the model wrote first, when its pixels showed none of its phrases
-    # and ``answer`` was written again without masks
-    unsupported_answer: str | None = None
+    # grounding.phrase_check: the answer the model wrote first, when the phrase check replaced it (its pixels showed
+    # none of its phrases, or it had none and the pixels show every phrase of ``answer``)
+    first_answer: str | None = None
 
     @property
     def text(self) -> str:
@@ -72,10 +72,10 @@ class Prediction:
 
     def to_json(self) -> dict[str, Any]:
         """``{"answer", "segments": [{"phrase", "image", "score", "bbox", "mask": COCO RLE[, "support"]}]
-        [, "unsupported_answer"]}``."""
+        [, "first_answer"]}``."""
         out: dict[str, Any] = {"answer": self.answer, "segments": [s.to_json() for s in self.segments]}
-        if self.unsupported_answer is not None:
-            out["unsupported_answer"] = self.unsupported_answer
+        if self.first_answer is not None:
+            out["first_answer"] = self.first_answer
         return out
 
 
@@ -193,7 +193,7 @@ class PrimaPredictor:
             out = self.model.generate([im.image for im in images], question, **kwargs)
         sizes = [im.size for im in images]
         segments = [self._segment(s, sizes) for s in out.segments]
-        return Prediction(out.answer, segments, sizes, getattr(out, "unsupported_answer", None))
+        return Prediction(out.answer, segments, sizes, getattr(out, "first_answer", None))
 
     def _segment(self, generated: Any, sizes: list[tuple[int, int]]) -> Segment:
         k = int(generated.image)

@@ -133,9 +133,10 @@ class GroundingConfig:
     # from the mask")
     word_readout: bool = False
     # every word of each phrase read again from the pixels under its mask (a multi-label classifier like the word
-    # reader, loss.phrase_check): at generation a phrase is supported when each of its words reads with probability
-    # >= phrase_check_threshold, and an answer that names objects none of which is supported is written again with
-    # no phrase and no mask ("none of the images shows ..."; docs/MODEL.md, "Is it there? The phrase check")
+    # reader, loss.phrase_check): at generation a phrase is shown when the words naming its object read with
+    # probability >= phrase_check_threshold (0: no check); an answer none of whose phrases is shown is written again
+    # without phrases ("None of the images shows ..."), and an answer without phrases is replaced by one whose every
+    # phrase is shown, if the LLM writes one (docs/MODEL.md, "Is it there? The phrase check")
     phrase_check: bool = False
     phrase_check_threshold: float = 0.5
     # at generation, a phrase the answer repeats never gets an image it already named that phrase on (unless every

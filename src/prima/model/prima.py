@@ -27,7 +27,7 @@ from prima.model.square import ImageQueryModule
 from prima.model.vision import ImageFeatures, build_vision_encoder
 
 WEIGHTS_FILE = "model.safetensors"
-# grounding.phrase_check: how many first tokens start the answers an unsupported answer is written again from
+# grounding.phrase_check: how many first tokens start the answers an answer is written again from
 UNGROUNDED_STARTS = 4
 # grounding.word_readout: how many of the reader's words compete with the LLM's for a phrase's first word
 READOUT_CANDIDATES = 3
@@ -98,9 +98,9 @@ class GenerationOutput:
     # the mean log-probability of the answer's tokens (</s> included) as the model scores them, before the greedy
     # loop's bans: an answer written around a ban the model wanted to break scores low
     mean_logprob: float = 0.0
-    # grounding.phrase_check: the grounded answer written first, when no phrase of it was supported by its pixels and
-    # ``answer`` is the one written again without phrases; else None
-    unsupported_answer: str | None = None
+    # grounding.phrase_check: the answer the LLM wrote first, when the pixels showed none of its phrases and ``answer``
+    # is the one written again without phrases, or when it had none and ``answer`` is one whose phrases they show
+    first_answer: str | None = None
 
 
 class VisualCopy(nn.Module):
@@ -793,32 +793,46 @@ class PrimaModel(nn.Module):
     def generate_batch(self, requests: list[tuple[list[Any], str]], max_new_tokens: int = 96) -> list[GenerationOutput]:
         """`generate` for several (images, question) pairs at once: prompts left-padded, one cached greedy loop.
 
-        With ``grounding.phrase_check`` an answer that grounds phrases none of which its pixels support (every
-        phrase's `GeneratedSegment.support` below ``phrase_check_threshold``) is written again with no phrase, tag or
-        [SEG] allowed, and that answer ("None of the images shows ...") replaces it when the LLM scores it at least
-        as likely per token (`GenerationOutput.mean_logprob`)."""
+        With ``grounding.phrase_check`` (a threshold above 0) the pixels get a say, both ways (a phrase is shown when
+        its `GeneratedSegment.support` reaches ``phrase_check_threshold``). An answer that grounds phrases none of
+        which is shown is written again with no phrase, tag or [SEG] allowed, and that answer ("None of the images
+        shows ...") replaces it when the LLM scores it at least as likely per token (`GenerationOutput.mean_logprob`).
+        An answer without phrases ("No, none of the images shows a mug.") is written again from the LLM's next
+        likeliest first tokens, and the likeliest of those whose every phrase is shown replaces it. The replaced
+        answer is kept as `GenerationOutput.first_answer`."""
         results = self._generate(requests, max_new_tokens, [False] * len(requests))
         g = self.config.grounding
-        if not g.phrase_check:
+        if not g.phrase_check or g.phrase_check_threshold <= 0:
             return results
-        redo = [
-            b
-            for b, r in enumerate(results)
-            if r.segments and all(s.support is not None and s.support < g.phrase_check_threshold for s in r.segments)
-        ]
-        if redo:
+        shown = g.phrase_check_threshold
+        k = UNGROUNDED_STARTS
+        unshown = [b for b, r in enumerate(results) if r.segments and all(s.support < shown for s in r.segments)]
+        ungrounded = [b for b, r in enumerate(results) if not r.segments]
+        if unshown:
             # greedy from the LLM's first word would keep its grounded sentence ("You could sit on the ...") and run
-            # into the ban; so each of its UNGROUNDED_STARTS most likely first tokens starts an answer, and the most
-            # likely per token is taken ("None of the images shows something you could sit on.") if the LLM finds it
-            # at least as likely as the grounded one: where it has no answer without phrases (it wanted a phrase
-            # all along), the grounded answer stands
-            k = UNGROUNDED_STARTS
-            rows = [requests[b] for b in redo for _ in range(k)]
-            again = self._generate(rows, max_new_tokens, [True] * len(rows), list(range(k)) * len(redo))
-            for i, b in enumerate(redo):
+            # into the ban; so each of its k likeliest first tokens starts an answer, and the likeliest per token is
+            # taken ("None of the images shows something you could sit on.") if the LLM finds it at least as likely
+            # as the grounded one: where it has no answer without phrases (it wanted a phrase all along), the grounded
+            # answer stands
+            rows = [requests[b] for b in unshown for _ in range(k)]
+            again = self._generate(rows, max_new_tokens, [True] * len(rows), list(range(k)) * len(unshown))
+            for i, b in enumerate(unshown):
                 best = max(again[i * k : (i + 1) * k], key=lambda r: r.mean_logprob)
                 if best.mean_logprob >= results[b].mean_logprob:
-                    best.unsupported_answer = results[b].answer
+                    best.first_answer = results[b].answer
+                    results[b] = best
+        if ungrounded:
+            # the LLM's prior for "nothing there" is strong ("No, ..." is its likeliest start whatever the images
+            # show), so here the pixels alone decide: every phrase of the answer must be shown
+            rows = [requests[b] for b in ungrounded for _ in range(k)]
+            again = self._generate(rows, max_new_tokens, [False] * len(rows), list(range(1, k + 1)) * len(ungrounded))
+            for i, b in enumerate(ungrounded):
+                found = [
+                    r for r in again[i * k : (i + 1) * k] if r.segments and min(s.support for s in r.segments) >= shown
+                ]
+                if found:
+                    best = max(found, key=lambda r: r.mean_logprob)
+                    best.first_answer = results[b].answer
                     results[b] = best
         return results
 
