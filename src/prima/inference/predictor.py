@@ -124,7 +124,7 @@ class PrimaPredictor:
         ``image_choice_weight`` replaces the checkpoint's ``grounding.image_choice_weight`` (0: the LLM alone
         picks each [SEG]'s image), ``distinct_images`` its ``grounding.distinct_images``, ``word_readout`` its
         ``grounding.word_readout`` (False: the LLM's first phrase words stand), ``phrase_check`` its
-        ``grounding.phrase_check_threshold`` (0: every grounded answer stands)."""
+        ``grounding.phrase_check_threshold`` (0: the check off, every answer as the LLM wrote it)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel

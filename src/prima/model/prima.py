@@ -85,7 +85,7 @@ class GeneratedSegment:
     image: int  # 1-based, as in the answer text
     mask: np.ndarray  # float32 probabilities at the image's original (height, width)
     score: float
-    # grounding.phrase_check: how surely the pixels under the mask show the phrase (its least likely word); else None
+    # grounding.phrase_check: how surely the pixels under the mask show the phrase (`PrimaModel.phrase_support`)
     support: float | None = None
 
 
