@@ -257,6 +257,32 @@ def test_prediction_json_and_summary_show_the_phrase_check():
     assert "support" not in plain.to_json()["segments"][0] and "support" not in format_summary(plain)
 
 
+def test_web_summary_shows_the_phrase_check(tmp_path):
+    """The web demo's JSON summary carries each segment's support and the replaced first answer, as prediction.json."""
+    from prima.inference.web import DemoHandler
+
+    paths = []
+    for k in (1, 2):
+        paths.append(tmp_path / f"scene{k}.png")
+        Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(paths[-1])
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:5, 2:5] = True
+
+    class CheckedPredictor:
+        check_question = staticmethod(check_question)
+
+        def load(self, images):
+            return load_images(images, max_images=5)
+
+        def predict_loaded(self, images, question):
+            segment = Segment("lamp", 2, mask, 0.9, [2, 2, 3, 3], 0.64)
+            return Prediction("Yes: the <p> lamp </p> [SEG] (IMAGE2).", [segment], first_answer="No lamp.")
+
+    html, gallery, summary = DemoHandler(CheckedPredictor())(paths, "Is there a lamp?")
+    assert "lamp" in html and len(gallery) == 2
+    assert summary["segments"][0]["support"] == 0.64 and summary["first_answer"] == "No lamp."
+
+
 def test_public_import():
     from prima import PrimaPredictor as Exported
 

@@ -93,13 +93,15 @@ class DemoHandler:
         prediction = self.predictor.predict_loaded(images, question)
         overlays = render_overlays(images, prediction)
         gallery = [(picture, f"image {k}: {p.name}") for k, (picture, p) in enumerate(zip(overlays, paths), start=1)]
-        summary = {
-            "answer": prediction.answer,
-            "segments": [
-                {"phrase": s.phrase, "image": s.image, "score": round(s.score, 3), "bbox": s.bbox}
-                for s in prediction.segments
-            ],
-        }
+        segments = []
+        for s in prediction.segments:
+            row = {"phrase": s.phrase, "image": s.image, "score": round(s.score, 3), "bbox": s.bbox}
+            if s.support is not None:  # a checkpoint with grounding.phrase_check
+                row["support"] = round(s.support, 3)
+            segments.append(row)
+        summary = {"answer": prediction.answer, "segments": segments}
+        if prediction.first_answer is not None:
+            summary["first_answer"] = prediction.first_answer
         return answer_html(prediction), gallery, summary
 
 
