@@ -1,8 +1,8 @@
 """Choose `grounding.phrase_check_threshold` on validation data: the metrics at each threshold, from two runs.
 
-`prima eval --phrase-check 0` (the check off) keeps every answer and records each segment's ``support``; `prima eval --phrase-check 1`
-writes every grounded answer again without masks (and keeps the new one where the LLM finds it as likely). A threshold
-T takes, per sample, the second run's answer when every segment of the first has support below T, else the first's:
+`prima eval --phrase-check 0` (the check off) keeps every answer and records each segment's ``support``;
+`prima eval --phrase-check 1` writes every grounded answer again without masks (and keeps the new one where the LLM
+finds it as likely). A threshold T takes, per sample, the second run's answer when every segment of the first has support below T, else the first's:
 exactly what the first rule of the check does at T (greedy decoding is deterministic), without a prediction run per
 threshold. The second rule (answers without phrases replaced by grounded ones whose phrases are shown) is not
 modelled: answers without phrases keep the first run's; run `prima eval` at the chosen threshold for it.
