@@ -972,6 +972,30 @@ def test_tag_pointer_config_is_checked():
 READOUT = ("grounding.phrase_tokens=2", "grounding.word_readout=true")
 
 
+def read_under_the_masks(model: PrimaModel, method: str, monkeypatch) -> tuple:
+    """A training forward on a grounded and a negative sample with ``model.method`` (a reader of the pixels under
+    masks) recorded: it reads under the GT masks, then the decoder's own, each on its [SEG]'s image. Returns the
+    output, the original method and the arguments of its last call."""
+    calls, original = [], getattr(model, method)
+    monkeypatch.setattr(model, method, lambda *a: calls.append(a) or original(*a))
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    out = model(batch)
+    masks, images, _ = calls[-1]
+    predicted = torch.sigmoid(torch.cat(out.mask_logits).detach())
+    assert torch.equal(masks, torch.cat([batch["masks"], predicted]))  # the GT masks, then the decoder's ...
+    assert images.tolist() == [1, 0, 1, 1, 0, 1]  # ... on their images
+    return out, original, calls[-1]
+
+
+def assert_in_the_graph_without_a_seg(model: PrimaModel, loss: str, head: torch.nn.Module) -> None:
+    """With no [SEG] in the batch the head's loss is 0 and the head still gets gradients (distributed training)."""
+    model.zero_grad(set_to_none=True)
+    out = model(make_batch(model, [negative_sample("a"), negative_sample("b", 3)]))
+    out.loss.backward()
+    assert float(getattr(out, loss).detach()) == 0.0
+    assert all(p.grad is not None for p in head.parameters())
+
+
 def test_word_readout_learns_each_phrases_first_word_from_the_pixels_under_its_gt_mask(monkeypatch):
     """grounding.word_readout: in training a classifier reads the first word of each [SEG]'s phrase from the image
     features under its GT mask (loss.word_readout); it is part of `grounding` and in the graph without any [SEG]."""
@@ -981,17 +1005,9 @@ def test_word_readout_learns_each_phrases_first_word_from_the_pixels_under_its_g
     assert small_model("grounding.phrase_tokens=2").grounding.reader is None
     model = small_model(*READOUT).train()
     vocab = model.processor.tokenizer.convert_tokens_to_ids
-    read = []
-    reader = model.read_first_words
-    monkeypatch.setattr(model, "read_first_words", lambda *a: read.append(a) or reader(*a))
-    batch = make_batch(model, [grounded_sample(), negative_sample()])
-    out = model(batch)
-    masks, images, _ = read[-1]
-    predicted = torch.sigmoid(torch.cat(out.mask_logits).detach())
-    assert torch.equal(masks, torch.cat([batch["masks"], predicted]))  # the GT masks, then the decoder's ...
-    assert images.tolist() == [1, 0, 1, 1, 0, 1]  # ... on their images
+    out, reader, args = read_under_the_masks(model, "read_first_words", monkeypatch)
     expected = torch.nn.functional.cross_entropy(
-        reader(*read[-1]).float(), torch.tensor([vocab("chair"), vocab("desk"), vocab("legs")] * 2)
+        reader(*args).float(), torch.tensor([vocab("chair"), vocab("desk"), vocab("legs")] * 2)
     )
     assert torch.allclose(out.loss_readout, expected)
     out.loss.backward()
@@ -999,15 +1015,22 @@ def test_word_readout_learns_each_phrases_first_word_from_the_pixels_under_its_g
     assert {id(p) for p in model.grounding.reader.parameters()} <= {
         id(p) for p in model.parameter_groups()["grounding"]
     }
-
-    model.zero_grad(set_to_none=True)  # no [SEG] in the batch: still in the graph (distributed training)
-    out = model(make_batch(model, [negative_sample("a"), negative_sample("b", 3)]))
-    out.loss.backward()
-    assert float(out.loss_readout.detach()) == 0.0
-    assert all(p.grad is not None for p in model.grounding.reader.parameters())
+    assert_in_the_graph_without_a_seg(model, "loss_readout", model.grounding.reader)
 
 
 CHECK = ("grounding.phrase_tokens=2", "grounding.phrase_check=true")
+
+
+def checker_reading(model: PrimaModel, word: str):
+    """A stand-in for `PrimaModel.check_phrases` that reads ``word`` under every mask, and nothing else."""
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+
+    def check_phrases(masks, seg_images, features):
+        logits = torch.full((masks.shape[0], model.config.tokens.vocab_size), -10.0)
+        logits[:, vocab(word)] = 10.0
+        return logits
+
+    return check_phrases
 
 
 def test_phrase_check_learns_every_word_of_each_phrase_from_the_pixels_under_its_mask(monkeypatch):
@@ -1021,19 +1044,11 @@ def test_phrase_check_learns_every_word_of_each_phrase_from_the_pixels_under_its
     model = small_model(*CHECK, "grounding.word_readout=true").train()
     assert model.grounding.checker is not None and model.grounding.reader is not None
     vocab = model.processor.tokenizer.convert_tokens_to_ids
-    read = []
-    check = model.check_phrases
-    monkeypatch.setattr(model, "check_phrases", lambda *a: read.append(a) or check(*a))
-    batch = make_batch(model, [grounded_sample(), negative_sample()])
-    out = model(batch)
-    masks, images, _ = read[-1]
-    predicted = torch.sigmoid(torch.cat(out.mask_logits).detach())
-    assert torch.equal(masks, torch.cat([batch["masks"], predicted]))  # the GT masks, then the decoder's ...
-    assert images.tolist() == [1, 0, 1, 1, 0, 1]  # ... on their images
+    out, check, args = read_under_the_masks(model, "check_phrases", monkeypatch)
     target = torch.zeros(3, model.config.tokens.vocab_size)
     for row, phrase in enumerate((["chair"], ["desk"], ["legs"])):
         target[row, [vocab(w) for w in phrase]] = 1.0
-    logits = check(*read[-1]).float()
+    logits = check(*args).float()
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target.repeat(2, 1), reduction="sum") / 6
     assert torch.allclose(out.loss_check, expected)
     out.loss.backward()
@@ -1042,11 +1057,7 @@ def test_phrase_check_learns_every_word_of_each_phrase_from_the_pixels_under_its
     assert [len(g) for g in groups] == [len(list(model.grounding.reader.parameters()))] * 2  # reader, then checker
     assert {id(p) for p in groups[1]} == {id(p) for p in model.grounding.checker.parameters()}
 
-    model.zero_grad(set_to_none=True)  # no [SEG] in the batch: still in the graph (distributed training)
-    out = model(make_batch(model, [negative_sample("a"), negative_sample("b", 3)]))
-    out.loss.backward()
-    assert float(out.loss_check.detach()) == 0.0
-    assert all(p.grad is not None for p in model.grounding.checker.parameters())
+    assert_in_the_graph_without_a_seg(model, "loss_check", model.grounding.checker)
 
 
 def test_generate_writes_an_answer_without_masks_when_the_pixels_show_none_of_its_phrases(monkeypatch):
@@ -1055,18 +1066,9 @@ def test_generate_writes_an_answer_without_masks_when_the_pixels_show_none_of_it
     allowed, from each of the UNGROUNDED_STARTS likeliest first tokens; the likeliest of those answers replaces it if
     the LLM finds it as likely per token, and the first answer is kept as ``first_answer``."""
     model = small_model(*CHECK).eval()
-    vocab = model.processor.tokenizer.convert_tokens_to_ids
     grounded = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", "</s>"]
 
-    def checker_reading(word):
-        def check_phrases(masks, seg_images, features):
-            logits = torch.full((masks.shape[0], model.config.tokens.vocab_size), -10.0)
-            logits[:, vocab(word)] = 10.0
-            return logits
-
-        return check_phrases
-
-    monkeypatch.setattr(model, "check_phrases", checker_reading("lamp"))  # the pixels show a lamp, not a chair
+    monkeypatch.setattr(model, "check_phrases", checker_reading(model, "lamp"))  # the pixels show a lamp, not a chair
     monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, [*grounded, "none", "</s>"]))
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
     assert result.segments == [] and result.answer == "none"
@@ -1077,14 +1079,14 @@ def test_generate_writes_an_answer_without_masks_when_the_pixels_show_none_of_it
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
     assert [s.phrase for s in result.segments] == ["chair"] and result.first_answer is None
 
-    monkeypatch.setattr(model, "check_phrases", checker_reading("chair"))  # shown: the answer stands
+    monkeypatch.setattr(model, "check_phrases", checker_reading(model, "chair"))  # shown: the answer stands
     monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, grounded))
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
     assert [s.phrase for s in result.segments] == ["chair"] and result.first_answer is None
     assert result.segments[0].support == pytest.approx(torch.sigmoid(torch.tensor(10.0)).item())
 
     model.config.grounding.phrase_check_threshold = 0.0  # off: every answer stands, its supports still recorded
-    monkeypatch.setattr(model, "check_phrases", checker_reading("lamp"))
+    monkeypatch.setattr(model, "check_phrases", checker_reading(model, "lamp"))
     monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, grounded))
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
     assert [s.phrase for s in result.segments] == ["chair"] and result.segments[0].support < 1e-3
@@ -1114,31 +1116,22 @@ def test_generate_grounds_an_answer_without_phrases_when_the_pixels_show_its_phr
     likeliest first tokens; the likeliest of those whose every phrase the pixels show replaces it (however unlikely
     the LLM finds it), and the first answer is kept as ``first_answer``; threshold 0 turns the check off."""
     model = small_model(*CHECK).eval()
-    vocab = model.processor.tokenizer.convert_tokens_to_ids
     ungrounded = ["none", "</s>"]
     grounded = [{"none": 1e4, "the": 5e3}, "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", "</s>"]  # "the" ranks second
 
-    def checker_reading(word):
-        def check_phrases(masks, seg_images, features):
-            logits = torch.full((masks.shape[0], model.config.tokens.vocab_size), -10.0)
-            logits[:, vocab(word)] = 10.0
-            return logits
-
-        return check_phrases
-
-    monkeypatch.setattr(model, "check_phrases", checker_reading("chair"))  # the pixels show the chair
+    monkeypatch.setattr(model, "check_phrases", checker_reading(model, "chair"))  # the pixels show the chair
     monkeypatch.setattr(model.language, "forward", GradedScript(model, [*ungrounded, *grounded]))
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
     assert [(s.phrase, s.image) for s in result.segments] == [("chair", 2)]
     assert result.answer.startswith("the <p> chair </p> [SEG] (IMAGE2)") and result.first_answer == "none"
 
-    monkeypatch.setattr(model, "check_phrases", checker_reading("lamp"))  # not shown: the answer stands
+    monkeypatch.setattr(model, "check_phrases", checker_reading(model, "lamp"))  # not shown: the answer stands
     monkeypatch.setattr(model.language, "forward", GradedScript(model, [*ungrounded, *grounded]))
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
     assert result.answer == "none" and result.segments == [] and result.first_answer is None
 
     model.config.grounding.phrase_check_threshold = 0.0  # off: no second answer is written
-    monkeypatch.setattr(model, "check_phrases", checker_reading("chair"))
+    monkeypatch.setattr(model, "check_phrases", checker_reading(model, "chair"))
     script = GradedScript(model, [*ungrounded, *grounded])
     monkeypatch.setattr(model.language, "forward", script)
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)

@@ -7,6 +7,7 @@ Read top to bottom: construction, the pieces of the forward pass, `forward`, `ge
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,12 +422,18 @@ class PrimaModel(nn.Module):
     def read_first_words(self, masks: torch.Tensor, seg_images: torch.Tensor, features: ImageFeatures) -> torch.Tensor:
         """Word logits (M, vocab) of each phrase's first word read from the encoder features of batch images
         ``seg_images`` (M,) under ``masks`` (M, m, m) in 0..1 (``grounding.word_readout``)."""
-        return self.grounding.reader([f[seg_images].to(self.dtype) for f in features], masks)
+        return self._read_under(self.grounding.reader, masks, seg_images, features)
 
     def check_phrases(self, masks: torch.Tensor, seg_images: torch.Tensor, features: ImageFeatures) -> torch.Tensor:
         """Logits (M, vocab) of each vocabulary word being in the phrase of the object under each of ``masks``
         (M, m, m) on batch images ``seg_images`` (M,) (``grounding.phrase_check``; multi-label, a sigmoid each)."""
-        return self.grounding.checker([f[seg_images].to(self.dtype) for f in features], masks)
+        return self._read_under(self.grounding.checker, masks, seg_images, features)
+
+    def _read_under(
+        self, head: nn.Module, masks: torch.Tensor, seg_images: torch.Tensor, features: ImageFeatures
+    ) -> torch.Tensor:
+        """A `WordReader` ``head``'s logits under ``masks`` (M, m, m) on batch images ``seg_images`` (M,)."""
+        return head([f[seg_images].to(self.dtype) for f in features], masks)
 
     def phrase_support(
         self, masks: torch.Tensor, seg_images: torch.Tensor, features: ImageFeatures, words: torch.Tensor
@@ -662,17 +669,19 @@ class PrimaModel(nn.Module):
                 loss_score = score_loss(scores, mask_logits.detach(), targets)
             else:  # keep the mask branch in the graph so distributed training sees every parameter used
                 branch = [*self.seg_projector.parameters(), *self.grounding.parameters()]
-                loss_bce = loss_dice = loss_score = sum(p.sum() for p in branch if p.requires_grad) * 0.0
+                loss_bce = loss_dice = loss_score = _unused_loss(p for p in branch if p.requires_grad)
             loss = loss + w.bce * loss_bce + w.dice * loss_dice + w.score * loss_score
+        read_masks = None  # what the word reader and the phrase check read under: the GT masks, then the decoder's own
+        if targets is not None and seg_images.numel():
+            read_masks = torch.cat([targets, torch.sigmoid(mask_logits.detach().float())])
         loss_readout = None
         if self.config.grounding.word_readout and targets is not None and labels is not None:
             if first_words is not None and bool((first_words >= 0).any()):
                 # under the GT masks and under the decoder's own (what generation reads), for the same words
-                masks = torch.cat([targets, torch.sigmoid(mask_logits.detach().float())])
-                read = self.read_first_words(masks, seg_images.repeat(2), features)
+                read = self.read_first_words(read_masks, seg_images.repeat(2), features)
                 loss_readout = F.cross_entropy(read.float(), first_words.repeat(2), ignore_index=-1)
             else:  # no [SEG]: keep the reader in the graph, as the mask branch above
-                loss_readout = sum(p.sum() for p in self.grounding.reader.parameters()) * 0.0
+                loss_readout = _unused_loss(self.grounding.reader.parameters())
             loss = loss + w.word_readout * loss_readout
         loss_check = None
         if self.config.grounding.phrase_check and targets is not None and labels is not None:
@@ -680,22 +689,22 @@ class PrimaModel(nn.Module):
             if has_words is not None and bool(has_words.any()):
                 # every word of the phrase under the GT masks and under the decoder's own, as the word reader
                 rows = has_words.nonzero(as_tuple=True)[0]
-                masks = torch.cat([targets[rows], torch.sigmoid(mask_logits.detach()[rows].float())])
-                read = self.check_phrases(masks, seg_images[rows].repeat(2), features).float()
+                both = torch.cat([rows, rows + seg_images.numel()])  # the GT masks' rows, then the decoder's
+                read = self.check_phrases(read_masks[both], seg_images[rows].repeat(2), features).float()
                 present = torch.zeros_like(read[: rows.numel()])
                 present.scatter_add_(1, phrase_targets[rows].clamp(min=0), (phrase_targets[rows] >= 0).float())
                 present.clamp_(max=1.0)  # a word twice in a phrase is still one word
                 loss_check = F.binary_cross_entropy_with_logits(read, present.repeat(2, 1), reduction="none")
                 loss_check = loss_check.sum(-1).mean()
             else:  # no [SEG]: keep the check in the graph, as the mask branch above
-                loss_check = sum(p.sum() for p in self.grounding.checker.parameters()) * 0.0
+                loss_check = _unused_loss(self.grounding.checker.parameters())
             loss = loss + w.phrase_check * loss_check
         loss_image = None
         if self.config.grounding.image_choice and labels is not None:
             if choice_logits is not None:
                 loss_image = F.cross_entropy(choice_logits.float(), seg_images - image_offsets[positions[0]])
             else:  # no [SEG]: keep the choice path in the graph, as the mask branch above
-                loss_image = sum(p.sum() for p in self.grounding.choice_parameters()) * 0.0
+                loss_image = _unused_loss(self.grounding.choice_parameters())
             loss = loss + w.image_choice * loss_image
         loss_words = None
         if w.visual_words > 0 and labels is not None and visual is not None:
@@ -732,7 +741,7 @@ class PrimaModel(nn.Module):
         every image's visual tokens."""
         assert self.tag_pointer is not None
         if not logits.shape[0]:  # no [SEG]: keep the pointer in the graph, as the mask branch does
-            return logits + sum(p.sum() for p in self.tag_pointer.parameters()) * 0.0
+            return logits + _unused_loss(self.tag_pointer.parameters())
         candidates = _candidates(offsets, counts)
         scores = self.tag_pointer(states, visual, candidates).to(logits.dtype)
         tags = torch.tensor(self.config.tokens.image_tag_ids[: candidates.shape[1]], device=logits.device)
@@ -773,7 +782,7 @@ class PrimaModel(nn.Module):
             words += rows[r][start:end]
             images += [int(seg_images[q])] * (end - start)
         if not words:  # keep the head in the graph so distributed training sees every parameter used
-            return sum(p.sum() for p in self.visual_words.parameters()) * 0.0
+            return _unused_loss(self.visual_words.parameters())
         scores = torch.logsumexp(self.visual_words(F.rms_norm(visual, visual.shape[-1:])), dim=1)  # (N, vocab)
         target = torch.tensor(words, device=visual.device)
         return F.cross_entropy(scores[torch.tensor(images, device=visual.device)].float(), target)
@@ -1231,6 +1240,12 @@ class PrimaModel(nn.Module):
         model.load_state_dict(state, strict=False)  # the rest are external weights, loaded from their source
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
         return model.eval()
+
+
+def _unused_loss(params: Iterable[nn.Parameter]) -> torch.Tensor:
+    """A zero that depends on ``params``: keeps a branch with nothing to do in this batch in the autograd graph, so
+    distributed training sees every parameter used."""
+    return sum(p.sum() for p in params) * 0.0
 
 
 def swap_words(words: torch.Tensor, p: float) -> torch.Tensor:
