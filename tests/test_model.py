@@ -313,7 +313,12 @@ def test_generate_greedy_with_cache_matches_full_recompute(model, copy):
         assert int(step.argmax()) == token, f"token {j}"
 
 
-def test_save_and_load_round_trip_gives_identical_outputs(model, tmp_path):
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-embeddings", "untied-embeddings"])
+def test_save_and_load_round_trip_gives_identical_outputs(model, tied, tmp_path):
+    if not tied:  # an LLM with its own output layer (docs/MODEL.md, "Copying from the question")
+        model = small_model("language.config.tie_word_embeddings=false")
+        head, words = model.language.get_output_embeddings().weight, model.language.get_input_embeddings().weight
+        assert head.data_ptr() != words.data_ptr()
     model.eval()
     model.save_pretrained(tmp_path)
     assert {"model.safetensors", "config.yaml", "processor.json", "tokenizer.json"} <= {
