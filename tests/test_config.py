@@ -81,6 +81,8 @@ def test_unknown_key_is_named():
         ("vision.image_size=100", r"multiple of 32"),
         ("grounding.mask_stride=3", r"mask_stride must be 2 or 4"),
         ("vision.kind=clip", r"'one_way' reads the multi-scale CNN features"),
+        ("qformer.output_rms=0", r"model\.qformer\.output_rms must be > 0 or null, got 0"),
+        ("qformer.num_queries=0", r"model\.qformer\.num_queries must be >= 1, got 0"),
     ],
 )
 def test_wrong_types_and_values_are_errors_that_name_the_key(override, message):

@@ -313,6 +313,22 @@ def test_generate_greedy_with_cache_matches_full_recompute(model, copy):
         assert int(step.argmax()) == token, f"token {j}"
 
 
+def test_output_rms_sets_the_visual_tokens_scale():
+    model = small_model("qformer.output_rms=0.0625")
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    with torch.no_grad():
+        visual = model.visual_tokens(
+            model.encode_images(batch["pixel_values"]),
+            batch["image_sample_index"],
+            batch["qformer_input_ids"],
+            batch["qformer_attention_mask"],
+        )
+    rms = visual.pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, 0.0625), rtol=1e-3)
+    assert model.query.output_norm.weight.requires_grad  # the gain is learnt
+    assert small_model().query.output_norm is None  # off by default
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-embeddings", "untied-embeddings"])
 def test_save_and_load_round_trip_gives_identical_outputs(model, tied, tmp_path):
     if not tied:  # an LLM with its own output layer (docs/MODEL.md, "Copying from the question")

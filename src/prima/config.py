@@ -103,6 +103,8 @@ def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _check_type(value, arm, key, source)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # one arm besides None (an optional section or value): its own error says more
+            raise ConfigError(errors[0])
         raise ConfigError(f"{source}: '{key}' = {value!r} has the wrong type (expected {tp})")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, source=source, prefix=key)

@@ -57,10 +57,15 @@ class QFormerConfig:
     # add to each query output a linear map of the image's own tokens average-pooled into one chunk per query:
     # a residual path around the (from-scratch) Q-Former so the LLM sees what is in the image from the first step
     shortcut: bool = False
+    # the visual tokens RMS-normalised, times a learned per-dimension gain that starts here (e.g. 0.0625, the RMS of
+    # a trained tiny word embedding); None: as the projection makes them (docs/MODEL.md, "Copying from the question")
+    output_rms: float | None = None
 
     def validate(self) -> None:
         if self.num_queries < 1:
             raise ConfigError(f"model.qformer.num_queries must be >= 1, got {self.num_queries}")
+        if self.output_rms is not None and not self.output_rms > 0:
+            raise ConfigError(f"model.qformer.output_rms must be > 0 or null, got {self.output_rms}")
 
 
 @dataclass

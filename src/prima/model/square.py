@@ -148,6 +148,10 @@ class ImageQueryModule(nn.Module):
             nn.init.zeros_(self.context_proj.bias)
         self.projection = nn.Linear(dim, llm_hidden)  # Q-Former width -> LLM width
         self.shortcut = nn.Linear(token_dim, llm_hidden) if qc.shortcut else None
+        self.output_norm = None
+        if qc.output_rms is not None:
+            self.output_norm = nn.RMSNorm(llm_hidden, eps=1e-6)
+            nn.init.constant_(self.output_norm.weight, qc.output_rms)
         if qc.frozen:
             self.qformer.requires_grad_(False)
 
@@ -200,6 +204,8 @@ class ImageQueryModule(nn.Module):
         if self.shortcut is not None:  # this image's own tokens, pooled into one chunk per query (no cross-image)
             pooled = F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.num_queries).transpose(1, 2)
             visual = visual + self.shortcut(pooled)
+        if self.output_norm is not None:
+            visual = self.output_norm(visual)
         return visual
 
     def cross_image_context(self, tokens: torch.Tensor, image_sample_index: torch.Tensor) -> torch.Tensor | None:
