@@ -91,9 +91,11 @@ def main() -> None:
             batch = collate([s for s, _, _ in chunk])
             labels = batch["labels"][:, 1:]
             logits = model(batch).logits[:, :-1].float()
-            swapped = [dataclasses.replace(s, question=swap_direction(s.question)) for s, _, _ in chunk]
-            logits_swapped = model(collate(swapped)).logits[:, :-1].float()
-            probs, probs_swapped = logits.softmax(-1), logits_swapped.softmax(-1)
+            probs = logits.softmax(-1)
+            if any(direction for _, direction, _ in chunk):  # the same questions again, left and right swapped
+                swapped = [dataclasses.replace(s, question=swap_direction(s.question)) for s, _, _ in chunk]
+                logits_swapped = model(collate(swapped)).logits[:, :-1].float()
+                probs_swapped = logits_swapped.softmax(-1)
             for row, (s, direction, image) in enumerate(chunk):
                 answer = labels[row] != IGNORE_INDEX
                 if direction:

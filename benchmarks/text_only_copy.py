@@ -18,13 +18,12 @@ import random
 
 import torch
 import torch.nn.functional as F
+from question_copy import DIRECTION_FAMILIES  # benchmarks/ is on sys.path when this script runs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prima.model import PrimaModel
 from prima.train.config import load_run_config
 from prima.train.data import load_samples
-
-DIRECTION_FAMILIES = ("spatial", "spatial-compare")
 
 
 def main() -> None:
