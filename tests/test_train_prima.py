@@ -79,6 +79,16 @@ def test_prima_train_resumes_exactly_and_exports_loadable_models(synth, tmp_path
     assert [r["loss"] for r in log_rows(split)] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
 
 
+@pytest.mark.slow
+def test_visual_words_loss_switched_on_late_counts_steps_across_a_resume(synth, tmp_path):
+    run = tmp_path / "run"
+    config = [*overrides(synth, tmp_path), "model.loss.visual_words_from_step=3"]  # tiny.yaml weighs it 1.0
+    assert main(["train", "--config", "tiny", *config, "--out", str(run), "--stop-at-step", "2"]) == 0
+    assert main(["train", "--resume", "--out", str(run)]) == 0  # a fresh process must be told the step too
+    assert [("loss_words" in r) for r in log_rows(run)] == [False, False, False, True]
+    assert [("val_loss_words" in r) for r in log_rows(run, "val")] == [False, True]  # as the next step weighs it
+
+
 def test_train_refuses_missing_config_and_reused_run_dir(synth, tmp_path):
     with pytest.raises(PrimaError, match="--config"):
         from prima.train.run import run_training

@@ -214,6 +214,9 @@ class LossConfig:
     # image i must be predictable from V_i (a linear word head, max over the image's tokens via logsumexp).
     # Keeps a from-scratch query module from collapsing V_i to an image-independent constant (docs/TRAINING.md)
     visual_words: float = 0.0
+    # training only: the visual-words loss weighs 0 in the first this-many optimizer steps, so the LLM can first
+    # learn what it copies from the question (docs/MODEL.md, "The visual-words loss switched on late")
+    visual_words_from_step: int = 0
     # with grounding.image_choice: cross-entropy of the decoder's image scores against the [SEG]'s tagged image
     image_choice: float = 1.0
     # with grounding.word_readout: cross-entropy of the first word read under each GT mask and each predicted one
@@ -222,6 +225,10 @@ class LossConfig:
     # with grounding.phrase_check: binary cross-entropy of every vocabulary word read under each GT mask and each
     # predicted one against the phrase's words (summed over the vocabulary; clipped on its own as the word reader)
     phrase_check: float = 1.0
+
+    def validate(self) -> None:
+        if self.visual_words_from_step < 0:
+            raise ConfigError(f"model.loss.visual_words_from_step must be >= 0, got {self.visual_words_from_step}")
 
 
 @dataclass

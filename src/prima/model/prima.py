@@ -232,6 +232,12 @@ class PrimaModel(nn.Module):
         self.visual_words = nn.Linear(llm_hidden, cfg.tokens.vocab_size) if wants_words else None
         self.copy = VisualCopy(llm_hidden) if cfg.visual_copy else None
         self.tag_pointer = TagPointer(llm_hidden, cfg.tag_pointer_detach) if cfg.tag_pointer else None
+        self.training_step: int | None = None  # set by the trainer (`set_training_step`); None outside a run
+
+    def set_training_step(self, step: int) -> None:
+        """Tell the model which optimizer step comes next (0-based), for losses that start late
+        (``loss.visual_words_from_step``). The trainer calls it before every step and validation."""
+        self.training_step = step
 
     @property
     def device(self) -> torch.device:
@@ -707,7 +713,8 @@ class PrimaModel(nn.Module):
                 loss_image = _unused_loss(self.grounding.choice_parameters())
             loss = loss + w.image_choice * loss_image
         loss_words = None
-        if w.visual_words > 0 and labels is not None and visual is not None:
+        words_on = self.training_step is None or self.training_step >= w.visual_words_from_step
+        if w.visual_words > 0 and words_on and labels is not None and visual is not None:
             loss_words = self.visual_words_loss(visual, input_ids, positions, seg_images)
             loss = loss + w.visual_words * loss_words
         per_sample = torch.bincount(positions[0], minlength=input_ids.shape[0]).tolist()

@@ -188,6 +188,8 @@ class Trainer:
         self.clip_alone = [list(group) for group in own()] if callable(own) else []
         alone = {id(p) for group in self.clip_alone for p in group}
         self.clip_rest = [p for p in model.parameters() if id(p) not in alone]
+        # a model whose losses depend on the step (e.g. one switched on late) is told it before each step
+        self.tell_step = getattr(model, "set_training_step", None)
         optimizer = make_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -258,6 +260,8 @@ class Trainer:
     def _train_step(self) -> dict[str, float]:
         acc, model = self.accelerator, self.model
         sums: dict[str, torch.Tensor] = {}
+        if callable(self.tell_step):
+            self.tell_step(self.step)
         for indices in self._micro_batches(self.step):
             batch = self._load(indices)
             with acc.accumulate(model):
@@ -290,6 +294,8 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Validation metrics (``val_*``): the mean loss parts over ``val_set`` plus ``validate_fn``'s metrics."""
         model = self.model
+        if callable(self.tell_step):  # the losses as the next step would weigh them
+            self.tell_step(self.step)
         model.eval()
         try:
             metrics = self._validation_loss() if self.val_set else {}
