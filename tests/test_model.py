@@ -604,6 +604,31 @@ def test_visual_words_loss_reads_each_phrase_word_from_its_own_image():
     assert any(p is model.visual_words.weight for p in model.parameter_groups()["query_module"])
 
 
+def test_images_and_visual_words_can_start_late_in_a_training_run():
+    model = small_model("loss.visual_words=1.0", "loss.visual_words_from_step=3", "images_from_step=2").eval()
+    batch = make_batch(model, [grounded_sample()])
+    ids, n = batch["input_ids"], batch["num_images"]
+    slots = ids == model.config.tokens.image_slot_id
+    visual = torch.randn(int(n.sum()), model.tokens_per_image, model.language.config.hidden_size)
+
+    def shown_and_words():
+        with torch.no_grad():
+            shown = model.embed_prompt(ids, visual, n)[slots]
+            return shown.reshape(visual.shape), model(batch).loss_words
+
+    assert model.training_step is None  # outside a run everything is on
+    shown, words = shown_and_words()
+    assert torch.equal(shown, visual) and words is not None
+    model.set_training_step(1)  # images hidden from the LLM, no visual-words loss
+    shown, words = shown_and_words()
+    assert not shown.any() and words is None
+    model.set_training_step(2)  # images shown, the loss still off
+    shown, words = shown_and_words()
+    assert torch.equal(shown, visual) and words is None
+    model.set_training_step(3)
+    assert shown_and_words()[1] is not None
+
+
 def test_phrase_tokens_prompt_the_decoder_with_each_segs_own_words(monkeypatch):
     from prima.model.config import GroundingConfig
 

@@ -292,6 +292,10 @@ class ModelConfig:
     # the pointer's loss trains the pointer and the [SEG] state but not the visual tokens, which then stay words
     # for the LLM (docs/MODEL.md, "A pointer for the image tag")
     tag_pointer_detach: bool = False
+    # training only: in the first this-many optimizer steps the LLM is shown zeros in place of its visual tokens,
+    # which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the question
+    # (docs/MODEL.md, "The visual-words loss switched on late")
+    images_from_step: int = 0
     language: LanguageConfig = field(default_factory=LanguageConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -302,6 +306,8 @@ class ModelConfig:
     external_weights: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        if self.images_from_step < 0:
+            raise ConfigError(f"model.images_from_step must be >= 0, got {self.images_from_step}")
         if not 1 <= self.max_images <= MAX_IMAGES:
             raise ConfigError(f"model.max_images must be in 1..{MAX_IMAGES}, got {self.max_images}")
         if self.answer_order not in ANSWER_ORDERS:

@@ -239,6 +239,10 @@ class PrimaModel(nn.Module):
         (``loss.visual_words_from_step``). The trainer calls it before every step and validation."""
         self.training_step = step
 
+    def _before_step(self, step: int) -> bool:
+        """Whether a training run has not yet reached optimizer step ``step`` (False outside a run)."""
+        return self.training_step is not None and self.training_step < step
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -338,6 +342,8 @@ class PrimaModel(nn.Module):
                     f"{per_image} tokens were expected (was the prompt made by this model's processor?)"
                 )
         embeds = self.language.get_input_embeddings()(input_ids)
+        if self._before_step(self.config.images_from_step):
+            visual = torch.zeros_like(visual)  # not shown to the LLM yet (`images_from_step`)
         return embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
 
     def seg_targets(
@@ -713,7 +719,7 @@ class PrimaModel(nn.Module):
                 loss_image = _unused_loss(self.grounding.choice_parameters())
             loss = loss + w.image_choice * loss_image
         loss_words = None
-        words_on = self.training_step is None or self.training_step >= w.visual_words_from_step
+        words_on = not self._before_step(w.visual_words_from_step)
         if w.visual_words > 0 and words_on and labels is not None and visual is not None:
             loss_words = self.visual_words_loss(visual, input_ids, positions, seg_images)
             loss = loss + w.visual_words * loss_words
