@@ -344,6 +344,9 @@ class PrimaModel(nn.Module):
         embeds = self.language.get_input_embeddings()(input_ids)
         if self._before_step(self.config.images_from_step):
             visual = torch.zeros_like(visual)  # not shown to the LLM yet (`images_from_step`)
+        elif self.training and self.config.image_dropout > 0:
+            shown = torch.rand(input_ids.shape[0], device=visual.device) >= self.config.image_dropout
+            visual = visual * shown.repeat_interleave(num_images.to(visual.device))[:, None, None].to(visual.dtype)
         return embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
 
     def seg_targets(
