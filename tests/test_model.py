@@ -605,7 +605,7 @@ def test_visual_words_loss_reads_each_phrase_word_from_its_own_image():
 
 
 def test_images_and_visual_words_can_start_late_in_a_training_run():
-    model = small_model("loss.visual_words=1.0", "loss.visual_words_from_step=3", "images_from_step=2").eval()
+    model = small_model("loss.visual_words=1.0", "loss.visual_words_from_step=3", "images_from_step=2").train()
     batch = make_batch(model, [grounded_sample()])
     ids, n = batch["input_ids"], batch["num_images"]
     slots = ids == model.config.tokens.image_slot_id
@@ -622,6 +622,9 @@ def test_images_and_visual_words_can_start_late_in_a_training_run():
     model.set_training_step(1)  # images hidden from the LLM, no visual-words loss
     shown, words = shown_and_words()
     assert not shown.any() and words is None
+    model.eval()  # validation and a stage 2's cached [SEG] queries see the images
+    assert torch.equal(shown_and_words()[0], visual)
+    model.train()
     model.set_training_step(2)  # images shown, the loss still off
     shown, words = shown_and_words()
     assert torch.equal(shown, visual) and words is None

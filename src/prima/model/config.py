@@ -292,9 +292,9 @@ class ModelConfig:
     # the pointer's loss trains the pointer and the [SEG] state but not the visual tokens, which then stay words
     # for the LLM (docs/MODEL.md, "A pointer for the image tag")
     tag_pointer_detach: bool = False
-    # training only: in the first this-many optimizer steps the LLM is shown zeros in place of its visual tokens,
-    # which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the question
-    # (docs/MODEL.md, "The visual-words loss switched on late")
+    # training only (train mode): in the first this-many optimizer steps the LLM is shown zeros in place of its visual
+    # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
+    # question (docs/MODEL.md, "The visual-words loss switched on late")
     images_from_step: int = 0
     # training only (train mode): the share of samples whose LLM is shown zeros in place of all their visual tokens,
     # drawn per sample and step, so that in those the question is the only clue (docs/MODEL.md, "The visual-words

@@ -342,7 +342,7 @@ class PrimaModel(nn.Module):
                     f"{per_image} tokens were expected (was the prompt made by this model's processor?)"
                 )
         embeds = self.language.get_input_embeddings()(input_ids)
-        if self._before_step(self.config.images_from_step):
+        if self.training and self._before_step(self.config.images_from_step):
             visual = torch.zeros_like(visual)  # not shown to the LLM yet (`images_from_step`)
         elif self.training and self.config.image_dropout > 0:
             shown = torch.rand(input_ids.shape[0], device=visual.device) >= self.config.image_dropout
