@@ -142,6 +142,7 @@ def test_cached_seg_queries_train_stage_two_as_the_full_pass_does_and_resume_exa
         "model.grounding.phrase_tokens=4",
         "model.grounding.image_choice=true",
         "model.grounding.word_readout=true",
+        "model.images_from_step=0",  # as configs/tiny-masks.yaml: the frozen LLM reads its images from step 1
         # the cache computes queries in eval mode; a frozen Q-Former with dropout would differ from its train mode
         "model.qformer.config.hidden_dropout_prob=0.0",
         "model.qformer.config.attention_probs_dropout_prob=0.0",
