@@ -632,28 +632,6 @@ def test_images_and_visual_words_can_start_late_in_a_training_run():
     assert shown_and_words()[1] is not None
 
 
-def test_image_dropout_hides_whole_samples_in_train_mode_only():
-    model = small_model("image_dropout=0.5")
-    batch = make_batch(model, [grounded_sample(f"s{i}", n_images=2 + i % 3) for i in range(6)])
-    ids, n = batch["input_ids"], batch["num_images"]
-    slots = ids == model.config.tokens.image_slot_id
-    visual = torch.randn(int(n.sum()), model.tokens_per_image, model.language.config.hidden_size)
-
-    def shown_per_sample():
-        rows = [model.embed_prompt(ids, visual, n)[b][slots[b]] for b in range(ids.shape[0])]
-        own = visual.split(n.tolist())  # each sample's images
-        shown = [torch.equal(r, v.reshape(r.shape)) for r, v in zip(rows, own)]
-        assert all(s or not r.any() for s, r in zip(shown, rows))  # a sample sees all its images or none
-        return shown
-
-    model.train()
-    torch.manual_seed(0)
-    draws = [shown_per_sample() for _ in range(8)]
-    assert 0 < sum(map(sum, draws)) < 6 * 8
-    model.eval()
-    assert all(shown_per_sample())
-
-
 def test_phrase_tokens_prompt_the_decoder_with_each_segs_own_words(monkeypatch):
     from prima.model.config import GroundingConfig
 

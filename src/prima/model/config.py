@@ -296,10 +296,6 @@ class ModelConfig:
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
     # question (docs/MODEL.md, "The visual-words loss switched on late")
     images_from_step: int = 0
-    # training only (train mode): the share of samples whose LLM is shown zeros in place of all their visual tokens,
-    # drawn per sample and step, so that in those the question is the only clue (docs/MODEL.md, "The visual-words
-    # loss switched on late")
-    image_dropout: float = 0.0
     language: LanguageConfig = field(default_factory=LanguageConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -312,8 +308,6 @@ class ModelConfig:
     def validate(self) -> None:
         if self.images_from_step < 0:
             raise ConfigError(f"model.images_from_step must be >= 0, got {self.images_from_step}")
-        if not 0 <= self.image_dropout < 1:
-            raise ConfigError(f"model.image_dropout must be in [0, 1), got {self.image_dropout}")
         if not 1 <= self.max_images <= MAX_IMAGES:
             raise ConfigError(f"model.max_images must be in 1..{MAX_IMAGES}, got {self.max_images}")
         if self.answer_order not in ANSWER_ORDERS:

@@ -235,8 +235,9 @@ class PrimaModel(nn.Module):
         self.training_step: int | None = None  # set by the trainer (`set_training_step`); None outside a run
 
     def set_training_step(self, step: int) -> None:
-        """Tell the model which optimizer step comes next (0-based), for losses that start late
-        (``loss.visual_words_from_step``). The trainer calls it before every step and validation."""
+        """Tell the model which optimizer step comes next (0-based), for what starts late in training
+        (``loss.visual_words_from_step``, ``images_from_step``). The trainer calls it before every step and
+        validation."""
         self.training_step = step
 
     def _before_step(self, step: int) -> bool:
@@ -344,9 +345,6 @@ class PrimaModel(nn.Module):
         embeds = self.language.get_input_embeddings()(input_ids)
         if self.training and self._before_step(self.config.images_from_step):
             visual = torch.zeros_like(visual)  # not shown to the LLM yet (`images_from_step`)
-        elif self.training and self.config.image_dropout > 0:
-            shown = torch.rand(input_ids.shape[0], device=visual.device) >= self.config.image_dropout
-            visual = visual * shown.repeat_interleave(num_images.to(visual.device))[:, None, None].to(visual.dtype)
         return embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
 
     def seg_targets(

@@ -188,7 +188,7 @@ class Trainer:
         self.clip_alone = [list(group) for group in own()] if callable(own) else []
         alone = {id(p) for group in self.clip_alone for p in group}
         self.clip_rest = [p for p in model.parameters() if id(p) not in alone]
-        # a model whose losses depend on the step (e.g. one switched on late) is told it before each step
+        # a model whose training depends on the step (e.g. a loss switched on late) is told it before each step
         self.tell_step = getattr(model, "set_training_step", None)
         optimizer = make_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
