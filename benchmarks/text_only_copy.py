@@ -1,11 +1,12 @@
 """Can the tiny LLM alone learn to copy "left" / "right" from the question? A control for benchmarks/question_copy.py.
 
-Trains configs/tiny.yaml's Llama (same width, depth, heads, tied embeddings unless --untied, AdamW with its learning
-rate, 20 warmup steps, cosine to 5 %, clip 1.0, batch 8) from scratch on the question and answer text of the
-training samples alone: the prompt keeps its image blocks, each visual token being the `<image>` word's embedding,
-so positions are as in the model, but no image is seen. Every --every steps it prints the share of the
-`spatial` / `spatial-compare` samples of --val for which, given the reference answer so far, the LLM ranks the
-question's direction above the other one at the answer's first "left" / "right" (question_copy.py's "direction").
+Trains configs/tiny.yaml's Llama (same width, depth, heads, tied embeddings unless --untied; the trainer's AdamW and
+learning-rate schedule over --steps steps, gradient clip and batch size from the config) from scratch on the
+question and answer text of the training samples alone: the prompt keeps its image blocks, each visual token being
+the `<image>` word's embedding, so positions are as in the model, but no image is seen. Every --every steps it
+prints the share of the `spatial` / `spatial-compare` samples of --val for which, given the reference answer so far,
+the LLM ranks the question's direction above the other one at the answer's first "left" / "right"
+(question_copy.py's "direction").
 
     .venv/bin/python benchmarks/text_only_copy.py --steps 3000 --stop 1000
 """
@@ -13,7 +14,7 @@ question's direction above the other one at the answer's first "left" / "right" 
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import random
 
 import torch
@@ -24,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prima.model import PrimaModel
 from prima.train.config import load_run_config
 from prima.train.data import load_samples
+from prima.train.trainer import lr_lambda, make_optimizer
 
 
 def main() -> None:
@@ -56,14 +58,9 @@ def main() -> None:
     train = [encode(s) for s in load_samples(args.train, limit=args.train_limit)]
     val = [encode(s) for s in load_samples(args.val) if s.family in DIRECTION_FAMILIES]
     left, right = tok.convert_tokens_to_ids("left"), tok.convert_tokens_to_ids("right")
-    t = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-
-    def lr_factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / t.warmup_steps)
-        return warm * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    t = dataclasses.replace(cfg.train, max_steps=args.steps)
+    opt = make_optimizer(model, t)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
 
     def batch(items):
         n = max(len(p) + len(a) for p, a in items)
