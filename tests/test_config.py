@@ -84,6 +84,7 @@ def test_unknown_key_is_named():
         ("qformer.output_rms=0", r"model\.qformer\.output_rms must be > 0 or null, got 0"),
         ("qformer.num_queries=0", r"model\.qformer\.num_queries must be >= 1, got 0"),
         ("images_from_step=-1", r"model\.images_from_step must be >= 0, got -1"),
+        ("hide_images=1.0", r"model\.hide_images must be in \[0, 1\), got 1\.0"),
         ("loss.visual_words_from_step=-1", r"model\.loss\.visual_words_from_step must be >= 0, got -1"),
     ],
 )

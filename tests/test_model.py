@@ -632,6 +632,27 @@ def test_images_and_visual_words_can_start_late_in_a_training_run():
     assert shown_and_words()[1] is not None
 
 
+def test_hide_images_hides_whole_samples_in_training_only():
+    model = small_model("hide_images=0.5").train()
+    batch = make_batch(model, [grounded_sample()] * 8)
+    ids, n = batch["input_ids"], batch["num_images"]
+    slots = ids == model.config.tokens.image_slot_id
+    visual = torch.randn(int(n.sum()), model.tokens_per_image, model.language.config.hidden_size) + 3.0
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        shown = model.embed_prompt(ids, visual, n)[slots].reshape(visual.shape)
+    per_sample = shown.abs().flatten(1).amax(1).split(n.tolist())
+    hidden = [bool((s == 0).all()) for s in per_sample]
+    assert all(bool((s == 0).all()) or bool((s != 0).all()) for s in per_sample)  # all of a sample's images, or none
+    assert 0 < sum(hidden) < len(hidden)  # some samples hidden, some shown (seed 0: a fixed draw)
+    for s, h, v in zip(per_sample, hidden, visual.split(n.tolist())):
+        assert h or torch.equal(s, v.abs().flatten(1).amax(1))  # a shown sample's tokens are untouched
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.embed_prompt(ids, visual, n)[slots].reshape(visual.shape), visual)
+
+
 def test_phrase_tokens_prompt_the_decoder_with_each_segs_own_words(monkeypatch):
     from prima.model.config import GroundingConfig
 

@@ -296,6 +296,10 @@ class ModelConfig:
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
     # question (docs/MODEL.md, "The visual-words loss switched on late")
     images_from_step: int = 0
+    # training only (train mode): each sample's images are hidden from the LLM in the same way (zeros in place of
+    # all its visual tokens) with this probability, at every step: modality dropout, so that what the question
+    # decides keeps being learnt from the question (docs/MODEL.md, "Hiding some samples' images")
+    hide_images: float = 0.0
     language: LanguageConfig = field(default_factory=LanguageConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -308,6 +312,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.images_from_step < 0:
             raise ConfigError(f"model.images_from_step must be >= 0, got {self.images_from_step}")
+        if not 0.0 <= self.hide_images < 1.0:
+            raise ConfigError(f"model.hide_images must be in [0, 1), got {self.hide_images}")
         if not 1 <= self.max_images <= MAX_IMAGES:
             raise ConfigError(f"model.max_images must be in 1..{MAX_IMAGES}, got {self.max_images}")
         if self.answer_order not in ANSWER_ORDERS:

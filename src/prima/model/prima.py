@@ -345,6 +345,10 @@ class PrimaModel(nn.Module):
         embeds = self.language.get_input_embeddings()(input_ids)
         if self.training and self._before_step(self.config.images_from_step):
             visual = torch.zeros_like(visual)  # not shown to the LLM yet (`images_from_step`)
+        elif self.training and self.config.hide_images > 0:
+            hidden = torch.rand(num_images.shape[0], device=visual.device) < self.config.hide_images
+            image_hidden = hidden.repeat_interleave(num_images.to(visual.device))  # images are in sample order
+            visual = visual.masked_fill(image_hidden[:, None, None], 0.0)  # modality dropout (`hide_images`)
         return embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
 
     def seg_targets(
