@@ -125,6 +125,16 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def validate(self) -> None:
+        hiding = {"model.images_from_step": self.model.images_from_step, "model.hide_images": self.model.hide_images}
+        hiding = {k: v for k, v in hiding.items() if v}
+        if hiding and "language" in self.train.freeze:
+            # hiding images from an LLM that does not learn only blinds it (e.g. a stage 2 built on configs/tiny.yaml)
+            raise ConfigError(
+                f"{', '.join(f'{k}={v}' for k, v in hiding.items())} hides images from the LLM in training, but "
+                f"train.freeze holds 'language': set {' and '.join(f'{k}: 0' for k in hiding)}"
+            )
+
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """A RunConfig from a YAML preset (``base:`` inheritance) plus ``section.key=value`` overrides."""
