@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
+from prima.config import ConfigError
 from prima.errors import PrimaError
 from prima.train.checkpoint import list_checkpoints
-from prima.config import ConfigError
 from prima.train.config import TrainConfig, load_run_config
 from prima.train.trainer import Trainer, TrainingDiverged
 
