@@ -118,6 +118,7 @@ def test_second_stage_trains_only_the_unfrozen_groups_from_a_trained_model(synth
         "train.freeze=[language, query_module, square, projector]",
         "model.grounding.phrase_tokens=4",
         "model.grounding.word_readout=true",
+        "model.images_from_step=0",  # as configs/tiny-masks.yaml; a frozen LLM must see its images (a config error)
     ]
     assert main(["train", "--config", "tiny", *stage2, "--out", str(second)]) == 0
     before = load_file(str(first / "final" / "model.safetensors"))
