@@ -217,10 +217,6 @@ def test_one_process_batch_8_equals_two_processes_batch_4(tmp_path):
     )
 
 
-if __name__ == "__main__":  # worker of test_one_process_batch_8_equals_two_processes_batch_4
-    run_toy(Path(sys.argv[1]), model=ToyModel(dropout=0.0))
-
-
 def test_hiding_images_from_a_frozen_llm_is_a_config_error():
     """A stage 2 built on configs/tiny.yaml (images_from_step: 1000) must say that its frozen LLM would run blind."""
     with pytest.raises(ConfigError, match=r"model\.images_from_step=1000 .* set model\.images_from_step: 0"):
@@ -228,3 +224,7 @@ def test_hiding_images_from_a_frozen_llm_is_a_config_error():
     with pytest.raises(ConfigError, match=r"model\.hide_images=0\.2 .* train\.freeze holds 'language'"):
         load_run_config("tiny", ["train.freeze=[language]", "model.images_from_step=0", "model.hide_images=0.2"])
     assert load_run_config("tiny-masks").model.images_from_step == 0  # the shipped stage 2 loads
+
+
+if __name__ == "__main__":  # worker of test_one_process_batch_8_equals_two_processes_batch_4
+    run_toy(Path(sys.argv[1]), model=ToyModel(dropout=0.0))
