@@ -21,6 +21,7 @@ from prima.config import ConfigError
 from prima.errors import PrimaError
 from prima.train.checkpoint import list_checkpoints
 from prima.train.config import TrainConfig, load_run_config
+from prima.train.ema import EMA_FILE, WeightAverage
 from prima.train.trainer import Trainer, TrainingDiverged
 
 # 1 process x 8 and 2 processes x 4 differ only by the order of floating-point sums in the gradient
@@ -196,9 +197,58 @@ def test_a_head_clipped_on_its_own_leaves_the_other_updates_as_without_it(tmp_pa
     assert losses(tmp_path / "plain", key="loss_mse") == losses(tmp_path / "alone", key="loss_mse")
 
 
+def test_weight_average_follows_its_formula_and_is_applied_only_inside_its_block():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    model.bias.requires_grad_(False)  # frozen weights are not averaged
+    ema = WeightAverage(model, decay=0.5)
+    assert set(ema.average) == {"weight"}
+    expected = model.weight.detach().clone()
+    for n in range(4):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        d = min(0.5, (1 + n) / (10 + n))  # 0.1, 0.1818..., then the decay
+        expected = d * expected + (1 - d) * model.weight.detach()
+        ema.update()
+    raw = model.weight.detach().clone()
+    assert torch.allclose(ema.average["weight"], expected)
+    with ema.applied():
+        assert torch.allclose(model.weight, expected)
+    assert torch.equal(model.weight, raw)
+
+
+def test_averaged_weights_leave_training_unchanged_and_resume_exactly(tmp_path):
+    """`train.ema_decay`: the optimizer's path is the run's without it; validation judges the average, which a
+    checkpoint stores so that N steps + resume + N steps validates exactly like 2N steps."""
+    run_toy(tmp_path / "plain")
+    run_toy(tmp_path / "ema", ema_decay=0.8)
+    assert losses(tmp_path / "plain") == losses(tmp_path / "ema")
+    assert losses(tmp_path / "plain", "val", "val_loss") != losses(tmp_path / "ema", "val", "val_loss")
+    assert all((folder / EMA_FILE).is_file() for _, folder in list_checkpoints(tmp_path / "ema"))
+    run_toy(tmp_path / "split", ema_decay=0.8, stop_at_step=6)
+    run_toy(tmp_path / "split", ema_decay=0.8, resume=True)
+    for split, key in (("train", "loss"), ("val", "val_loss")):
+        assert [v for _, v in losses(tmp_path / "ema", split, key)] == pytest.approx(
+            [v for _, v in losses(tmp_path / "split", split, key)], abs=1e-7
+        ), split
+
+
+def test_resuming_with_averaged_weights_a_run_saved_without_them_is_a_clear_error(tmp_path):
+    run_toy(tmp_path / "run", stop_at_step=4)
+    with pytest.raises(PrimaError, match=r"step-0000004/ema\.safetensors not found.*train\.ema_decay=0"):
+        run_toy(tmp_path / "run", ema_decay=0.9, resume=True)
+
+
+def test_ema_decay_out_of_range_or_with_deepspeed_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"train\.ema_decay must be in \[0, 1\), got 1\.0"):
+        load_run_config("tiny", ["train.ema_decay=1.0"])
+    with pytest.raises(ConfigError, match="not supported with train.deepspeed"):
+        load_run_config("tiny", ["train.ema_decay=0.99", "train.deepspeed=configs/deepspeed/zero2.json"])
+
+
 @pytest.mark.slow
 def test_one_process_batch_8_equals_two_processes_batch_4(tmp_path):
-    run_toy(tmp_path / "one", model=ToyModel(dropout=0.0))
+    run_toy(tmp_path / "one", model=ToyModel(dropout=0.0), ema_decay=0.8)  # each process averages its own copy
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            __file__, str(tmp_path / "two")]  # fmt: skip
@@ -227,4 +277,4 @@ def test_hiding_images_from_a_frozen_llm_is_a_config_error():
 
 
 if __name__ == "__main__":  # worker of test_one_process_batch_8_equals_two_processes_batch_4
-    run_toy(Path(sys.argv[1]), model=ToyModel(dropout=0.0))
+    run_toy(Path(sys.argv[1]), model=ToyModel(dropout=0.0), ema_decay=0.8)

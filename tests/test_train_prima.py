@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from prima.cli import main
 from prima.errors import PrimaError
@@ -87,6 +88,26 @@ def test_visual_words_loss_switched_on_late_counts_steps_across_a_resume(synth, 
     assert main(["train", "--resume", "--out", str(run)]) == 0  # a fresh process must be told the step too
     assert [("loss_words" in r) for r in log_rows(run)] == [False, False, False, True]
     assert [("val_loss_words" in r) for r in log_rows(run, "val")] == [False, True]  # as the next step weighs it
+
+
+@pytest.mark.slow
+def test_averaged_weights_are_what_final_and_best_hold(synth, tmp_path):
+    """`train.ema_decay`: final/ and best/ hold the average (trainable weights) of their checkpoints, not the raw
+    weights the checkpoints keep for resuming."""
+    from safetensors.torch import load_file
+
+    from prima.train.ema import EMA_FILE
+
+    run = tmp_path / "run"
+    config = [*overrides(synth, tmp_path, ema_decay=0.5, best_metric="val_loss", best_mode="min"), "train.keep_last=3"]
+    assert main(["train", "--config", "tiny", *config, "--out", str(run)]) == 0
+    best_step = json.loads((run / "best.json").read_text())["step"]
+    for folder, step in (("final", 4), ("best", best_step)):
+        saved = load_file(str(run / folder / "model.safetensors"))
+        checkpoint = run / "checkpoints" / f"step-{step:07d}"
+        averaged, raw = load_file(str(checkpoint / EMA_FILE)), load_file(str(checkpoint / "model.safetensors"))
+        assert averaged and all(torch.equal(saved[k], v) for k, v in averaged.items()), folder
+        assert any(not torch.equal(saved[k], raw[k]) for k in averaged), folder
 
 
 def test_train_refuses_missing_config_and_reused_run_dir(synth, tmp_path):

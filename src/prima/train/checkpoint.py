@@ -94,8 +94,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     *,
     config_text: str | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save the full training state at ``step`` atomically; every process must call this.
+
+    ``write_extra(folder)`` (main process) writes more files into the checkpoint before it is completed.
 
     Returns the completed folder. An exception on the way (disk full, a kill) leaves earlier
     checkpoints untouched.
@@ -115,6 +118,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         if config_text is not None:
             (tmp / "config.yaml").write_text(config_text, encoding="utf-8")
+        if write_extra is not None:
+            write_extra(tmp)
         # the state file goes last: list_checkpoints only counts folders that have it
         write_json_atomic(tmp / STATE_FILE, {"step": step, **trainer_state})
         _fsync_tree(tmp)

@@ -88,6 +88,10 @@ class TrainConfig:
     # training and validation sample's once (in eval mode, at the first batch) and reuse them, so the LLM does not
     # run in the steps; its text and visual-words losses are then not computed (their weights are frozen anyway)
     cache_seg_queries: bool = False
+    # > 0: keep an exponential moving average of the trainable weights, this decay per step (warmed up as
+    # min(decay, (1 + step) / (10 + step))); validation, best/ and final/ use the average, the optimizer the raw
+    # weights; checkpoints hold both (docs/TRAINING.md, "Averaged weights"). 0: off
+    ema_decay: float = 0.0
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "log_every"):
@@ -113,6 +117,11 @@ class TrainConfig:
                 f"train.cache_seg_queries needs train.freeze to hold {upstream}: cached [SEG] queries must not "
                 f"change while training (train.freeze is {self.freeze})"
             )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_decay and self.deepspeed:
+            # under ZeRO-3 a process holds only a shard of each weight, so it cannot average the whole of it
+            raise ConfigError("train.ema_decay is not supported with train.deepspeed; set train.ema_decay: 0")
         if set(FREEZABLE) <= set(self.freeze):
             raise ConfigError("train.freeze names every parameter group: nothing would be trained")
 

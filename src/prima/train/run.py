@@ -20,6 +20,7 @@ from prima.errors import PrimaError
 from prima.train.checkpoint import list_checkpoints, load_model_weights
 from prima.train.config import RunConfig, load_run_config
 from prima.train.data import FeatureCache, SampleSet, load_samples, module_digest, sample_lengths
+from prima.train.ema import EMA_FILE
 from prima.train.trainer import Trainer, TrainResult, make_accelerator
 
 CONFIG_FILE = "config.yaml"
@@ -314,15 +315,20 @@ def run_training(
 
 
 def export_models(trainer: Trainer, result: TrainResult) -> None:
-    """Write RUN_DIR/final (last weights) and RUN_DIR/best (best validation) as `from_pretrained` folders."""
+    """Write RUN_DIR/final (last weights) and RUN_DIR/best (best validation) as `from_pretrained` folders; with
+    ``train.ema_decay`` both hold the averaged weights (those validation judged)."""
     acc = trainer.accelerator
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return
     model = acc.unwrap_model(trainer.model)
-    model.save_pretrained(trainer.run_dir / "final")
+    with trainer.averaged():
+        model.save_pretrained(trainer.run_dir / "final")
     if result.best_checkpoint is not None:
+        best = Path(result.best_checkpoint)
         current = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        load_model_weights(model, Path(result.best_checkpoint) / "model.safetensors")
+        load_model_weights(model, best / "model.safetensors")
+        if trainer.ema is not None:  # the averaged trainable weights over the raw ones
+            load_model_weights(model, best / EMA_FILE, allow_missing=True)
         model.save_pretrained(trainer.run_dir / "best")
         model.load_state_dict(current)

@@ -7,6 +7,7 @@ logged. Batches come from a ``WeightedEpochSampler`` by step number, so resuming
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ from prima.train.checkpoint import (
     write_json_atomic,
 )
 from prima.train.config import TrainConfig
+from prima.train.ema import WeightAverage
 from prima.train.sampler import WeightedEpochSampler, shard
 
 LOG_FILE = "log.jsonl"
@@ -194,6 +196,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
+        self.ema = WeightAverage(acc.unwrap_model(self.model), cfg.ema_decay) if cfg.ema_decay else None
         self.step = 0
         self.best_value: float | None = None
         self.best_step: int | None = None
@@ -215,6 +218,8 @@ class Trainer:
             return None
         state = load_checkpoint(self.accelerator, folder)
         self.step = int(state["step"])
+        if self.ema is not None:
+            self.ema.load(folder, updates=self.step)
         self.best_value = state.get("best_value")
         self.best_step = state.get("best_step")
         if self.accelerator.is_main_process:
@@ -279,6 +284,8 @@ class Trainer:
             for group in self.clip_alone:  # already unscaled and synchronised by the call above
                 torch.nn.utils.clip_grad_norm_(group, self.cfg.grad_clip)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         names = sorted(sums)
@@ -290,18 +297,25 @@ class Trainer:
             stats["grad_norm"] = float(grad_norm)
         return stats
 
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """A block in which the model holds the weights it is judged and exported by: the average with
+        ``train.ema_decay``, else its own."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation metrics (``val_*``): the mean loss parts over ``val_set`` plus ``validate_fn``'s metrics."""
+        """Validation metrics (``val_*``): the mean loss parts over ``val_set`` plus ``validate_fn``'s metrics,
+        of the averaged weights with ``train.ema_decay``."""
         model = self.model
         if callable(self.tell_step):  # the losses as the next step would weigh them
             self.tell_step(self.step)
         model.eval()
         try:
-            metrics = self._validation_loss() if self.val_set else {}
-            if self.validate_fn is not None:
-                metrics.update(self.validate_fn(model, self.accelerator))
-            return metrics
+            with self.averaged():
+                metrics = self._validation_loss() if self.val_set else {}
+                if self.validate_fn is not None:
+                    metrics.update(self.validate_fn(model, self.accelerator))
+                return metrics
         finally:
             model.train()
 
@@ -332,7 +346,12 @@ class Trainer:
 
     def _save(self) -> Path:
         folder = save_checkpoint(
-            self.accelerator, self.run_dir, self.step, self._trainer_state(), config_text=self.config_text
+            self.accelerator,
+            self.run_dir,
+            self.step,
+            self._trainer_state(),
+            config_text=self.config_text,
+            write_extra=self.ema.save if self.ema is not None else None,
         )
         if self.accelerator.is_main_process:
             prune_checkpoints(self.run_dir, self.cfg.keep_last, self.best_step)
