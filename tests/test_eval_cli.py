@@ -128,6 +128,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
             distinct_images=kwargs.get("distinct_images"),
             word_readout=kwargs.get("word_readout"),
             phrase_check=kwargs.get("phrase_check"),
+            image_support_weight=kwargs.get("image_support_weight"),
             mask_threshold=kwargs.get("mask_threshold"),
             mask_regions=kwargs.get("mask_regions"),
         )
@@ -144,6 +145,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
         "distinct_images": None,
         "word_readout": None,
         "phrase_check": None,
+        "image_support_weight": None,
         "mask_threshold": None,
         "mask_regions": None,
     }
@@ -152,14 +154,15 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
     assert json.loads((out / "metrics.json").read_text())["phrase_model"] == "bag-of-words (test)"
     args = ["eval", "--checkpoint", "ckpt/x", "--data", str(dataset), "--out", str(out), "--wordnet", "none"]
     flags = ["--repeat-images", "--llm-words", "--phrase-check", "0.2", "--mask-threshold", "0.3"]
-    flags += ["--mask-regions", "largest"]
+    flags += ["--mask-regions", "largest", "--image-support-weight", "0.5"]
     assert main([*args, *flags]) == 0
+    assert loaded["image_support_weight"] == 0.5
     assert loaded["distinct_images"] is False and loaded["word_readout"] is False
     assert loaded["mask_threshold"] == 0.3 and loaded["mask_regions"] == "largest"
     checkpoint = json.loads((out / "metrics.json").read_text())["checkpoint"]
     assert "with distinct_images false" in checkpoint and "with mask_threshold 0.3" in checkpoint
     assert "with word_readout false" in checkpoint and "with phrase_check 0.2" in checkpoint
-    assert "with mask_regions largest" in checkpoint
+    assert "with mask_regions largest" in checkpoint and "with image_support_weight 0.5" in checkpoint
 
 
 def test_eval_command_rejects_a_bad_limit(dataset, tmp_path, capsys):

@@ -1320,3 +1320,48 @@ def test_generate_writes_the_first_word_its_own_mask_reads_as(monkeypatch):
 def test_word_readout_config_is_checked():
     with pytest.raises(PrimaError, match="word_readout needs kind one_way and phrase_tokens"):
         small_model("grounding.word_readout=true")
+
+
+def test_image_support_adds_the_pixels_reading_of_the_phrase_on_each_image_to_the_tag_choice(monkeypatch):
+    """grounding.image_support_weight: the tag after a [SEG] adds w x log `phrase_support` of its phrase under its mask
+    drawn on each candidate image; with the word reader on, the first word (read again from the chosen image) is not
+    checked."""
+    model = small_model(*CHECK, "grounding.image_choice=true", "grounding.image_support_weight=1.0").eval()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    monkeypatch.setattr(model, "image_choice_logits", lambda p, w, c, f: torch.zeros(c.shape))  # no opinion
+
+    def chair_on_image(k):  # the checker reads "chair" (and nothing else) under masks on batch image k only
+        def check_phrases(masks, seg_images, features):
+            logits = torch.full((masks.shape[0], model.config.tokens.vocab_size), -10.0)
+            logits[seg_images == k, vocab("chair")] = 10.0
+            return logits
+
+        return check_phrases
+
+    for k in (1, 2):
+        monkeypatch.setattr(model, "check_phrases", chair_on_image(k))
+        undecided = ["<p>", "chair", "</p>", "[SEG]", "chair", "</s>"]  # the LLM ranks every tag the same
+        monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, undecided))
+        result = model.generate(random_images(3), "Where?", max_new_tokens=10)
+        assert [s.image for s in result.segments] == [k + 1], k
+    # "the" is read nowhere: with the first word checked, every image has the floor support and the tie goes to 1
+    undecided = ["<p>", "the", "chair", "</p>", "[SEG]", "chair", "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, undecided))
+    model.config.grounding.phrase_check_threshold = 0.0  # keep the answer however little its phrase reads
+    assert model.generate(random_images(3), "Where?", max_new_tokens=10).segments[0].image == 1
+    model.config.grounding.word_readout = True  # ... the reader's word is not checked: image 3 shows the chair
+    monkeypatch.setattr(
+        model, "read_first_words", lambda m, s, f: torch.zeros(m.shape[0], model.config.tokens.vocab_size)
+    )
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, undecided))
+    assert model.generate(random_images(3), "Where?", max_new_tokens=10).segments[0].image == 3
+    model.config.grounding.image_support_weight = 0.0  # off: the tie again
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, undecided))
+    assert model.generate(random_images(3), "Where?", max_new_tokens=10).segments[0].image == 1
+
+
+def test_image_support_config_is_checked():
+    with pytest.raises(PrimaError, match="image_support_weight must be >= 0"):
+        load_model_config("tiny", [*CHECK, "grounding.image_choice=true", "grounding.image_support_weight=-1"])
+    with pytest.raises(PrimaError, match="image_support_weight needs image_choice and phrase_check"):
+        load_model_config("tiny", [*CHECK, "grounding.image_support_weight=1"])

@@ -336,6 +336,26 @@ def test_image_choice_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pa
         PrimaPredictor.from_pretrained(path, image_choice_weight=-1.0)
 
 
+def test_image_support_weight_override_is_checked_and_set(tiny_checkpoint, tmp_path):
+    """`--image-support-weight` (prima predict / prima eval): only with the image choice and the phrase check."""
+    import torch
+
+    from prima.model import create_model, load_model_config
+
+    with pytest.raises(PrimaError, match="needs the image choice and the phrase check"):
+        PrimaPredictor.from_pretrained(tiny_checkpoint, image_support_weight=1.0)
+    assert PrimaPredictor.from_pretrained(tiny_checkpoint, image_support_weight=0.0)  # off is always fine
+    torch.manual_seed(0)
+    path = tmp_path / "with-check"
+    heads = ["grounding.image_choice=true", "grounding.phrase_tokens=2", "grounding.phrase_check=true"]
+    create_model(load_model_config("tiny", [*SMALL, *heads]), TINY_TEXTS).save_pretrained(path)
+    assert PrimaPredictor.from_pretrained(path).model.config.grounding.image_support_weight == 0.0  # the checkpoint's
+    predictor = PrimaPredictor.from_pretrained(path, image_support_weight=2.0)
+    assert predictor.model.config.grounding.image_support_weight == 2.0
+    with pytest.raises(PrimaError, match="must be >= 0"):
+        PrimaPredictor.from_pretrained(path, image_support_weight=-1.0)
+
+
 def test_repeat_images_override_sets_distinct_images(tiny_checkpoint):
     """`--repeat-images` (prima predict / prima eval) turns the checkpoint's grounding.distinct_images off."""
     assert PrimaPredictor.from_pretrained(tiny_checkpoint).model.config.grounding.distinct_images is True

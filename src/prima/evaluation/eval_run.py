@@ -52,6 +52,7 @@ def run_eval(
     wordnet: str = "auto",
     embed: Any = None,
     image_choice_weight: float | None = None,
+    image_support_weight: float | None = None,
     distinct_images: bool | None = None,
     word_readout: bool | None = None,
     phrase_check: float | None = None,
@@ -75,6 +76,7 @@ def run_eval(
         raise PrimaError(f"{data} has no samples to evaluate")
     readout = {
         "image_choice_weight": image_choice_weight,
+        "image_support_weight": image_support_weight,
         "distinct_images": distinct_images,
         "word_readout": word_readout,
         "phrase_check": phrase_check,

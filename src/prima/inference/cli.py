@@ -10,6 +10,11 @@ IMAGE_CHOICE_HELP = (
     "with a checkpoint that has the decoder's image choice: its weight beside the LLM's tag when picking each "
     "[SEG]'s image (default: the checkpoint's grounding.image_choice_weight; 0: the LLM alone)"
 )
+IMAGE_SUPPORT_HELP = (
+    "with a checkpoint that has the image choice and the phrase check: the weight of the log of how surely the pixels "
+    "under a [SEG]'s mask, drawn on each image, show its phrase, added to the choice of its image (default: the "
+    "checkpoint's grounding.image_support_weight; 0: off; docs/MODEL.md)"
+)
 MASK_THRESHOLD_HELP = (
     "a pixel is in a mask when the decoder's probability reaches this (default: the checkpoint's "
     "grounding.mask_threshold)"
@@ -39,6 +44,7 @@ PHRASE_CHECK_HELP = (
 def add_readout_options(p: argparse.ArgumentParser) -> None:
     """The flags that change how a checkpoint's answers and masks are read out (`prima predict`, `prima eval`)."""
     p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
+    p.add_argument("--image-support-weight", type=float, default=None, metavar="W", help=IMAGE_SUPPORT_HELP)
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     p.add_argument("--llm-words", action="store_true", help=LLM_WORDS_HELP)
     p.add_argument("--phrase-check", type=float, default=None, metavar="P", help=PHRASE_CHECK_HELP)
@@ -50,6 +56,7 @@ def readout_options(args: argparse.Namespace) -> dict:
     """`PrimaPredictor.from_pretrained` keyword arguments from `add_readout_options`' flags (None: the checkpoint's)."""
     return {
         "image_choice_weight": args.image_choice_weight,
+        "image_support_weight": args.image_support_weight,
         "distinct_images": False if args.repeat_images else None,
         "word_readout": False if args.llm_words else None,
         "phrase_check": args.phrase_check,

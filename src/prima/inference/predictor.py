@@ -118,13 +118,16 @@ class PrimaPredictor:
         distinct_images: bool | None = None,
         word_readout: bool | None = None,
         phrase_check: float | None = None,
+        image_support_weight: float | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
         """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
         ``image_choice_weight`` replaces the checkpoint's ``grounding.image_choice_weight`` (0: the LLM alone
         picks each [SEG]'s image), ``distinct_images`` its ``grounding.distinct_images``, ``word_readout`` its
         ``grounding.word_readout`` (False: the LLM's first phrase words stand), ``phrase_check`` its
-        ``grounding.phrase_check_threshold`` (0: the check off, every answer as the LLM wrote it)."""
+        ``grounding.phrase_check_threshold`` (0: the check off, every answer as the LLM wrote it),
+        ``image_support_weight`` its ``grounding.image_support_weight`` (0: the pixels' support has no say in the
+        image choice)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
@@ -150,6 +153,16 @@ class PrimaPredictor:
             if not 0.0 <= phrase_check <= 1.0:
                 raise PrimaError(f"--phrase-check must be between 0 and 1, got {phrase_check}")
             model.config.grounding.phrase_check_threshold = float(phrase_check)
+        if image_support_weight is not None:
+            grounding = model.config.grounding
+            if image_support_weight and not (grounding.image_choice and grounding.phrase_check):
+                raise PrimaError(
+                    f"--image-support-weight: {path} needs the image choice and the phrase check "
+                    "(model.grounding.image_choice, model.grounding.phrase_check)"
+                )
+            if not image_support_weight >= 0:
+                raise PrimaError(f"--image-support-weight must be >= 0, got {image_support_weight}")
+            grounding.image_support_weight = float(image_support_weight)
         model.eval()
         return cls(model, **kwargs)
 

@@ -144,6 +144,11 @@ class GroundingConfig:
     # phrase is shown, if the LLM writes one (docs/MODEL.md, "Is it there? The phrase check")
     phrase_check: bool = False
     phrase_check_threshold: float = 0.5
+    # at generation, the tag after a [SEG] also adds this x the log of the phrase check's support for the phrase
+    # under the [SEG]'s mask drawn on each candidate image (needs image_choice and phrase_check; with word_readout
+    # the first word is not checked: it is read again from the chosen image's pixels); 0: off (docs/MODEL.md,
+    # "Which image the pixels show the phrase on")
+    image_support_weight: float = 0.0
     # at generation, a phrase the answer repeats never gets an image it already named that phrase on (unless every
     # image already has it): "the red cup [SEG] (IMAGE2) ... the red cup [SEG] (IMAGE2)" names one object twice, which
     # a ground-truth answer never does (answer_order written only; docs/MODEL.md, "One phrase, one image")
@@ -200,6 +205,13 @@ class GroundingConfig:
             )
         if self.choice_layers and not self.image_choice:
             raise ConfigError("model.grounding.choice_layers needs image_choice: true (they are its layers)")
+        if self.image_support_weight < 0:
+            raise ConfigError(f"model.grounding.image_support_weight must be >= 0, got {self.image_support_weight}")
+        if self.image_support_weight and not (self.image_choice and self.phrase_check):
+            raise ConfigError(
+                "model.grounding.image_support_weight needs image_choice and phrase_check (it adds the phrase check's "
+                "support on each image to the image choice)"
+            )
         if self.image_choice_weight < 0:
             raise ConfigError(f"model.grounding.image_choice_weight must be >= 0, got {self.image_choice_weight}")
 

@@ -32,6 +32,8 @@ WEIGHTS_FILE = "model.safetensors"
 UNGROUNDED_STARTS = 4
 # grounding.word_readout: how many of the reader's words compete with the LLM's for a phrase's first word
 READOUT_CANDIDATES = 3
+# grounding.image_support_weight: the least support counted (log 1e-4 = -9.2), so no image is ruled out outright
+SUPPORT_FLOOR = 1e-4
 CONFIG_FILE = "config.yaml"
 
 
@@ -1034,6 +1036,10 @@ class PrimaModel(nn.Module):
                 ]
             )
         choice = self.image_choice_logits(prompts, words, candidates, features).float().log_softmax(-1)
+        if self.config.grounding.image_support_weight and words is not None:
+            choice = choice + self.config.grounding.image_support_weight * self._image_support(
+                prompts, words, candidates, features
+            )
         scores = scores.clone()
         weight = self.config.grounding.image_choice_weight
         for i, b in enumerate(rows):
@@ -1041,6 +1047,24 @@ class PrimaModel(nn.Module):
             scores[b] = scores[b].log_softmax(-1)
             scores[b, tags] += weight * choice[i, : counts[b]]
         return scores
+
+    def _image_support(
+        self, prompts: torch.Tensor, words: torch.Tensor, candidates: torch.Tensor, features: ImageFeatures
+    ) -> torch.Tensor:
+        """Log `phrase_support` (M, K) of each [SEG]'s phrase under its mask drawn on each of its ``candidates``
+        (batch images, -1 padded: 0 there), for ``grounding.image_support_weight``. With ``grounding.word_readout``
+        the first word is not checked: it is read again from the pixels of the image chosen."""
+        valid = candidates >= 0
+        which = valid.nonzero(as_tuple=True)[0]
+        images = candidates[valid]
+        logits, _ = self.predict_masks(prompts[which], images, {}, features, words[which])
+        checked = words[which].clone()
+        if self.config.grounding.word_readout:
+            checked[:, 0] = -1
+        support = self.phrase_support(torch.sigmoid(logits.float()), images, features, checked)
+        out = torch.zeros(candidates.shape, device=support.device)
+        out[valid] = support.clamp(min=SUPPORT_FLOOR).log()
+        return out
 
     def _repeated_tags(self, ids: list[int], n: int) -> list[int]:
         """The image tags that earlier [SEG]s of ``ids`` gave the phrase of its last token, a [SEG] (written order),
