@@ -1,5 +1,7 @@
 """Which image does a [SEG] mean? Teacher-forced accuracy of the LLM's image tag, of the decoder's image choice
-(``grounding.image_choice``) and of their sum at several weights, on validation samples.
+(``grounding.image_choice``) and of their sum at several weights, on validation samples; with the phrase check
+(``grounding.phrase_check``) also of the pixels' support for the phrase on each image added to that sum
+(``grounding.image_support_weight``), with every phrase word checked and without the first word.
 
 Feeds each sample's ground-truth answer, so every [SEG] has its right phrase and state; the LLM's choice is its
 most likely tag among the sample's images at the [SEG] (what generation picks), the decoder's the argmax of its
@@ -16,6 +18,7 @@ import argparse
 import torch
 
 from prima.model import PrimaModel
+from prima.model.prima import SUPPORT_FLOOR, _candidates
 from prima.train.data import load_samples
 from prima.train.run import TrainCollator, make_feature_cache
 
@@ -38,7 +41,8 @@ def main() -> None:
     cache = make_feature_cache(model, args.feature_cache) if args.feature_cache else None
     collate = TrainCollator(model, cache)
     samples = load_samples(args.data, limit=args.samples)
-    llm, decoder, truth, images = [], [], [], []
+    check = model.config.grounding.phrase_check
+    llm, decoder, truth, images, support_all, support_rest = [], [], [], [], [], []
     with torch.no_grad():
         for i in range(0, len(samples), args.batch):
             batch = collate(samples[i : i + args.batch])
@@ -56,6 +60,24 @@ def main() -> None:
             decoder.append(out.image_choice_logits.float().log_softmax(-1))
             truth.append(out.seg_image_index - offsets[rows])
             images.append(num[rows])
+            if check:  # the phrase's mask drawn on every image of its sample, its words read under each
+                x = model._inputs(batch)
+                positions, _ = model.seg_targets(x.input_ids, x.image_offsets, x.num_images, x.labels)
+                prompts = model.seg_projector(model._read_answer(batch, x, positions).queries)
+                words = model.phrase_words(x.input_ids, positions)
+                candidates = _candidates(offsets[rows], num[rows])[:, :k]
+                valid = candidates >= 0
+                which, on = valid.nonzero(as_tuple=True)[0], candidates[valid]
+                masks = torch.sigmoid(model.predict_masks(prompts[which], on, batch, x.features, words[which])[0])
+                for store, skip_first in ((support_all, False), (support_rest, True)):
+                    checked = words[which].clone()
+                    if skip_first:
+                        checked[:, 0] = -1
+                    logs = torch.full(candidates.shape, float("-inf"))
+                    logs[valid] = (
+                        model.phrase_support(masks.float(), on, x.features, checked).clamp(min=SUPPORT_FLOOR).log()
+                    )
+                    store.append(logs)
     width = max(x.shape[1] for x in llm)
     pad = lambda xs: torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=float("-inf")) for x in xs])  # noqa: E731
     llm_lp, dec_lp, target, n = pad(llm), pad(decoder), torch.cat(truth), torch.cat(images)
@@ -65,6 +87,14 @@ def main() -> None:
     print(f"decoder alone: {(dec_lp.argmax(-1) == target).float().mean():.3f}")
     for w in args.weights:
         print(f"LLM + {w:g} x decoder: {((llm_lp + w * dec_lp).argmax(-1) == target).float().mean():.3f}")
+    for name, store in (("every word", support_all), ("without the first word", support_rest)):
+        if not store:
+            continue
+        support = pad(store)
+        print(f"support alone, {name}: {(support.argmax(-1) == target).float().mean():.3f}")
+        for v in args.weights:
+            pick = (llm_lp + dec_lp + v * support).argmax(-1)  # the decoder at image_choice_weight 1
+            print(f"LLM + decoder + {v:g} x support ({name}): {(pick == target).float().mean():.3f}")
 
 
 if __name__ == "__main__":
