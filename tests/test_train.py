@@ -277,4 +277,7 @@ def test_hiding_images_from_a_frozen_llm_is_a_config_error():
 
 
 if __name__ == "__main__":  # worker of test_one_process_batch_8_equals_two_processes_batch_4
+    from accelerate import PartialState
+
     run_toy(Path(sys.argv[1]), model=ToyModel(dropout=0.0), ema_decay=0.8)
+    PartialState().destroy_process_group()  # as `prima train` does: gloo's threads may otherwise abort the exit

@@ -311,6 +311,8 @@ def run_training(
         print(
             f"step {result.step}: last checkpoint {result.last_checkpoint}, best {result.best_checkpoint}", flush=True
         )
+    # several processes: leave their group before exiting, or gloo's threads may abort the exit of one of them
+    accelerator.end_training()
     return result
 
 
