@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from prima.model import PrimaModel
-from prima.model.prima import SUPPORT_FLOOR, _candidates
+from prima.model.prima import _candidates
 from prima.train.data import load_samples
 from prima.train.run import TrainCollator, make_feature_cache
 
@@ -66,18 +66,9 @@ def main() -> None:
                 prompts = model.seg_projector(model._read_answer(batch, x, positions).queries)
                 words = model.phrase_words(x.input_ids, positions)
                 candidates = _candidates(offsets[rows], num[rows])[:, :k]
-                valid = candidates >= 0
-                which, on = valid.nonzero(as_tuple=True)[0], candidates[valid]
-                masks = torch.sigmoid(model.predict_masks(prompts[which], on, batch, x.features, words[which])[0])
-                for store, skip_first in ((support_all, False), (support_rest, True)):
-                    checked = words[which].clone()
-                    if skip_first:
-                        checked[:, 0] = -1
-                    logs = torch.full(candidates.shape, float("-inf"))
-                    logs[valid] = (
-                        model.phrase_support(masks.float(), on, x.features, checked).clamp(min=SUPPORT_FLOOR).log()
-                    )
-                    store.append(logs)
+                for store, first in ((support_all, True), (support_rest, False)):
+                    logs = model._image_support(prompts, words, candidates, x.features, check_first=first)
+                    store.append(logs.masked_fill(candidates < 0, float("-inf")))  # no such image
     width = max(x.shape[1] for x in llm)
     pad = lambda xs: torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=float("-inf")) for x in xs])  # noqa: E731
     llm_lp, dec_lp, target, n = pad(llm), pad(decoder), torch.cat(truth), torch.cat(images)

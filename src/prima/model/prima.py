@@ -1049,17 +1049,26 @@ class PrimaModel(nn.Module):
         return scores
 
     def _image_support(
-        self, prompts: torch.Tensor, words: torch.Tensor, candidates: torch.Tensor, features: ImageFeatures
+        self,
+        prompts: torch.Tensor,
+        words: torch.Tensor,
+        candidates: torch.Tensor,
+        features: ImageFeatures,
+        *,
+        check_first: bool | None = None,
     ) -> torch.Tensor:
         """Log `phrase_support` (M, K) of each [SEG]'s phrase under its mask drawn on each of its ``candidates``
-        (batch images, -1 padded: 0 there), for ``grounding.image_support_weight``. With ``grounding.word_readout``
-        the first word is not checked: it is read again from the pixels of the image chosen."""
+        (batch images, -1 padded: 0 there), for ``grounding.image_support_weight``. The first word is checked when
+        ``check_first`` says so; by default only without ``grounding.word_readout``, which reads it again from the
+        pixels of the image chosen."""
+        if check_first is None:
+            check_first = not self.config.grounding.word_readout
         valid = candidates >= 0
         which = valid.nonzero(as_tuple=True)[0]
         images = candidates[valid]
         logits, _ = self.predict_masks(prompts[which], images, {}, features, words[which])
         checked = words[which].clone()
-        if self.config.grounding.word_readout:
+        if not check_first:
             checked[:, 0] = -1
         support = self.phrase_support(torch.sigmoid(logits.float()), images, features, checked)
         out = torch.zeros(candidates.shape, device=support.device)
