@@ -365,6 +365,9 @@ def test_loading_fails_loudly_on_missing_or_unexpected_weights(model, tmp_path):
     save_file({**state, "surplus.weight": torch.zeros(1)}, str(weights))
     with pytest.raises(PrimaError, match="1 unexpected"):
         PrimaModel.from_pretrained(tmp_path)
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a crash mid-copy
+    with pytest.raises(PrimaError, match=r"model\.safetensors cannot be read as safetensors .*another checkpoint"):
+        PrimaModel.from_pretrained(tmp_path)
 
 
 def test_package_weights_are_not_stored_but_reloaded(tmp_path):

@@ -237,6 +237,12 @@ def test_resuming_with_averaged_weights_a_run_saved_without_them_is_a_clear_erro
     run_toy(tmp_path / "run", stop_at_step=4)
     with pytest.raises(PrimaError, match=r"step-0000004/ema\.safetensors not found.*train\.ema_decay=0"):
         run_toy(tmp_path / "run", ema_decay=0.9, resume=True)
+    run_toy(tmp_path / "broken", ema_decay=0.9, stop_at_step=4)
+    (tmp_path / "broken" / "checkpoints" / "step-0000004" / EMA_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(
+        PrimaError, match=r"step-0000004/ema\.safetensors cannot be read as safetensors .*use another checkpoint"
+    ):
+        run_toy(tmp_path / "broken", ema_decay=0.9, resume=True)
 
 
 def test_ema_decay_out_of_range_or_with_deepspeed_is_a_config_error():

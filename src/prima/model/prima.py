@@ -1269,8 +1269,6 @@ class PrimaModel(nn.Module):
         cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> PrimaModel:
         """Load a checkpoint folder; missing or unexpected weights are an error, nothing is unpickled."""
-        from safetensors.torch import load_file
-
         from prima.data.processor import PrimaProcessor
 
         directory = Path(directory)
@@ -1280,7 +1278,7 @@ class PrimaModel(nn.Module):
         cfg = load_model_config(directory / CONFIG_FILE)
         processor = PrimaProcessor.from_pretrained(directory)
         model = cls(cfg, processor)
-        state = load_file(str(directory / WEIGHTS_FILE))
+        state = read_weights(directory / WEIGHTS_FILE)
         expected = set(model.stored_state_dict())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
@@ -1291,6 +1289,17 @@ class PrimaModel(nn.Module):
         model.load_state_dict(state, strict=False)  # the rest are external weights, loaded from their source
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
         return model.eval()
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (nothing is unpickled); a PrimaError naming the file if it cannot be read
+    (cut short by a crash, or not safetensors at all)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors' own error names neither the file nor what to do
+        raise PrimaError(f"{path} cannot be read as safetensors ({e}); a damaged file: use another checkpoint") from e
 
 
 def _unused_loss(params: Iterable[nn.Parameter]) -> torch.Tensor:

@@ -166,12 +166,12 @@ def load_model_weights(
     initialisation and are returned; unexpected keys and shape mismatches are an error either way. Keys
     for which ``skip`` is true are not loaded (with ``allow_missing``: they start fresh).
     """
-    from safetensors.torch import load_file
+    from prima.model.prima import read_weights
 
     external = tuple(model.external_weight_prefixes()) if hasattr(model, "external_weight_prefixes") else ()
     state = {
         k: v
-        for k, v in load_file(str(path)).items()
+        for k, v in read_weights(path).items()
         if not (external and k.startswith(external)) and not (skip and skip(k))
     }
     own = model.state_dict()

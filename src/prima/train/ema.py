@@ -59,7 +59,7 @@ class WeightAverage:
 
     def load(self, folder: str | os.PathLike, updates: int) -> None:
         """Continue from a checkpoint's averages, taken after ``updates`` optimizer steps (its step)."""
-        from safetensors.torch import load_file
+        from prima.model.prima import read_weights
 
         path = Path(folder) / EMA_FILE
         if not path.is_file():
@@ -67,7 +67,7 @@ class WeightAverage:
                 f"{path} not found: the checkpoint was saved without train.ema_decay; resume with train.ema_decay=0 "
                 "or start a new run"
             )
-        state = load_file(str(path))
+        state = read_weights(path)
         if set(state) != set(self.average):
             missing, extra = sorted(set(self.average) - set(state)), sorted(set(state) - set(self.average))
             raise PrimaError(
