@@ -23,6 +23,22 @@ from prima.train.data import load_samples
 from prima.train.run import TrainCollator, make_feature_cache
 
 
+def llm_first_words(
+    model: PrimaModel, ids: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor, truth: torch.Tensor
+) -> torch.Tensor:
+    """The LLM's greedy first word (M,) of each [SEG]'s phrase at ``positions`` (2, M), teacher-forced: its most
+    likely word (no markup) after the true answer up to the phrase's first word; -1 where the phrase has none."""
+    banned = model._structure_token_ids()
+    out = truth.clone()
+    for q, (r, c) in enumerate(zip(positions[0].tolist(), positions[1].tolist())):
+        start, end = model._phrase_span(ids[r].tolist(), c)
+        if end > start:
+            scores = logits[r, start - 1].float().clone()
+            scores[banned] = float("-inf")
+            out[q] = scores.argmax()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -32,6 +48,12 @@ def main() -> None:
     parser.add_argument("--feature-cache", default=None, help="the training run's data.feature_cache folder")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--llm-first-word",
+        action="store_true",
+        help="draw and check each phrase with the LLM's own first word (its greedy choice after the true prefix), "
+        "as generation does, instead of the true one",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = PrimaModel.from_pretrained(args.checkpoint).eval()
@@ -42,7 +64,11 @@ def main() -> None:
     collate = TrainCollator(model, cache)
     samples = load_samples(args.data, limit=args.samples)
     check = model.config.grounding.phrase_check
-    llm, decoder, truth, images, support_all, support_rest = [], [], [], [], [], []
+    variants = {"every word": {"check_first": True}, "without the first word": {"check_first": False}}
+    if model.config.grounding.word_readout:
+        variants["first word read on each image"] = {"read_first": True}
+    supports: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
+    llm, decoder, truth, images = [], [], [], []
     with torch.no_grad():
         for i in range(0, len(samples), args.batch):
             batch = collate(samples[i : i + args.batch])
@@ -65,10 +91,12 @@ def main() -> None:
                 positions, _ = model.seg_targets(x.input_ids, x.image_offsets, x.num_images, x.labels)
                 prompts = model.seg_projector(model._read_answer(batch, x, positions).queries)
                 words = model.phrase_words(x.input_ids, positions)
+                if args.llm_first_word:
+                    words[:, 0] = llm_first_words(model, x.input_ids, positions, out.logits, words[:, 0])
                 candidates = _candidates(offsets[rows], num[rows])[:, :k]
-                for store, first in ((support_all, True), (support_rest, False)):
-                    logs = model._image_support(prompts, words, candidates, x.features, check_first=first)
-                    store.append(logs.masked_fill(candidates < 0, float("-inf")))  # no such image
+                for name, kwargs in variants.items():
+                    logs = model._image_support(prompts, words, candidates, x.features, **kwargs)
+                    supports[name].append(logs.masked_fill(candidates < 0, float("-inf")))  # no such image
     width = max(x.shape[1] for x in llm)
     pad = lambda xs: torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=float("-inf")) for x in xs])  # noqa: E731
     llm_lp, dec_lp, target, n = pad(llm), pad(decoder), torch.cat(truth), torch.cat(images)
@@ -78,7 +106,7 @@ def main() -> None:
     print(f"decoder alone: {(dec_lp.argmax(-1) == target).float().mean():.3f}")
     for w in args.weights:
         print(f"LLM + {w:g} x decoder: {((llm_lp + w * dec_lp).argmax(-1) == target).float().mean():.3f}")
-    for name, store in (("every word", support_all), ("without the first word", support_rest)):
+    for name, store in supports.items():
         if not store:
             continue
         support = pad(store)

@@ -106,5 +106,8 @@ def test_binarize_keeps_all_pixels_or_the_region_of_largest_probability_mass():
     assert largest.sum() == 13 and largest[2, 3] and largest[5, 7] and not largest[0, 0]
     assert binarize(probs, 0.5, "largest").sum() == 4  # above 0.5 the sure one is the larger mass
     assert not binarize(np.zeros((3, 3)), 0.5, "largest").any()
+    # "supported" is the model's choice of region (it needs the pixels' features); what the model left, the
+    # largest region of it (upsampling may leave slivers) is kept
+    assert binarize(probs, 0.3, "supported").tolist() == largest.tolist()
     with pytest.raises(ValueError, match="regions must be one of"):
         binarize(probs, 0.5, "biggest")

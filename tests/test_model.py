@@ -932,8 +932,10 @@ def test_last_decoder_layer_updates_only_the_output_tokens():
 def test_mask_threshold_config_is_checked():
     with pytest.raises(PrimaError, match="mask_threshold must be in"):
         load_model_config("tiny", ["grounding.mask_threshold=1.0"])
-    with pytest.raises(PrimaError, match="mask_regions must be 'all' or 'largest'"):
+    with pytest.raises(PrimaError, match="mask_regions must be one of all, largest, supported"):
         load_model_config("tiny", ["grounding.mask_regions=biggest"])
+    with pytest.raises(PrimaError, match="mask_regions 'supported' needs phrase_check"):
+        load_model_config("tiny", ["grounding.mask_regions=supported"])
 
 
 def test_choice_layers_are_the_image_choices_own_and_start_from_the_mask_layers():
@@ -1361,6 +1363,45 @@ def test_image_support_adds_the_pixels_reading_of_the_phrase_on_each_image_to_th
     model.config.grounding.image_support_weight = 0.0  # off: the tie again
     monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, undecided))
     assert model.generate(random_images(3), "Where?", max_new_tokens=10).segments[0].image == 1
+
+
+def test_supported_regions_keep_the_region_of_most_mass_times_support(monkeypatch):
+    """grounding.mask_regions "supported": of a mask's connected regions (at grounding.mask_threshold) only the one of
+    the largest probability mass x the phrase check's support for its phrase stays above the threshold; a mask of
+    one region is left as it is."""
+    model = small_model(*CHECK, "grounding.mask_regions=supported", "grounding.mask_threshold=0.5").eval()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    m = 8
+    logits = torch.full((2, m, m), -5.0)
+    logits[0, :4, :4] = 3.0  # mask 0: a big region (16 pixels) ...
+    logits[0, 6:, 6:] = 3.0  # ... and a small one (4 pixels)
+    logits[1, 2:5, 2:5] = 3.0  # mask 1: one region
+    words = torch.tensor([[vocab("chair"), -1], [vocab("chair"), -1]])
+    images = torch.tensor([0, 0])
+    kept_pixels = []
+
+    def check_phrases(masks, seg_images, features):  # "chair" is read under the masks holding the pixel (7, 7)
+        out = torch.full((masks.shape[0], model.config.tokens.vocab_size), -10.0)
+        out[masks[:, 7, 7] > 0.5, vocab("chair")] = 10.0
+        kept_pixels.append(masks.shape[0])
+        return out
+
+    monkeypatch.setattr(model, "check_phrases", check_phrases)
+    out = model._supported_regions(logits, images, None, words)
+    assert kept_pixels == [2]  # only mask 0's two regions were read
+    assert (out[0] > 0).sum() == 4 and out[0, 7, 7] > 0 and out[0, 0, 0] == logits[0].min()  # the small shown one
+    assert torch.equal(out[1], logits[1])
+    # read nowhere: both regions at the floor, so the mass decides
+    monkeypatch.setattr(model, "check_phrases", checker_reading(model, "table"))
+    out = model._supported_regions(logits, images, None, words)
+    assert (out[0] > 0).sum() == 16 and out[0, 0, 0] > 0 and out[0, 7, 7] == logits[0].min()
+    # at generation every [SEG]'s mask goes through it, with the phrase as written
+    seen = []
+    monkeypatch.setattr(model, "_supported_regions", lambda lg, im, f, w: seen.append(w.tolist()) or lg)
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, ["<p>", "chair", "</p>", "[SEG]", "</s>"]))
+    model.config.grounding.phrase_check_threshold = 0.0  # keep the answer however little its phrase reads
+    assert len(model.generate(random_images(2), "Where?", max_new_tokens=10).segments) == 1
+    assert seen == [[[vocab("chair"), -1]]]
 
 
 def test_image_support_config_is_checked():

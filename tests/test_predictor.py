@@ -410,6 +410,11 @@ def test_mask_threshold_and_regions_are_the_checkpoints_unless_given(tiny_checkp
     assert PrimaPredictor.from_pretrained(path, mask_regions="all").mask_regions == "all"
     with pytest.raises(PrimaError, match="--mask-regions must be one of"):
         PrimaPredictor.from_pretrained(path, mask_regions="biggest")
+    with pytest.raises(PrimaError, match="--mask-regions supported needs a checkpoint with the phrase check"):
+        PrimaPredictor.from_pretrained(path, mask_regions="supported")  # the random tiny one has none
+    # the model cuts "supported" regions itself: it gets the predictor's threshold and regions
+    overridden = PrimaPredictor.from_pretrained(path, mask_threshold=0.7, mask_regions="all").model.config.grounding
+    assert (overridden.mask_threshold, overridden.mask_regions) == (0.7, "all")
 
     class TwoBlobs(Generated):
         mask = np.array([[0.9, 0.0, 0.4], [0.0, 0.0, 0.4]], dtype=np.float32)

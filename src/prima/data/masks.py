@@ -97,22 +97,31 @@ def rle_iou_matrix(pred: Sequence[RLE], gt: Sequence[RLE]) -> np.ndarray:
     return np.asarray(mask_utils.iou(p, g, [0] * len(g)), dtype=np.float64).reshape(len(p), len(g))
 
 
-MASK_REGIONS = ("all", "largest")
+MASK_REGIONS = ("all", "largest", "supported")
+
+
+def connected_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The connected regions (8-neighbourhood) of a bool mask: a label map (0 outside, 1..n) and n."""
+    from scipy import ndimage
+
+    return ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
 
 
 def binarize(probs: np.ndarray, threshold: float, regions: str = "all") -> np.ndarray:
     """The mask of a probability map: pixels at ``threshold`` or above; with ``regions`` "largest" only its
-    connected region (8-neighbourhood) of the largest probability mass, for a phrase that names one object."""
+    connected region (8-neighbourhood) of the largest probability mass, for a phrase that names one object.
+    "supported" (the region the phrase check reads the phrase in) is chosen by the model, which has the pixels'
+    features (`PrimaModel`, ``grounding.mask_regions``); here it keeps the largest region of what the model left."""
     mask = probs >= threshold
     if regions == "all" or not mask.any():
         return mask
-    if regions != "largest":
+    if regions not in MASK_REGIONS:
         raise ValueError(f"regions must be one of {MASK_REGIONS}, got {regions!r}")
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    labels, n = connected_regions(mask)
     if n == 1:
         return mask
+    from scipy import ndimage
+
     mass = ndimage.sum(probs, labels, index=np.arange(1, n + 1))
     return labels == 1 + int(np.argmax(mass))
 

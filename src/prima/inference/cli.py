@@ -20,7 +20,8 @@ MASK_THRESHOLD_HELP = (
     "grounding.mask_threshold)"
 )
 MASK_REGIONS_HELP = (
-    "which pixels above the threshold make a mask: all, or the largest connected region by probability "
+    "which pixels above the threshold make a mask: all, the largest connected region by probability, or the "
+    "region in which the phrase check reads the phrase (supported; needs it) "
     "(default: the checkpoint's grounding.mask_regions)"
 )
 REPEAT_IMAGES_HELP = (
@@ -43,13 +44,15 @@ PHRASE_CHECK_HELP = (
 
 def add_readout_options(p: argparse.ArgumentParser) -> None:
     """The flags that change how a checkpoint's answers and masks are read out (`prima predict`, `prima eval`)."""
+    from prima.data.masks import MASK_REGIONS
+
     p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
     p.add_argument("--image-support-weight", type=float, default=None, metavar="W", help=IMAGE_SUPPORT_HELP)
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     p.add_argument("--llm-words", action="store_true", help=LLM_WORDS_HELP)
     p.add_argument("--phrase-check", type=float, default=None, metavar="P", help=PHRASE_CHECK_HELP)
     p.add_argument("--mask-threshold", type=float, default=None, help=MASK_THRESHOLD_HELP)
-    p.add_argument("--mask-regions", choices=("all", "largest"), default=None, help=MASK_REGIONS_HELP)
+    p.add_argument("--mask-regions", choices=MASK_REGIONS, default=None, help=MASK_REGIONS_HELP)
 
 
 def readout_options(args: argparse.Namespace) -> dict:

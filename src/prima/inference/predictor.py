@@ -106,6 +106,12 @@ class PrimaPredictor:
         self.mask_regions = mask_regions or getattr(grounding, "mask_regions", "all")
         if self.mask_regions not in MASK_REGIONS:
             raise PrimaError(f"--mask-regions must be one of {', '.join(MASK_REGIONS)}, got {self.mask_regions!r}")
+        if self.mask_regions == "supported" and getattr(getattr(model, "grounding", None), "checker", None) is None:
+            raise PrimaError(
+                "--mask-regions supported needs a checkpoint with the phrase check (grounding.phrase_check)"
+            )
+        if grounding is not None:  # the model cuts its masks' regions ("supported") with the same threshold
+            grounding.mask_threshold, grounding.mask_regions = self.mask_threshold, self.mask_regions
         self.max_image_side = max_image_side
 
     @classmethod

@@ -157,7 +157,9 @@ class GroundingConfig:
     # chosen on validation data (`prima eval --mask-threshold T`; docs/MODEL.md, "Where a mask ends")
     mask_threshold: float = 0.5
     # which pixels above the threshold make the mask: "all", or "largest", the connected region of the largest
-    # probability mass (a [SEG] names one object; chosen on validation data; docs/MODEL.md, "Where a mask ends")
+    # probability mass (a [SEG] names one object; chosen on validation data; docs/MODEL.md, "Where a mask ends"), or
+    # "supported", the region of the largest mass x the phrase check's support for the phrase as written there
+    # (needs phrase_check; docs/MODEL.md, "Which region shows the phrase")
     mask_regions: str = "all"
     # sam
     sam: dict[str, Any] = field(default_factory=dict)  # kwargs of SamConfig (vision_config, ...)
@@ -185,8 +187,17 @@ class GroundingConfig:
                 "model.grounding.image_choice cannot be combined with phrase_pooling (generation builds the pooled "
                 "query only after the answer, the image choice needs it at each [SEG])"
             )
-        if self.mask_regions not in ("all", "largest"):
-            raise ConfigError(f"model.grounding.mask_regions must be 'all' or 'largest', got {self.mask_regions!r}")
+        from prima.data.masks import MASK_REGIONS
+
+        if self.mask_regions not in MASK_REGIONS:
+            raise ConfigError(
+                f"model.grounding.mask_regions must be one of {', '.join(MASK_REGIONS)}, got {self.mask_regions!r}"
+            )
+        if self.mask_regions == "supported" and not self.phrase_check:
+            raise ConfigError(
+                "model.grounding.mask_regions 'supported' needs phrase_check (it keeps the region where the phrase "
+                "check reads the phrase)"
+            )
         if not 0.0 < self.mask_threshold < 1.0:
             raise ConfigError(f"model.grounding.mask_threshold must be in (0, 1), got {self.mask_threshold}")
         if self.word_readout and (self.kind == "sam" or not self.phrase_tokens):

@@ -7,6 +7,7 @@ Read top to bottom: construction, the pieces of the forward pass, `forward`, `ge
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1056,19 +1057,28 @@ class PrimaModel(nn.Module):
         features: ImageFeatures,
         *,
         check_first: bool | None = None,
+        read_first: bool = False,
     ) -> torch.Tensor:
         """Log `phrase_support` (M, K) of each [SEG]'s phrase under its mask drawn on each of its ``candidates``
         (batch images, -1 padded: 0 there), for ``grounding.image_support_weight``. The first word is checked when
         ``check_first`` says so; by default only without ``grounding.word_readout``, which reads it again from the
-        pixels of the image chosen."""
+        pixels of the image chosen. With ``read_first`` (needs ``grounding.word_readout``) it is read again on each
+        candidate image, as it would be written were that image chosen, and the phrase so written is checked under
+        the mask so drawn."""
         if check_first is None:
             check_first = not self.config.grounding.word_readout
         valid = candidates >= 0
         which = valid.nonzero(as_tuple=True)[0]
         images = candidates[valid]
-        logits, _ = self.predict_masks(prompts[which], images, {}, features, words[which])
         checked = words[which].clone()
-        if not check_first:
+        state, local = self._grounding_state(images, {}, features)
+        logits, scores = self.decode_masks(state, local, prompts[which], checked)
+        if read_first:
+            first, logits, _ = self._read_first_words(
+                state, local, prompts[which], images, features, checked, logits, scores
+            )
+            checked[:, 0] = first  # -1 stays -1: a phrase with no words
+        elif not check_first:
             checked[:, 0] = -1
         support = self.phrase_support(torch.sigmoid(logits.float()), images, features, checked)
         out = torch.zeros(candidates.shape, device=support.device)
@@ -1158,6 +1168,8 @@ class PrimaModel(nn.Module):
         support: list[float | None] = [None] * len(images)
         if self.config.grounding.phrase_check and words is not None:
             words = self.phrase_words(torch.tensor([ids]), torch.tensor([[0] * len(seg_at), seg_at]))  # as written
+            if self.config.grounding.mask_regions == "supported":
+                logits = self._supported_regions(logits, seg_images, features, words)
             support = self.phrase_support(torch.sigmoid(logits.float()), seg_images, features, words).tolist()
         phrases = [self._phrase_before(ids, pos) for pos in seg_at]
         segments = []
@@ -1170,6 +1182,37 @@ class PrimaModel(nn.Module):
                 GeneratedSegment(phrases[q], k + 1, prob.cpu().numpy().astype(np.float32), float(scores[q]), support[q])
             )
         return segments, sorted({k + 1 for k in images})
+
+    def _supported_regions(
+        self, logits: torch.Tensor, seg_images: torch.Tensor, features: ImageFeatures, words: torch.Tensor
+    ) -> torch.Tensor:
+        """Mask logits (M, m, m) where a mask of several connected regions (at ``grounding.mask_threshold``) keeps
+        only the one of the most probability mass weighed by how surely the phrase check reads its phrase ``words``
+        (M, L) there (the largest mass x support); the other regions' pixels drop to the mask's least logit
+        (``grounding.mask_regions: supported``)."""
+        from prima.data.masks import connected_regions
+
+        probs = torch.sigmoid(logits.float())
+        above = (probs >= self.config.grounding.mask_threshold).cpu().numpy()
+        owner, regions = [], []
+        for q in range(len(above)):
+            labels, n = connected_regions(above[q])
+            if n > 1:
+                owner += [q] * n
+                regions += [labels == j for j in range(1, n + 1)]
+        if not regions:
+            return logits
+        owner_t = torch.tensor(owner, device=logits.device)
+        drawn = torch.from_numpy(np.stack(regions)).to(logits.device) * probs[owner_t]
+        support = self.phrase_support(drawn, seg_images[owner_t], features, words[owner_t]).tolist()
+        mass = drawn.flatten(1).sum(1).tolist()
+        out = logits.clone()
+        for q in sorted(set(owner)):
+            mine = [i for i, o in enumerate(owner) if o == q]
+            best = max(mine, key=lambda i: math.log(max(support[i], SUPPORT_FLOOR)) + math.log(max(mass[i], 1e-6)))
+            drop = torch.from_numpy(above[q] & ~regions[best]).to(logits.device)
+            out[q] = out[q].masked_fill(drop, float(logits[q].min()))
+        return out
 
     def _read_first_words(
         self,
