@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from prima.data.masks import encode_rle
 from prima.data.schema import Sample, Segment
 from prima.errors import PrimaError
 from prima.model import PrimaModel, create_model, load_model_config
+from prima.model.prima import SUPPORT_FLOOR
 
 SMALL = [  # tiny.yaml shrunk further so a test builds and runs a model in about a second
     "vision.image_size=64",
@@ -1402,6 +1405,42 @@ def test_supported_regions_keep_the_region_of_most_mass_times_support(monkeypatc
     model.config.grounding.phrase_check_threshold = 0.0  # keep the answer however little its phrase reads
     assert len(model.generate(random_images(2), "Where?", max_new_tokens=10).segments) == 1
     assert seen == [[[vocab("chair"), -1]]]
+
+
+def test_image_support_can_read_the_first_word_again_on_each_image(monkeypatch):
+    """`_image_support(read_first=True)` (benchmarks/image_choice.py): on each candidate image the first word is the
+    word reader's there, and the phrase so written is what the checker must read."""
+    model = small_model(*CHECK, "grounding.word_readout=true").eval()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    v = model.config.tokens.vocab_size
+    red, blue, chair = vocab("sit"), vocab("lamp"), vocab("chair")  # words of the small vocabulary
+    assert len({red, blue, chair, model.processor.tokenizer.unk_token_id}) == 4
+
+    def read_first_words(masks, seg_images, features):  # image 1 shows a "sit" thing, image 0 a "lamp" one
+        out = torch.zeros(masks.shape[0], v)
+        out[seg_images == 1, red] = 10.0
+        out[seg_images == 0, blue] = 10.0
+        return out
+
+    def check_phrases(masks, seg_images, features):  # "sit" and "chair" are read on image 1 only
+        out = torch.full((masks.shape[0], v), -10.0)
+        out[seg_images == 1, red] = 10.0
+        out[seg_images == 1, chair] = 10.0
+        out[seg_images == 0, blue] = 10.0
+        return out
+
+    monkeypatch.setattr(model, "read_first_words", read_first_words)
+    monkeypatch.setattr(model, "check_phrases", check_phrases)
+    size = model.config.vision.image_size
+    features = model.encode_images(torch.rand(2, 3, size, size))
+    prompts = torch.randn(1, model.seg_projector[-1].out_features)
+    words = torch.tensor([[blue, chair]])  # the LLM says "lamp chair"
+    candidates = torch.tensor([[0, 1]])
+    read = model._image_support(prompts, words, candidates, features, read_first=True)
+    checked = model._image_support(prompts, words, candidates, features, check_first=True)
+    floor = math.log(SUPPORT_FLOOR)
+    assert read[0, 1] > -0.01 and read[0, 0] == pytest.approx(floor)  # "sit chair" on image 1; no chair on 0
+    assert checked[0, 0] == checked[0, 1] == pytest.approx(floor)  # "lamp chair" is shown on neither
 
 
 def test_image_support_config_is_checked():
