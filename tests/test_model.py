@@ -1143,8 +1143,8 @@ def test_phrase_check_learns_every_word_of_each_phrase_from_the_pixels_under_its
 def test_generate_writes_an_answer_without_masks_when_the_pixels_show_none_of_its_phrases(monkeypatch):
     """grounding.phrase_check at generation: each segment's support is its phrase's least likely word under its mask;
     an answer whose every phrase reads below phrase_check_threshold is written again with no phrase, tag or [SEG]
-    allowed, from each of the UNGROUNDED_STARTS likeliest first tokens; the likeliest of those answers replaces it if
-    the LLM finds it as likely per token, and the first answer is kept as ``first_answer``."""
+    allowed, greedily and from branches of it (`_branches`); the likeliest of those answers replaces it if the LLM
+    finds it as likely per token, and the first answer is kept as ``first_answer``."""
     model = small_model(*CHECK).eval()
     grounded = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", "</s>"]
 
@@ -1192,9 +1192,10 @@ class GradedScript(ScriptedLogits):
 
 
 def test_generate_grounds_an_answer_without_phrases_when_the_pixels_show_its_phrases(monkeypatch):
-    """grounding.phrase_check: an answer without phrases is written again from the LLM's next UNGROUNDED_STARTS
-    likeliest first tokens; the likeliest of those whose every phrase the pixels show replaces it (however unlikely
-    the LLM finds it), and the first answer is kept as ``first_answer``; threshold 0 turns the check off."""
+    """grounding.phrase_check: an answer without phrases is written again from branches of it (here: its first token
+    replaced by the LLM's second likeliest); the likeliest of those whose every phrase the pixels show replaces it
+    (however unlikely the LLM finds it), and the first answer is kept as ``first_answer``; threshold 0 turns the
+    check off."""
     model = small_model(*CHECK).eval()
     ungrounded = ["none", "</s>"]
     grounded = [{"none": 1e4, "the": 5e3}, "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", "</s>"]  # "the" ranks second
@@ -1216,6 +1217,31 @@ def test_generate_grounds_an_answer_without_phrases_when_the_pixels_show_its_phr
     monkeypatch.setattr(model.language, "forward", script)
     result = model.generate(random_images(2), "Where?", max_new_tokens=10)
     assert result.answer == "none" and script.step == len(ungrounded)
+
+
+def test_an_answer_is_written_again_from_a_branch_after_its_first_words(monkeypatch):
+    """The branches of an answer without phrases keep its first words and change a later one ("There are" + "no"
+    -> "three"): each of the first BRANCH_POSITIONS positions, with the LLM's next BRANCH_RANKS tokens there; the
+    likeliest shown answer wins, so the branch that keeps the likely first word beats those that change it."""
+    from prima.model.prima import BRANCH_POSITIONS, BRANCH_RANKS
+
+    model = small_model(*CHECK).eval()
+    ungrounded = ["and", "none", "</s>"]
+    # every branch runs in one batch, in step: the first position's branches get "and"'s tied runners-up, the
+    # second position's "the" (second to "none"), then all go on to the chair
+    branched = ["and", {"none": 1e4, "the": 5e3}, "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", "</s>"]
+    monkeypatch.setattr(model, "check_phrases", checker_reading(model, "chair"))
+    script = GradedScript(model, [*ungrounded, *branched])
+    monkeypatch.setattr(model.language, "forward", script)
+    result = model.generate(random_images(2), "Where?", max_new_tokens=10)
+    assert result.answer.startswith("and the <p> chair </p> [SEG] (IMAGE2)") and result.first_answer == "and none"
+    assert [(s.phrase, s.image) for s in result.segments] == [("chair", 2)]
+
+    tokens = model.processor.tokenizer.convert_tokens_to_ids(["and", "none", "the", "<p>", "chair", "</p>"])
+    assert model._branches(tokens[:2]) == [(tokens[:p], r) for p in range(3) for r in range(1, BRANCH_RANKS + 1)]
+    # before the first phrase only, and at most BRANCH_POSITIONS deep
+    assert {len(prefix) for prefix, _ in model._branches(tokens[2:])} == {0, 1}
+    assert max(len(prefix) for prefix, _ in model._branches(tokens[:2] * 4)) == BRANCH_POSITIONS - 1
 
 
 def test_a_parts_phrase_is_supported_when_its_owner_is(monkeypatch):

@@ -29,8 +29,10 @@ from prima.model.square import ImageQueryModule
 from prima.model.vision import ImageFeatures, build_vision_encoder
 
 WEIGHTS_FILE = "model.safetensors"
-# grounding.phrase_check: how many first tokens start the answers an answer is written again from
-UNGROUNDED_STARTS = 4
+# grounding.phrase_check: an answer is written again from branches of the first: at each of its first
+# BRANCH_POSITIONS tokens (before any phrase), the LLM's next BRANCH_RANKS likeliest tokens there instead
+BRANCH_POSITIONS = 4
+BRANCH_RANKS = 3
 # grounding.word_readout: how many of the reader's words compete with the LLM's for a phrase's first word
 READOUT_CANDIDATES = 3
 # grounding.image_support_weight: the least support counted (log 1e-4 = -9.2), so no image is ruled out outright
@@ -835,46 +837,76 @@ class PrimaModel(nn.Module):
         if not g.phrase_check or g.phrase_check_threshold <= 0:
             return results
         shown = g.phrase_check_threshold
-        k = UNGROUNDED_STARTS
         unshown = [b for b, r in enumerate(results) if r.segments and all(s.support < shown for s in r.segments)]
         ungrounded = [b for b, r in enumerate(results) if not r.segments]
         if unshown:
-            # greedy from the LLM's first word would keep its grounded sentence ("You could sit on the ...") and run
-            # into the ban; so each of its k likeliest first tokens starts an answer, and the likeliest per token is
-            # taken ("None of the images shows something you could sit on.") if the LLM finds it at least as likely
-            # as the grounded one: where it has no answer without phrases (it wanted a phrase all along), the grounded
-            # answer stands
-            rows = [requests[b] for b in unshown for _ in range(k)]
-            again = self._generate(rows, max_new_tokens, [True] * len(rows), list(range(k)) * len(unshown))
-            for i, b in enumerate(unshown):
-                best = max(again[i * k : (i + 1) * k], key=lambda r: r.mean_logprob)
+            # greedy with the bans alone would keep the LLM's grounded sentence ("You could sit on the ...") and run
+            # into the ban; so the answer is written again from branches of its words before the first phrase too,
+            # and the likeliest per token is taken ("None of the images shows something you could sit on.") if the
+            # LLM finds it at least as likely as the grounded one: where it has no answer without phrases (it wanted
+            # a phrase all along), the grounded answer stands
+            branches = [[([], 0), *self._branches(results[b].token_ids)] for b in unshown]
+            again = self._generate_branches(requests, unshown, branches, max_new_tokens, ungrounded=True)
+            for b, written in zip(unshown, again):
+                best = max(written, key=lambda r: r.mean_logprob)
                 if best.mean_logprob >= results[b].mean_logprob:
                     best.first_answer = results[b].answer
                     results[b] = best
         if ungrounded:
             # the LLM's prior for "nothing there" is strong ("No, ..." is its likeliest start whatever the images
-            # show), so here the pixels alone decide: every phrase of the answer must be shown
-            rows = [requests[b] for b in ungrounded for _ in range(k)]
-            again = self._generate(rows, max_new_tokens, [False] * len(rows), list(range(1, k + 1)) * len(ungrounded))
-            for i, b in enumerate(ungrounded):
-                found = [
-                    r for r in again[i * k : (i + 1) * k] if r.segments and min(s.support for s in r.segments) >= shown
-                ]
+            # show; "There are no ..." where it counts), so here the pixels alone decide which branch may stand:
+            # every phrase of the answer must be shown (a [SEG] without one is not); then the LLM's likeliest per token
+            branches = [self._branches(results[b].token_ids) for b in ungrounded]
+            again = self._generate_branches(requests, ungrounded, branches, max_new_tokens, ungrounded=False)
+            for b, written in zip(ungrounded, again):
+                found = [r for r in written if r.segments and all(s.phrase and s.support >= shown for s in r.segments)]
                 if found:
                     best = max(found, key=lambda r: r.mean_logprob)
                     best.first_answer = results[b].answer
                     results[b] = best
         return results
 
+    def _branches(self, answer_ids: list[int]) -> list[tuple[list[int], int]]:
+        """(prefix, rank) pairs: the answer's first p tokens, then the rank-th likeliest token instead of its own,
+        for p below `BRANCH_POSITIONS` and before the answer's first phrase, tag or [SEG], rank 1..`BRANCH_RANKS`."""
+        structure = set(self._structure_token_ids())
+        plain = next((j for j, token in enumerate(answer_ids) if token in structure), len(answer_ids))
+        return [
+            (answer_ids[:p], rank)
+            for p in range(min(BRANCH_POSITIONS, plain + 1))
+            for rank in range(1, BRANCH_RANKS + 1)
+        ]
+
+    def _generate_branches(
+        self,
+        requests: list[tuple[list[Any], str]],
+        rows: list[int],
+        branches: list[list[tuple[list[int], int]]],
+        max_new_tokens: int,
+        *,
+        ungrounded: bool,
+    ) -> list[list[GenerationOutput]]:
+        """Every branch of ``branches[i]`` written for request ``rows[i]``, in one batch; a list per row."""
+        flat = [(b, branch) for b, own in zip(rows, branches) for branch in own]
+        written = self._generate(
+            [requests[b] for b, _ in flat], max_new_tokens, [ungrounded] * len(flat), [br for _, br in flat]
+        )
+        out, start = [], 0
+        for own in branches:
+            out.append(written[start : start + len(own)])
+            start += len(own)
+        return out
+
     def _generate(
         self,
         requests: list[tuple[list[Any], str]],
         max_new_tokens: int,
         ungrounded: list[bool],
-        first_rank: list[int] | None = None,
+        branches: list[tuple[list[int], int]] | None = None,
     ) -> list[GenerationOutput]:
         """The greedy loop of `generate_batch`; rows with ``ungrounded`` set may not write a phrase, tag or [SEG], and
-        with ``first_rank`` row b starts with its ``first_rank[b]``-th most likely first token (0: the greedy one)."""
+        with ``branches`` row b writes ``branches[b] = (prefix, rank)``: the tokens of ``prefix``, then its
+        ``rank``-th most likely token (0: the greedy one), then greedily on."""
         from prima.data.processor import load_image
 
         if self.processor is None:
@@ -961,9 +993,12 @@ class PrimaModel(nn.Module):
                     ban[b, self._repeated_tags(generated[b], counts[b])] = True
             allowed = scores.masked_fill(ban, float("-inf"))
             tokens = allowed.argmax(-1)
-            if first_rank is not None and not any(generated):  # the first token: the rank-th most likely instead
-                ranks = torch.tensor(first_rank, device=dev)[:, None]
-                tokens = allowed.topk(max(first_rank) + 1, dim=-1).indices.gather(1, ranks)[:, 0]
+            for b, (prefix, rank) in enumerate(branches or []):
+                at = len(generated[b])
+                if at < len(prefix):
+                    tokens[b] = prefix[at]
+                elif at == len(prefix) and rank:
+                    tokens[b] = allowed[b].topk(rank + 1).indices[rank]
             token_logp = scores.log_softmax(-1).gather(1, tokens[:, None])[:, 0].tolist()
             fed_seg = []
             for b, token in enumerate(tokens.tolist()):
