@@ -32,7 +32,7 @@ WEIGHTS_FILE = "model.safetensors"
 # grounding.phrase_check: an answer is written again from branches of the first: at each of its first
 # BRANCH_POSITIONS tokens (before any phrase), the LLM's next BRANCH_RANKS likeliest tokens there instead
 BRANCH_POSITIONS = 4
-BRANCH_RANKS = 3
+BRANCH_RANKS = 2
 # grounding.word_readout: how many of the reader's words compete with the LLM's for a phrase's first word
 READOUT_CANDIDATES = 3
 # grounding.image_support_weight: the least support counted (log 1e-4 = -9.2), so no image is ruled out outright
@@ -887,10 +887,9 @@ class PrimaModel(nn.Module):
         ungrounded: bool,
     ) -> list[list[GenerationOutput]]:
         """Every branch of ``branches[i]`` written for request ``rows[i]``, in one batch; a list per row."""
-        flat = [(b, branch) for b, own in zip(rows, branches) for branch in own]
-        written = self._generate(
-            [requests[b] for b, _ in flat], max_new_tokens, [ungrounded] * len(flat), [br for _, br in flat]
-        )
+        flat = [branch for own in branches for branch in own]
+        of = [i for i, own in enumerate(branches) for _ in own]
+        written = self._generate([requests[b] for b in rows], max_new_tokens, [ungrounded] * len(flat), flat, of)
         out, start = [], 0
         for own in branches:
             out.append(written[start : start + len(own)])
@@ -903,10 +902,13 @@ class PrimaModel(nn.Module):
         max_new_tokens: int,
         ungrounded: list[bool],
         branches: list[tuple[list[int], int]] | None = None,
+        of: list[int] | None = None,
     ) -> list[GenerationOutput]:
         """The greedy loop of `generate_batch`; rows with ``ungrounded`` set may not write a phrase, tag or [SEG], and
         with ``branches`` row b writes ``branches[b] = (prefix, rank)``: the tokens of ``prefix``, then its
-        ``rank``-th most likely token (0: the greedy one), then greedily on."""
+        ``rank``-th most likely token (0: the greedy one), then greedily on. With ``of``, row b answers request
+        ``of[b]`` (several rows may share one, whose images are encoded once); ``ungrounded`` and ``branches`` are per
+        row."""
         from prima.data.processor import load_image
 
         if self.processor is None:
@@ -917,8 +919,13 @@ class PrimaModel(nn.Module):
             if not 1 <= n <= self.config.max_images:
                 raise PrimaError(f"got {n} images; this model takes 1..{self.config.max_images}")
         pil = [[load_image(im) for im in images] for images, _ in requests]
-        sample_index = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts)).to(dev)
         features = self.encode_images(proc.preprocess_images([im for images in pil for im in images]))
+        if of is not None:
+            starts = np.cumsum([0, *counts])
+            index = torch.tensor([i for j in of for i in range(starts[j], starts[j + 1])], device=dev)
+            features = [f[index] for f in features]
+            requests, pil, counts = [requests[j] for j in of], [pil[j] for j in of], [counts[j] for j in of]
+        sample_index = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts)).to(dev)
         qrows = [proc.encode_qformer_text(question) for _, question in requests]
         # the Q-Former reads questions right-padded, as in training (its text positions are absolute)
         qids, qmask = _pad(qrows, (proc.qformer_tokenizer or proc.tokenizer).pad_token_id, dev, left=False)
