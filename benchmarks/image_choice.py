@@ -13,14 +13,11 @@ image-choice logits, the sum ``log p_LLM(tag) + w * log p_decoder(image)`` what 
 
 from __future__ import annotations
 
-import argparse
-
+import teacher_forced
 import torch
 
 from prima.model import PrimaModel
 from prima.model.prima import _candidates
-from prima.train.data import load_samples
-from prima.train.run import TrainCollator, make_feature_cache
 
 
 def llm_first_words(
@@ -40,29 +37,20 @@ def llm_first_words(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--data", default="data/synth/val/samples.jsonl")
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--feature-cache", default=None, help="the training run's data.feature_cache folder")
+    parser = teacher_forced.options(__doc__)
     parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0])
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--llm-first-word",
         action="store_true",
         help="draw and check each phrase with the LLM's own first word (its greedy choice after the true prefix), "
         "as generation does, instead of the true one",
     )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = PrimaModel.from_pretrained(args.checkpoint).eval()
+    args = teacher_forced.parse(parser)
+    model, collate = teacher_forced.load(args.checkpoint, args.feature_cache)
     if not model.config.grounding.image_choice:
         raise SystemExit(f"image_choice: {args.checkpoint} has no image-choice head (model.grounding.image_choice)")
     tags = torch.tensor(model.config.tokens.image_tag_ids)
-    cache = make_feature_cache(model, args.feature_cache) if args.feature_cache else None
-    collate = TrainCollator(model, cache)
-    samples = load_samples(args.data, limit=args.samples)
+    samples = teacher_forced.samples(args)
     check = model.config.grounding.phrase_check
     variants = {"every word": {"check_first": True}, "without the first word": {"check_first": False}}
     if model.config.grounding.word_readout:
@@ -70,8 +58,7 @@ def main() -> None:
     supports: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
     llm, decoder, truth, images = [], [], [], []
     with torch.no_grad():
-        for i in range(0, len(samples), args.batch):
-            batch = collate(samples[i : i + args.batch])
+        for _, batch in teacher_forced.batches(samples, args.batch, collate):
             out = model(batch)
             if out.image_choice_logits is None:
                 continue

@@ -13,15 +13,11 @@ and the best region (an oracle: how much any choice of one region could give).
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
+import teacher_forced
 import torch
 
 from prima.data.masks import binarize, connected_regions
-from prima.model import PrimaModel
-from prima.train.data import load_samples
-from prima.train.run import TrainCollator, make_feature_cache
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -29,30 +25,17 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--data", default="data/synth/val3/samples.jsonl")
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--feature-cache", default=None, help="the training run's data.feature_cache folder")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = PrimaModel.from_pretrained(args.checkpoint).eval()
+    args = teacher_forced.parse(teacher_forced.options(__doc__, data="data/synth/val3/samples.jsonl"))
+    model, collate = teacher_forced.load(args.checkpoint, args.feature_cache)
     if not model.config.grounding.phrase_check:
         raise SystemExit(f"mask_regions: {args.checkpoint} has no phrase check (model.grounding.phrase_check)")
     threshold = model.config.grounding.mask_threshold
-    cache = make_feature_cache(model, args.feature_cache) if args.feature_cache else None
-    collate = TrainCollator(model, cache)
-    samples = load_samples(args.data, limit=args.samples)
+    samples = teacher_forced.samples(args)
     rules = ("all", "largest", "supported, true words", "supported, without the first word", "best region")
     scores: dict[str, list[float]] = {rule: [] for rule in rules}
     several = []
     with torch.no_grad():
-        for i in range(0, len(samples), args.batch):
-            batch = collate(samples[i : i + args.batch])
-            if batch.get("masks") is None or not len(batch["masks"]):
-                continue
+        for _, batch in teacher_forced.batches(samples, args.batch, collate, with_masks=True):
             out = model(batch)
             x = model._inputs(batch)
             positions, images = model.seg_targets(x.input_ids, x.image_offsets, x.num_images, x.labels)

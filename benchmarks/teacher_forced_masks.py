@@ -12,40 +12,23 @@ reader names each phrase's first word from the pixels under the GT mask and unde
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
+import teacher_forced
 import torch
 from PIL import Image
 
-from prima.model import PrimaModel
-from prima.train.data import load_samples
-from prima.train.run import TrainCollator, make_feature_cache
-
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--data", default="data/synth/val/samples.jsonl")
-    parser.add_argument("--samples", type=int, default=48)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--feature-cache", default=None, help="the training run's data.feature_cache folder")
+    parser = teacher_forced.options(__doc__, samples=48)
     parser.add_argument("--png", default=None, help="write GT | prediction of the first batch's masks here")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = PrimaModel.from_pretrained(args.checkpoint).eval()
-    cache = make_feature_cache(model, args.feature_cache) if args.feature_cache else None
-    collate = TrainCollator(model, cache)
-    samples = load_samples(args.data, limit=args.samples)
+    args = teacher_forced.parse(parser)
+    model, collate = teacher_forced.load(args.checkpoint, args.feature_cache)
+    samples = teacher_forced.samples(args)
     ious: list[float] = []
     reads = {"GT": [], "predicted": []}  # word reader right or wrong, per mask
     rows: list[np.ndarray] = []
     with torch.no_grad():
-        for i in range(0, len(samples), args.batch):
-            batch = collate(samples[i : i + args.batch])
-            if batch.get("masks") is None or not len(batch["masks"]):
-                continue
+        for _, batch in teacher_forced.batches(samples, args.batch, collate, with_masks=True):
             out = model(batch)
             pred = torch.cat(out.mask_logits) > 0
             gt = batch["masks"] > 0.5

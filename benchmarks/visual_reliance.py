@@ -15,17 +15,15 @@ the head's top |phrases| colour words.
 
 from __future__ import annotations
 
-import argparse
 import math
 
+import teacher_forced
 import torch
 import torch.nn.functional as F
 
 from prima.data.synth_shapes import COLOURS
 from prima.model import PrimaModel
 from prima.model.losses import IGNORE_INDEX
-from prima.train.data import load_samples
-from prima.train.run import TrainCollator, make_feature_cache
 
 
 def phrase_positions(ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
@@ -44,20 +42,12 @@ def token_losses(model: PrimaModel, batch: dict) -> tuple[torch.Tensor, torch.Te
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--data", default="data/synth/val/samples.jsonl")
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--feature-cache", default=None, help="the training run's data.feature_cache folder")
+    parser = teacher_forced.options(__doc__, samples=128, batch=16, threads=1)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    model = PrimaModel.from_pretrained(args.checkpoint).eval()
+    args = teacher_forced.parse(parser)
+    model, collate = teacher_forced.load(args.checkpoint, args.feature_cache)
     t = model.config.tokens
-    cache = make_feature_cache(model, args.feature_cache) if args.feature_cache else None
-    collate = TrainCollator(model, cache)
-    samples = load_samples(args.data, limit=args.samples)
+    samples = teacher_forced.samples(args)
     gen = torch.Generator().manual_seed(args.seed)
     sums = {k: 0.0 for k in ("own_phrase", "foreign_phrase", "own_all", "foreign_all")}
     counts = {"phrase": 0, "all": 0}
@@ -67,8 +57,7 @@ def main() -> None:
     colour_ids = torch.tensor([model.processor.tokenizer.convert_tokens_to_ids(c) for c in COLOURS])
     colour_hits = colour_total = 0
     with torch.no_grad():
-        for i in range(0, len(samples), args.batch):
-            batch = collate(samples[i : i + args.batch])
+        for chunk, batch in teacher_forced.batches(samples, args.batch, collate):
             if "image_features" not in batch:
                 batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
             ce_own, right_own, labels = token_losses(model, batch)
@@ -80,7 +69,7 @@ def main() -> None:
             )
             visual_rows.append(visual)
             if model.visual_words is not None:
-                hit, total = head_colour_recall(model, visual, samples[i : i + args.batch], colour_ids)
+                hit, total = head_colour_recall(model, visual, chunk, colour_ids)
                 colour_hits, colour_total = colour_hits + hit, colour_total + total
             n = batch["image_features"][0].shape[0]
             perm = torch.randperm(n, generator=gen)
