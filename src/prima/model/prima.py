@@ -829,8 +829,9 @@ class PrimaModel(nn.Module):
         its `GeneratedSegment.support` reaches ``phrase_check_threshold``). An answer that grounds phrases none of
         which is shown is written again with no phrase, tag or [SEG] allowed, and that answer ("None of the images
         shows ...") replaces it when the LLM scores it at least as likely per token (`GenerationOutput.mean_logprob`).
-        An answer without phrases ("No, none of the images shows a mug.") is written again from the LLM's next
-        likeliest first tokens, and the likeliest of those whose every phrase is shown replaces it. The replaced
+        An answer without phrases ("There are no lamps in these images.") is written again, and the likeliest
+        answer whose every phrase is shown replaces it ("There are three lamps: ..."). Both rewrites are written from
+        branches of the first answer (`_branches`: its first words kept, then another likely word). The replaced
         answer is kept as `GenerationOutput.first_answer`."""
         results = self._generate(requests, max_new_tokens, [False] * len(requests))
         g = self.config.grounding
