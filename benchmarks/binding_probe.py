@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 
+import teacher_forced
 import torch
 import torch.nn.functional as F
 
@@ -37,19 +38,12 @@ def phrase_tokens(model: PrimaModel, samples, cache, encoder: bool = False, batc
         for i in range(0, len(samples), batch_size):
             chunk = samples[i : i + batch_size]
             batch = collate(chunk)
-            if "image_features" not in batch:
-                batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
             if encoder:
-                grid = batch["image_features"][model.vision.token_index]
+                grid = teacher_forced.image_features(model, batch)[model.vision.token_index]
                 visual = grid.float().flatten(2).transpose(1, 2)  # (N, cells, channels)
                 visual = (visual - visual.mean((0, 1))) / (visual.std((0, 1)) + 1e-4)
             else:
-                visual = model.visual_tokens(
-                    batch["image_features"],
-                    batch["image_sample_index"],
-                    batch["qformer_input_ids"],
-                    batch["qformer_attention_mask"],
-                )
+                visual = teacher_forced.visual_tokens(model, batch)
                 visual = F.rms_norm(visual, visual.shape[-1:])  # as the LLM's first layer reads it
             offsets = torch.cumsum(torch.tensor([0] + [len(s.images) for s in chunk]), 0).tolist()
             for s, offset in zip(chunk, offsets):

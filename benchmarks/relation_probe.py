@@ -40,18 +40,11 @@ def image_rows(model: PrimaModel, collate: TrainCollator, samples, batch: int, e
     samples = [s for s in samples if s.family == "spatial-compare"]
     with torch.no_grad():
         for chunk, collated in teacher_forced.batches(samples, batch, collate):
-            if "image_features" not in collated:
-                collated["image_features"] = model.encode_images(collated.pop("pixel_values"))
-            features = collated["image_features"]
             if encoder:
-                tokens = features[model.vision.token_index].float().flatten(2).transpose(1, 2)
+                grid = teacher_forced.image_features(model, collated)[model.vision.token_index]
+                tokens = grid.float().flatten(2).transpose(1, 2)
             else:
-                tokens = model.visual_tokens(
-                    features,
-                    collated["image_sample_index"],
-                    collated["qformer_input_ids"],
-                    collated["qformer_attention_mask"],
-                )
+                tokens = teacher_forced.visual_tokens(model, collated)
             tokens = F.rms_norm(tokens.float(), tokens.shape[-1:])
             start = 0
             for s in chunk:

@@ -77,3 +77,20 @@ def batches(
         if with_masks and (batch.get("masks") is None or not len(batch["masks"])):
             continue
         yield chunk, batch
+
+
+def image_features(model: PrimaModel, batch: dict[str, Any]) -> list[torch.Tensor]:
+    """The batch's frozen-encoder features: from the feature cache, or encoded now (and kept in ``batch``)."""
+    if "image_features" not in batch:
+        batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
+    return batch["image_features"]
+
+
+def visual_tokens(model: PrimaModel, batch: dict[str, Any]) -> torch.Tensor:
+    """V_i (images, T, H): the visual tokens the LLM gets for the batch's images, question-conditioned as in training."""
+    return model.visual_tokens(
+        image_features(model, batch),
+        batch["image_sample_index"],
+        batch["qformer_input_ids"],
+        batch["qformer_attention_mask"],
+    )

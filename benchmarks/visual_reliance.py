@@ -58,15 +58,8 @@ def main() -> None:
     colour_hits = colour_total = 0
     with torch.no_grad():
         for chunk, batch in teacher_forced.batches(samples, args.batch, collate):
-            if "image_features" not in batch:
-                batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
+            visual = teacher_forced.visual_tokens(model, batch)  # encodes the images if the cache did not
             ce_own, right_own, labels = token_losses(model, batch)
-            visual = model.visual_tokens(
-                batch["image_features"],
-                batch["image_sample_index"],
-                batch["qformer_input_ids"],
-                batch["qformer_attention_mask"],
-            )
             visual_rows.append(visual)
             if model.visual_words is not None:
                 hit, total = head_colour_recall(model, visual, chunk, colour_ids)
