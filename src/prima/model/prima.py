@@ -869,7 +869,8 @@ class PrimaModel(nn.Module):
 
     def _branches(self, answer_ids: list[int]) -> list[tuple[list[int], int]]:
         """(prefix, rank) pairs: the answer's first p tokens, then the rank-th likeliest token instead of its own,
-        for p below `BRANCH_POSITIONS` and before the answer's first phrase, tag or [SEG], rank 1..`BRANCH_RANKS`."""
+        for p below `BRANCH_POSITIONS` and up to the answer's first phrase, tag or [SEG] (the prefix never holds one;
+        the branch may replace it), rank 1..`BRANCH_RANKS`."""
         structure = set(self._structure_token_ids())
         plain = next((j for j, token in enumerate(answer_ids) if token in structure), len(answer_ids))
         return [
