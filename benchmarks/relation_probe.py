@@ -114,6 +114,9 @@ def main() -> None:
     model, collate = teacher_forced.load(args.checkpoint, args.feature_cache)
     fit_samples = [s for path in args.fit for s in load_samples(path)]
     test_samples = teacher_forced.samples(args)
+    for name, samples in (("--fit", fit_samples), ("--data", test_samples)):
+        if not any(s.family == "spatial-compare" for s in samples):
+            raise SystemExit(f"relation_probe: {name} has no spatial-compare samples (see the docstring's command)")
     for name, encoder in (("V_i", False), ("encoder cells", True)):
         fit = image_rows(model, collate, fit_samples, args.batch, encoder)
         test = image_rows(model, collate, test_samples, args.batch, encoder)
