@@ -610,6 +610,40 @@ def test_visual_words_loss_reads_each_phrase_word_from_its_own_image():
     assert any(p is model.visual_words.weight for p in model.parameter_groups()["query_module"])
 
 
+def test_mask_centres_are_each_masks_centre_of_mass_in_its_width_and_height():
+    from prima.model.losses import mask_centres
+
+    masks = torch.zeros(2, 4, 8)
+    masks[0, 0, 0:2] = 1  # top left: x (0.5 + 1.5) / 2 / 8, y 0.5 / 4
+    masks[1, 2:4, 6] = 1
+    assert torch.allclose(mask_centres(masks), torch.tensor([[0.125, 0.125], [6.5 / 8, 3 / 4]]))
+
+
+def test_visual_position_loss_reads_each_grounded_phrases_centre_from_its_images_tokens():
+    from prima.config import ConfigError
+    from prima.model.config import LossConfig
+    from prima.model.losses import mask_centres
+
+    assert LossConfig().visual_position == 0.0  # off unless a preset asks: no head, no term
+    assert small_model("loss.visual_words=1.0").visual_position is None
+    with pytest.raises(ConfigError, match="visual_position needs model.loss.visual_words"):
+        small_model("loss.visual_words=0.0", "loss.visual_position=1.0")
+    model = small_model("loss.visual_words=1.0", "loss.visual_position=1.0").train()
+    batch = make_batch(model, [grounded_sample(), negative_sample()])
+    out = model(batch)
+    model.zero_grad()
+    out.loss_position.backward()
+    assert model.query.global_queries.grad.abs().sum() > 0  # it trains the query module that makes V
+    assert model.visual_words.weight.grad is None  # the key is read, not trained: which token names what stays
+    assert any(p is model.visual_position[0].weight for p in model.parameter_groups()["query_module"])
+    # with the head's last layer at zero it reads (0.5, 0.5) everywhere: the loss is the centres' mean distance
+    torch.nn.init.zeros_(model.visual_position[-1].weight)
+    torch.nn.init.zeros_(model.visual_position[-1].bias)
+    expected = (mask_centres(batch["masks"]) - 0.5).abs().mean()
+    assert torch.allclose(model(batch).loss_position, expected)
+    assert_in_the_graph_without_a_seg(model, "loss_position", model.visual_position)
+
+
 def test_images_and_visual_words_can_start_late_in_a_training_run():
     model = small_model("loss.visual_words=1.0", "loss.visual_words_from_step=3", "images_from_step=2").train()
     batch = make_batch(model, [grounded_sample()])
@@ -760,6 +794,34 @@ def test_position_in_sample_counts_images_within_each_sample():
 
     index = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
     assert position_in_sample(index).tolist() == [0, 1, 0, 1, 2, 0, 0, 1]
+
+
+def test_sincos_cell_positions_join_the_tokens_after_their_norm_and_read_off_left_to_right():
+    from prima.config import ConfigError
+    from prima.model.square import sincos_positions
+
+    table = sincos_positions(4, 8)
+    first = table[:, 0].reshape(4, 4)  # the column's slowest sine: the same down a column, rising left to right
+    assert torch.equal(first, first[:1].expand(4, -1)) and bool((first[0].diff() > 0).all())
+    assert torch.equal(table[:, 4].reshape(4, 4), first.T)  # the second half: the row
+    with pytest.raises(ConfigError, match="cell_positions' must be one of"):
+        small_model("qformer.cell_positions=grid")
+
+    def qformer_input(model):
+        seen = {}
+        model.query.qformer.register_forward_pre_hook(
+            lambda m, a, kw: seen.update(cells=kw["encoder_hidden_states"]), with_kwargs=True
+        )
+        cells = torch.ones(1, *model.query.token_pos.shape[1:])  # every cell the same: only a position tells them apart
+        qids = torch.tensor([model.processor.encode_qformer_text("Where?")])
+        model.query(cells, torch.tensor([0]), qids)
+        return seen["cells"][0]
+
+    learned = qformer_input(small_model())  # the learned table starts at zero: every cell alike
+    assert torch.allclose(learned, learned[:1].expand_as(learned))
+    model = small_model("qformer.cell_positions=sincos")
+    normed = model.query.token_norm(torch.ones_like(model.query.token_pos[0]))
+    assert torch.allclose(qformer_input(model), normed + model.query.token_pos[0])
 
 
 def test_image_index_embedding_marks_each_images_tokens_with_its_position():

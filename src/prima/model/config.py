@@ -60,6 +60,11 @@ class QFormerConfig:
     # the visual tokens RMS-normalised, times a learned per-dimension gain that starts here (e.g. 0.0625, the RMS of
     # a trained tiny word embedding); None: as the projection makes them (docs/MODEL.md, "Copying from the question")
     output_rms: float | None = None
+    # where an EfficientNet cell's position joins its token: "learned" adds a learned table (from zeros) to the raw
+    # features, ~1/45 of their norm in the bundled checkpoint; "sincos" adds a 2D sine-cosine table, learned from
+    # there, after the tokens' LayerNorm, where it is a third of their norm (docs/MODEL.md, "Where spatial-compare
+    # is lost")
+    cell_positions: Literal["learned", "sincos"] = "learned"
 
     def validate(self) -> None:
         if self.num_queries < 1:
@@ -240,6 +245,11 @@ class LossConfig:
     # training only: the visual-words loss weighs 0 in the first this-many optimizer steps, so the LLM can first
     # learn what it copies from the question (docs/MODEL.md, "The visual-words loss switched on late")
     visual_words_from_step: int = 0
+    # auxiliary "where is it" loss on V_i (needs visual_words: its head is the key): each grounded phrase's mask
+    # centre (x, y in [0, 1]) read from its image's visual tokens, L1 (`PrimaModel.visual_position_loss`). Starts
+    # with the visual-words loss (``visual_words_from_step``). So the tokens the LLM reads carry where each named
+    # object is, which comparing two objects' places needs (docs/MODEL.md, "Where spatial-compare is lost")
+    visual_position: float = 0.0
     # with grounding.image_choice: cross-entropy of the decoder's image scores against the [SEG]'s tagged image
     image_choice: float = 1.0
     # with grounding.word_readout: cross-entropy of the first word read under each GT mask and each predicted one
@@ -252,6 +262,13 @@ class LossConfig:
     def validate(self) -> None:
         if self.visual_words_from_step < 0:
             raise ConfigError(f"model.loss.visual_words_from_step must be >= 0, got {self.visual_words_from_step}")
+        if self.visual_position < 0:
+            raise ConfigError(f"model.loss.visual_position must be >= 0, got {self.visual_position}")
+        if self.visual_position > 0 and self.visual_words <= 0:
+            raise ConfigError(
+                "model.loss.visual_position needs model.loss.visual_words > 0: the visual-words head finds the phrase's "
+                "token"
+            )
 
 
 @dataclass

@@ -60,3 +60,13 @@ def score_loss(scores: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
         union = (pred | gt).flatten(1).sum(1).float().clamp(min=1.0)
         iou = inter / union
     return F.mse_loss(scores.float(), iou)
+
+
+def mask_centres(masks: torch.Tensor) -> torch.Tensor:
+    """(M, 2) the centre of mass (x, y) of each non-empty mask (M, h, w), in [0, 1] of its width and height."""
+    h, w = masks.shape[-2:]
+    masks = masks.float()
+    xs = (torch.arange(w, device=masks.device) + 0.5) / w
+    ys = (torch.arange(h, device=masks.device) + 0.5) / h
+    centres = torch.stack([(masks * xs).sum((1, 2)), (masks * ys[:, None]).sum((1, 2))], -1)
+    return centres / masks.flatten(1).sum(1, keepdim=True)

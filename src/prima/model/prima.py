@@ -24,7 +24,7 @@ from prima.errors import PrimaError
 from prima.model.config import ModelConfig, TokenIds, image_tokens_per_image, load_model_config, mask_size
 from prima.model.grounding import GroundingImages, build_grounding
 from prima.model.language import build_language_model, hidden_size
-from prima.model.losses import IGNORE_INDEX, mask_losses, score_loss, text_loss, text_loss_at
+from prima.model.losses import IGNORE_INDEX, mask_centres, mask_losses, score_loss, text_loss, text_loss_at
 from prima.model.square import ImageQueryModule
 from prima.model.vision import ImageFeatures, build_vision_encoder
 
@@ -61,6 +61,7 @@ class PrimaOutput:
     image_choice_logits: torch.Tensor | None = None
     loss_readout: torch.Tensor | None = None  # the first word read from the pixels (only with grounding.word_readout)
     loss_check: torch.Tensor | None = None  # every phrase word read from the pixels (only with grounding.phrase_check)
+    loss_position: torch.Tensor | None = None  # each grounded phrase's centre read from V_i (``loss.visual_position``)
 
 
 @dataclass
@@ -235,6 +236,12 @@ class PrimaModel(nn.Module):
         # auxiliary head: the words of the phrases grounded in an image, read from that image's visual tokens
         wants_words = cfg.loss.visual_words > 0 or cfg.visual_copy
         self.visual_words = nn.Linear(llm_hidden, cfg.tokens.vocab_size) if wants_words else None
+        # auxiliary head: where each grounded phrase is, from its image's visual tokens (``loss.visual_position``)
+        self.visual_position = (
+            nn.Sequential(nn.Linear(2 * llm_hidden, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, 2))
+            if cfg.loss.visual_position > 0
+            else None
+        )
         self.copy = VisualCopy(llm_hidden) if cfg.visual_copy else None
         self.tag_pointer = TagPointer(llm_hidden, cfg.tag_pointer_detach) if cfg.tag_pointer else None
         self.training_step: int | None = None  # set by the trainer (`set_training_step`); None outside a run
@@ -733,6 +740,10 @@ class PrimaModel(nn.Module):
         if w.visual_words > 0 and words_on and labels is not None and visual is not None:
             loss_words = self.visual_words_loss(visual, input_ids, positions, seg_images)
             loss = loss + w.visual_words * loss_words
+        loss_position = None
+        if w.visual_position > 0 and words_on and targets is not None and visual is not None:
+            loss_position = self.visual_position_loss(visual, input_ids, positions, seg_images, targets)
+            loss = loss + w.visual_position * loss_position
         per_sample = torch.bincount(positions[0], minlength=input_ids.shape[0]).tolist()
         return PrimaOutput(
             loss=loss,
@@ -749,6 +760,7 @@ class PrimaModel(nn.Module):
             image_choice_logits=choice_logits,
             loss_readout=loss_readout,
             loss_check=loss_check,
+            loss_position=loss_position,
         )
 
     def point_tags(
@@ -809,6 +821,43 @@ class PrimaModel(nn.Module):
         scores = torch.logsumexp(self.visual_words(F.rms_norm(visual, visual.shape[-1:])), dim=1)  # (N, vocab)
         target = torch.tensor(words, device=visual.device)
         return F.cross_entropy(scores[torch.tensor(images, device=visual.device)].float(), target)
+
+    def visual_position_loss(
+        self,
+        visual: torch.Tensor,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seg_images: torch.Tensor,
+        masks: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean L1 distance between each grounded phrase's GT mask centre (x, y in [0, 1]) and the centre read from
+        its image's visual tokens (see ``loss.visual_position``); ``masks`` (M, h, w) one per [SEG].
+
+        The phrase's token is found as the visual-words head finds its words (their mean score on each token,
+        softmax over the image's tokens, detached: this loss does not move which token names what); the head reads
+        that token mixture beside the phrase's mean word embedding, as an LLM layer reads a word and what it attended.
+        """
+        assert self.visual_position is not None and self.visual_words is not None
+        rows = input_ids.tolist()
+        spans = [self._phrase_span(rows[r], c) for r, c in zip(positions[0].tolist(), positions[1].tolist())]
+        mass = masks.flatten(1).sum(1)
+        kept = [q for q, (start, end) in enumerate(spans) if end > start and float(mass[q]) > 0]
+        if not kept:  # keep the head in the graph so distributed training sees every parameter used
+            return _unused_loss(self.visual_position.parameters())
+        dev = visual.device
+        words = _pad([rows[int(positions[0, q])][spans[q][0] : spans[q][1]] for q in kept], -1, dev, left=False)[0]
+        present = (words >= 0).float()  # (P, L)
+        tokens = F.rms_norm(visual, visual.shape[-1:])[seg_images[kept]]  # (P, T, H)
+        with torch.no_grad():
+            scores = self.visual_words(tokens).float()  # (P, T, vocab)
+            picked = scores.gather(2, words.clamp(min=0).unsqueeze(1).expand(-1, tokens.shape[1], -1))  # (P, T, L)
+            key = (picked * present.unsqueeze(1)).sum(-1) / present.sum(-1, keepdim=True)
+            attention = key.softmax(-1)  # (P, T)
+        attended = torch.einsum("pt,pth->ph", attention.to(tokens.dtype), tokens)
+        embedded = self.language.get_input_embeddings()(words.clamp(min=0)).detach()
+        word = (embedded * present.unsqueeze(-1).to(embedded.dtype)).sum(1) / present.sum(-1, keepdim=True)
+        centre = torch.sigmoid(self.visual_position(torch.cat([attended, word.to(attended.dtype)], -1)).float())
+        return F.l1_loss(centre, mask_centres(masks[kept]))
 
     # --- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()

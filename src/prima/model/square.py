@@ -97,6 +97,22 @@ def build_qformer(cfg: ModelConfig, token_dim: int, *, load_weights: bool = True
     return InstructBlipQFormerModel(InstructBlipQFormerConfig(**kwargs))
 
 
+def sincos_positions(grid: int, dim: int, scale: float = 0.5) -> torch.Tensor:
+    """(grid * grid, dim) a 2D sine-cosine table for a raster of grid x grid cells: the first half of the channels
+    codes the column, the second the row, each as sin and cos of the position in [0, 1] at ``dim // 4``
+    frequencies from pi / 2 (monotonic over the image: left-right reads off linearly) to pi * grid / 2; times
+    ``scale`` (unit-variance tokens: a third of their norm)."""
+    if dim % 4:
+        raise ValueError(f"a 2D sine-cosine table needs a width divisible by 4, got {dim}")
+    k = dim // 4
+    frequencies = torch.pi / 2 * torch.logspace(0, 1, k, base=float(grid))
+    where = torch.arange(grid, dtype=torch.float32) / max(grid - 1, 1)
+    angles = where[:, None] * frequencies  # (grid, k)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, dim // 2)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return scale * torch.cat([axis[cols.flatten()], axis[rows.flatten()]], dim=1)
+
+
 def position_in_sample(image_sample_index: torch.Tensor) -> torch.Tensor:
     """0-based position of each image within its sample (images of a sample consecutive): [0, 0, 1, 1, 1] ->
     [0, 1, 0, 1, 2]."""
@@ -117,9 +133,11 @@ class ImageQueryModule(nn.Module):
         self.uses_qformer = cfg.uses_qformer
         grid = vision_grid_size(cfg.vision)
         # CNN cells carry no position of their own; ViT tokens already do
-        self.token_pos = (
-            nn.Parameter(torch.zeros(1, grid * grid, token_dim)) if cfg.vision.kind == "efficientnet_lite0" else None
-        )
+        self.positions_after_norm = self.uses_qformer and cfg.qformer.cell_positions == "sincos"
+        self.token_pos = None
+        if cfg.vision.kind == "efficientnet_lite0":
+            table = sincos_positions(grid, token_dim) if self.positions_after_norm else torch.zeros(grid * grid, token_dim)
+            self.token_pos = nn.Parameter(table.unsqueeze(0))
         # image k of a sample -> a vector added to each of its visual tokens (None: off)
         self.image_index = nn.Embedding(cfg.max_images, llm_hidden) if cfg.image_index_embedding else None
         if self.image_index is not None:
@@ -176,11 +194,13 @@ class ImageQueryModule(nn.Module):
         qformer_input_ids: torch.Tensor | None,
         qformer_attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        if self.token_pos is not None:
+        if self.token_pos is not None and not self.positions_after_norm:
             tokens = tokens + self.token_pos
         if not self.uses_qformer:
             return self.projector(tokens)
         tokens = self.token_norm(tokens)
+        if self.positions_after_norm:
+            tokens = tokens + self.token_pos
         n_images = tokens.shape[0]
         queries = self.global_queries.expand(n_images, -1, -1)
         context = self.cross_image_context(tokens, image_sample_index)
