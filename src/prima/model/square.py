@@ -136,7 +136,9 @@ class ImageQueryModule(nn.Module):
         self.positions_after_norm = self.uses_qformer and cfg.qformer.cell_positions == "sincos"
         self.token_pos = None
         if cfg.vision.kind == "efficientnet_lite0":
-            table = sincos_positions(grid, token_dim) if self.positions_after_norm else torch.zeros(grid * grid, token_dim)
+            table = (
+                sincos_positions(grid, token_dim) if self.positions_after_norm else torch.zeros(grid * grid, token_dim)
+            )
             self.token_pos = nn.Parameter(table.unsqueeze(0))
         # image k of a sample -> a vector added to each of its visual tokens (None: off)
         self.image_index = nn.Embedding(cfg.max_images, llm_hidden) if cfg.image_index_embedding else None
