@@ -565,6 +565,19 @@ def test_qformer_shortcut_is_a_switch_that_passes_each_image_on_its_own():
     assert with_path.shape == without.shape and not torch.allclose(with_path, without)
 
 
+def test_a_grid_shortcut_gives_each_visual_token_a_region_of_its_own():
+    from prima.model.square import region_grid
+
+    assert [region_grid(n) for n in (8, 16, 6, 7)] == [(2, 4), (4, 4), (2, 3), (1, 7)]
+    model = small_model("qformer.shortcut=true", "qformer.shortcut_pool=grid", "qformer.num_queries=4").eval()
+    side = int(model.query.token_pos.shape[1] ** 0.5)
+    cells = torch.zeros(1, side, side, 112)
+    cells[0, : side // 2, side // 2 :] = 1.0  # only the top right quarter has content
+    pooled = model.query._pool(cells.reshape(1, side * side, 112))
+    assert pooled.shape == (1, 4, 112)
+    assert pooled[0, :, 0].tolist() == [0.0, 1.0, 0.0, 0.0]  # regions row by row: the second is the top right
+
+
 def test_phrase_pooling_switch_trains_and_generates(monkeypatch):
     from prima.model.config import GroundingConfig
 

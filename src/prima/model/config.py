@@ -57,6 +57,10 @@ class QFormerConfig:
     # add to each query output a linear map of the image's own tokens average-pooled into one chunk per query:
     # a residual path around the (from-scratch) Q-Former so the LLM sees what is in the image from the first step
     shortcut: bool = False
+    # how the shortcut pools: "raster" cuts the row-by-row cell sequence into num_queries chunks (rows of the grid);
+    # "grid" pools the cells into a rows x columns grid of num_queries regions (8: 2 x 4), so each visual token
+    # has a region of its own (docs/MODEL.md, "One token per image: the Q-Former's queries collapse")
+    shortcut_pool: Literal["raster", "grid"] = "raster"
     # the visual tokens RMS-normalised, times a learned per-dimension gain that starts here (e.g. 0.0625, the RMS of
     # a trained tiny word embedding); None: as the projection makes them (docs/MODEL.md, "Copying from the question")
     output_rms: float | None = None

@@ -113,6 +113,12 @@ def sincos_positions(grid: int, dim: int, scale: float = 0.5) -> torch.Tensor:
     return scale * torch.cat([axis[cols.flatten()], axis[rows.flatten()]], dim=1)
 
 
+def region_grid(regions: int) -> tuple[int, int]:
+    """(rows, columns) with rows x columns = ``regions``, as square as it gets, never taller than wide: 8 -> (2, 4)."""
+    rows = max(r for r in range(1, int(regions**0.5) + 1) if regions % r == 0)
+    return rows, regions // rows
+
+
 def position_in_sample(image_sample_index: torch.Tensor) -> torch.Tensor:
     """0-based position of each image within its sample (images of a sample consecutive): [0, 0, 1, 1, 1] ->
     [0, 1, 0, 1, 2]."""
@@ -168,6 +174,7 @@ class ImageQueryModule(nn.Module):
             nn.init.zeros_(self.context_proj.bias)
         self.projection = nn.Linear(dim, llm_hidden)  # Q-Former width -> LLM width
         self.shortcut = nn.Linear(token_dim, llm_hidden) if qc.shortcut else None
+        self.region_grid = region_grid(qc.num_queries) if qc.shortcut_pool == "grid" else None
         self.output_norm = None
         if qc.output_rms is not None:
             self.output_norm = nn.RMSNorm(llm_hidden, eps=1e-6)
@@ -224,11 +231,20 @@ class ImageQueryModule(nn.Module):
         ).last_hidden_state
         visual = self.projection(out[:, : self.num_queries])
         if self.shortcut is not None:  # this image's own tokens, pooled into one chunk per query (no cross-image)
-            pooled = F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.num_queries).transpose(1, 2)
-            visual = visual + self.shortcut(pooled)
+            visual = visual + self.shortcut(self._pool(tokens))
         if self.output_norm is not None:
             visual = self.output_norm(visual)
         return visual
+
+    def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, num_queries, D) an image's tokens (N, T, D) average-pooled: chunks of the row-by-row sequence, or with
+        ``shortcut_pool: grid`` the regions of a rows x columns grid, row by row."""
+        if self.region_grid is None:
+            return F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.num_queries).transpose(1, 2)
+        n, t, d = tokens.shape
+        side = int(round(t**0.5))
+        cells = tokens.transpose(1, 2).reshape(n, d, side, side)
+        return F.adaptive_avg_pool2d(cells, self.region_grid).flatten(2).transpose(1, 2)
 
     def cross_image_context(self, tokens: torch.Tensor, image_sample_index: torch.Tensor) -> torch.Tensor | None:
         """Z for every image (N, Q, dim): the sample-level context added to the global queries, or None."""
