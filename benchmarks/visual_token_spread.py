@@ -1,6 +1,8 @@
-"""How much a checkpoint's visual tokens differ between images: spread = norm of the per-dimension std over all
-visual tokens / norm of their mean, for the first 10 validation samples (near 0: the LLM sees the same tokens
-for every image). Prints the same for the vision encoder's own tokens, for comparison.
+"""How much a checkpoint's visual tokens differ between images and within one: spread = norm of the per-dimension
+std over the tokens / norm of their mean, over all visual tokens of the first 10 validation samples (near 0: the
+LLM sees the same tokens for every image) and over the tokens of one image, averaged over images (near 0: an image's
+tokens are copies of one vector; the Q-Former's queries collapsed). Prints the same for the vision encoder's own
+tokens, for comparison.
 
     .venv/bin/python benchmarks/visual_token_spread.py runs/tiny/best --data data/synth/val/samples.jsonl
 """
@@ -35,13 +37,12 @@ def main() -> None:
             features = model.encode_images(proc.preprocess_images([root / p for p in s.images]))
             qids = torch.tensor([proc.encode_qformer_text(s.question)])
             v = model.visual_tokens(features, torch.zeros(len(s.images), dtype=torch.long), qids)
-            visual.append(v.reshape(-1, v.shape[-1]))
-            tokens = model.vision.tokens(features)
-            encoder.append(tokens.reshape(-1, tokens.shape[-1]))
-    print(
-        f"visual tokens spread {spread(torch.cat(visual)):.3f}; vision-encoder tokens spread "
-        f"{spread(torch.cat(encoder)):.3f}"
-    )
+            visual.append(v.float())
+            encoder.append(model.vision.tokens(features).float())
+    for name, tokens in (("visual tokens", visual), ("vision-encoder tokens", encoder)):
+        every = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens])
+        within = sum(spread(image) for t in tokens for image in t) / sum(len(t) for t in tokens)
+        print(f"{name:>21}: spread {spread(every):.3f} over all, {within:.3f} within one image")
 
 
 if __name__ == "__main__":
