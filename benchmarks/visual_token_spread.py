@@ -2,7 +2,9 @@
 std over the tokens / norm of their mean, over all visual tokens of the first 10 validation samples (near 0: the
 LLM sees the same tokens for every image) and over the tokens of one image, averaged over images (near 0: an image's
 tokens are copies of one vector; the Q-Former's queries collapsed). Prints the same for the vision encoder's own
-tokens, for comparison.
+tokens, for comparison, and with a Q-Former how many different cells the queries of one attention head look at
+most in its first cross-attention layer (of ``qformer.num_queries``; averaged over images and heads) and how much
+attention that most-attended cell gets.
 
     .venv/bin/python benchmarks/visual_token_spread.py runs/tiny/best --data data/synth/val/samples.jsonl
 """
@@ -31,7 +33,16 @@ def main() -> None:
     torch.set_num_threads(1)
     model = PrimaModel.from_pretrained(args.checkpoint)
     proc, root = model.processor, Path(args.data).parent
-    visual, encoder = [], []
+    visual, encoder, picks = [], [], []
+    qformer = getattr(model.query, "qformer", None)
+    if qformer is not None:
+        qformer.set_attn_implementation("eager")  # the attention probabilities are returned by the eager path only
+
+        def keep_attention(module, args, kwargs, output):
+            picks.append(output.cross_attentions[0][:, :, : model.query.num_queries].float())
+
+        qformer.register_forward_pre_hook(lambda m, a, kw: (a, {**kw, "output_attentions": True}), with_kwargs=True)
+        qformer.register_forward_hook(keep_attention, with_kwargs=True)
     with torch.no_grad():
         for s in read_samples(args.data, validate=False)[: args.samples]:
             features = model.encode_images(proc.preprocess_images([root / p for p in s.images]))
@@ -43,6 +54,14 @@ def main() -> None:
         every = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens])
         within = sum(spread(image) for t in tokens for image in t) / sum(len(t) for t in tokens)
         print(f"{name:>21}: spread {spread(every):.3f} over all, {within:.3f} within one image")
+    if picks:
+        attention = torch.cat(picks)  # (images, heads, queries, cells)
+        cells = attention.argmax(-1).flatten(0, 1)
+        distinct = sum(len(set(row.tolist())) for row in cells) / len(cells)
+        print(
+            f"Q-Former, first cross-attention layer: one head's {attention.shape[2]} queries look at "
+            f"{distinct:.1f} different cells most (mean); the most-attended cell gets {attention.amax(-1).mean():.2f}"
+        )
 
 
 if __name__ == "__main__":
