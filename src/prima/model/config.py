@@ -59,15 +59,14 @@ class QFormerConfig:
     shortcut: bool = False
     # how the shortcut pools: "raster" cuts the row-by-row cell sequence into num_queries chunks (rows of the grid);
     # "grid" pools the cells into a rows x columns grid of num_queries regions (8: 2 x 4), so each visual token
-    # has a region of its own (docs/MODEL.md, "One token per image: the Q-Former's queries collapse")
+    # has a region of its own (docs/MODEL.md, "One vector per image: the Q-Former's queries collapse")
     shortcut_pool: Literal["raster", "grid"] = "raster"
     # the visual tokens RMS-normalised, times a learned per-dimension gain that starts here (e.g. 0.0625, the RMS of
     # a trained tiny word embedding); None: as the projection makes them (docs/MODEL.md, "Copying from the question")
     output_rms: float | None = None
     # where an EfficientNet cell's position joins its token: "learned" adds a learned table (from zeros) to the raw
     # features, ~1/45 of their norm in the bundled checkpoint; "sincos" adds a 2D sine-cosine table, learned from
-    # there, after the tokens' LayerNorm, where it is a third of their norm (docs/MODEL.md, "Where spatial-compare
-    # is lost")
+    # there, after the tokens' LayerNorm, where it is a third of their norm (docs/MODEL.md, "One vector per image")
     cell_positions: Literal["learned", "sincos"] = "learned"
 
     def validate(self) -> None:
@@ -252,7 +251,7 @@ class LossConfig:
     # auxiliary "where is it" loss on V_i (needs visual_words: its head is the key): each grounded phrase's mask
     # centre (x, y in [0, 1]) read from its image's visual tokens, L1 (`PrimaModel.visual_position_loss`). Starts
     # with the visual-words loss (``visual_words_from_step``). So the tokens the LLM reads carry where each named
-    # object is, which comparing two objects' places needs (docs/MODEL.md, "Where spatial-compare is lost")
+    # object is, which comparing two objects' places needs (docs/MODEL.md, "One vector per image")
     visual_position: float = 0.0
     # with grounding.image_choice: cross-entropy of the decoder's image scores against the [SEG]'s tagged image
     image_choice: float = 1.0
