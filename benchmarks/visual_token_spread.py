@@ -4,7 +4,8 @@ LLM sees the same tokens for every image) and over the tokens of one image, aver
 tokens are copies of one vector; the Q-Former's queries collapsed). Prints the same for the vision encoder's own
 tokens, for comparison, and with a Q-Former how many different cells the queries of one attention head look at
 most in its first cross-attention layer (of ``qformer.num_queries``; averaged over images and heads) and how much
-attention that most-attended cell gets.
+attention that most-attended cell gets, and how alike the queries' states of one image are (mean cosine between two
+queries) where they enter the first layer, its cross-attention and the second layer.
 
     .venv/bin/python benchmarks/visual_token_spread.py runs/tiny/best --data data/synth/val/samples.jsonl
 """
@@ -24,6 +25,13 @@ def spread(rows: torch.Tensor) -> float:
     return float(rows.std(0).norm() / rows.mean(0).norm())
 
 
+def alike(hidden: torch.Tensor, queries: int) -> list[float]:
+    """Per image, the mean cosine between two different query states of ``hidden`` (images, queries + text, H)."""
+    unit = torch.nn.functional.normalize(hidden[:, :queries].float(), dim=-1)
+    cosine = unit @ unit.transpose(1, 2)
+    return ((cosine.sum((1, 2)) - queries) / (queries * (queries - 1))).tolist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -34,8 +42,20 @@ def main() -> None:
     model = PrimaModel.from_pretrained(args.checkpoint)
     proc, root = model.processor, Path(args.data).parent
     visual, encoder, picks = [], [], []
+    states: dict[str, list[float]] = {}
     qformer = getattr(model.query, "qformer", None)
     if qformer is not None:
+        layers = qformer.encoder.layer
+        entries = {"layer 1": layers[0], "its cross-attention": layers[0].crossattention}
+        if len(layers) > 1:
+            entries["layer 2"] = layers[1]
+        for name, module in entries.items():
+            module.register_forward_pre_hook(
+                lambda m, a, kw, name=name: states.setdefault(name, []).extend(
+                    alike(a[0] if a else kw["hidden_states"], model.query.num_queries)
+                ),
+                with_kwargs=True,
+            )
         qformer.set_attn_implementation("eager")  # the attention probabilities are returned by the eager path only
 
         def keep_attention(module, args, kwargs, output):
@@ -61,6 +81,10 @@ def main() -> None:
         print(
             f"Q-Former, first cross-attention layer: one head's {attention.shape[2]} queries look at "
             f"{distinct:.1f} different cells most (mean); the most-attended cell gets {attention.amax(-1).mean():.2f}"
+        )
+        print(
+            "Q-Former, mean cosine between two queries of one image entering "
+            + ", ".join(f"{name} {sum(v) / len(v):.3f}" for name, v in states.items())
         )
 
 
