@@ -566,9 +566,12 @@ def test_qformer_shortcut_is_a_switch_that_passes_each_image_on_its_own():
 
 
 def test_a_grid_shortcut_gives_each_visual_token_a_region_of_its_own():
+    from prima.config import ConfigError
     from prima.model.square import region_grid
 
     assert [region_grid(n) for n in (8, 16, 6, 7)] == [(2, 4), (4, 4), (2, 3), (1, 7)]
+    with pytest.raises(ConfigError, match="pools for the shortcut"):
+        small_model("qformer.shortcut_pool=grid")
     model = small_model("qformer.shortcut=true", "qformer.shortcut_pool=grid", "qformer.num_queries=4").eval()
     side = int(model.query.token_pos.shape[1] ** 0.5)
     cells = torch.zeros(1, side, side, 112)
@@ -819,6 +822,8 @@ def test_sincos_cell_positions_join_the_tokens_after_their_norm_and_read_off_lef
     assert torch.equal(table[:, 4].reshape(4, 4), first.T)  # the second half: the row
     with pytest.raises(ConfigError, match="cell_positions' must be one of"):
         small_model("qformer.cell_positions=grid")
+    with pytest.raises(ConfigError, match="'sincos' is for the Q-Former"):
+        small_model("qformer.cell_positions=sincos", "cross_image=concat")
 
     def qformer_input(model):
         seen = {}

@@ -378,6 +378,19 @@ class ModelConfig:
             )
         if self.cross_image in ("square", "projection", "pooling") and self.qformer is None:
             raise ConfigError(f"model.cross_image={self.cross_image!r} needs a 'model.qformer' section")
+        qc = self.qformer
+        if (
+            qc is not None
+            and qc.cell_positions == "sincos"
+            and not (self.uses_qformer and self.vision.kind == "efficientnet_lite0")
+        ):
+            raise ConfigError(
+                "model.qformer.cell_positions 'sincos' is for the Q-Former over efficientnet_lite0 cells (a ViT's "
+                f"tokens carry their own positions; cross_image 'concat' has no Q-Former); got vision.kind "
+                f"{self.vision.kind!r}, cross_image {self.cross_image!r}"
+            )
+        if qc is not None and qc.shortcut_pool == "grid" and not qc.shortcut:
+            raise ConfigError("model.qformer.shortcut_pool 'grid' pools for the shortcut: set model.qformer.shortcut")
 
     @property
     def uses_qformer(self) -> bool:
