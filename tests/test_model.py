@@ -626,6 +626,21 @@ def test_visual_words_loss_reads_each_phrase_word_from_its_own_image():
     assert any(p is model.visual_words.weight for p in model.parameter_groups()["query_module"])
 
 
+def test_visual_diversity_loss_is_how_alike_one_images_visual_tokens_are():
+    from prima.model.prima import visual_alikeness
+
+    apart = torch.eye(4).unsqueeze(0)  # four orthogonal tokens
+    assert float(visual_alikeness(apart)) == 0.0
+    assert torch.allclose(visual_alikeness(torch.ones(2, 4, 3)), torch.tensor(1.0))  # copies of one vector
+    model = small_model("loss.visual_diversity=0.5").train()
+    assert small_model().train()(make_batch(model, [grounded_sample()])).loss_diversity is None  # off by default
+    out = model(make_batch(model, [grounded_sample(), negative_sample()]))
+    assert 0.0 < float(out.loss_diversity) <= 1.0
+    model.zero_grad()
+    out.loss_diversity.backward()
+    assert model.query.global_queries.grad.abs().sum() > 0  # it reaches the queries
+
+
 def test_mask_centres_are_each_masks_centre_of_mass_in_its_width_and_height():
     from prima.model.losses import mask_centres
 

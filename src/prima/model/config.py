@@ -253,6 +253,9 @@ class LossConfig:
     # with the visual-words loss (``visual_words_from_step``). So the tokens the LLM reads carry where each named
     # object is, which comparing two objects' places needs (docs/MODEL.md, "One vector per image")
     visual_position: float = 0.0
+    # training only: the mean cosine between two visual tokens of one image, weighted by this: keeps the Q-Former's
+    # queries of an image from collapsing into one vector (docs/MODEL.md, "One vector per image")
+    visual_diversity: float = 0.0
     # with grounding.image_choice: cross-entropy of the decoder's image scores against the [SEG]'s tagged image
     image_choice: float = 1.0
     # with grounding.word_readout: cross-entropy of the first word read under each GT mask and each predicted one
@@ -265,6 +268,8 @@ class LossConfig:
     def validate(self) -> None:
         if self.visual_words_from_step < 0:
             raise ConfigError(f"model.loss.visual_words_from_step must be >= 0, got {self.visual_words_from_step}")
+        if self.visual_diversity < 0:
+            raise ConfigError(f"model.loss.visual_diversity must be >= 0, got {self.visual_diversity}")
         if self.visual_position < 0:
             raise ConfigError(f"model.loss.visual_position must be >= 0, got {self.visual_position}")
         if self.visual_position > 0 and self.visual_words <= 0:

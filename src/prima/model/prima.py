@@ -62,6 +62,7 @@ class PrimaOutput:
     loss_readout: torch.Tensor | None = None  # the first word read from the pixels (only with grounding.word_readout)
     loss_check: torch.Tensor | None = None  # every phrase word read from the pixels (only with grounding.phrase_check)
     loss_position: torch.Tensor | None = None  # each grounded phrase's centre read from V_i (``loss.visual_position``)
+    loss_diversity: torch.Tensor | None = None  # how alike one image's visual tokens are (``loss.visual_diversity``)
 
 
 @dataclass
@@ -744,6 +745,10 @@ class PrimaModel(nn.Module):
         if w.visual_position > 0 and words_on and targets is not None and visual is not None:
             loss_position = self.visual_position_loss(visual, input_ids, positions, seg_images, targets)
             loss = loss + w.visual_position * loss_position
+        loss_diversity = None
+        if w.visual_diversity > 0 and labels is not None and visual is not None and visual.shape[1] > 1:
+            loss_diversity = visual_alikeness(visual)
+            loss = loss + w.visual_diversity * loss_diversity
         per_sample = torch.bincount(positions[0], minlength=input_ids.shape[0]).tolist()
         return PrimaOutput(
             loss=loss,
@@ -761,6 +766,7 @@ class PrimaModel(nn.Module):
             loss_readout=loss_readout,
             loss_check=loss_check,
             loss_position=loss_position,
+            loss_diversity=loss_diversity,
         )
 
     def point_tags(
@@ -1436,6 +1442,13 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:  # safetensors' own error names neither the file nor what to do
         raise PrimaError(f"{path} cannot be read as safetensors ({e}); a damaged file: use another checkpoint") from e
+
+
+def visual_alikeness(visual: torch.Tensor) -> torch.Tensor:
+    """The mean cosine between two different visual tokens of one image, over the images of ``visual`` (N, T, H)."""
+    unit = F.normalize(visual.float(), dim=-1)
+    t = visual.shape[1]
+    return ((unit @ unit.transpose(1, 2)).sum((1, 2)) - t).mean() / (t * (t - 1))
 
 
 def _unused_loss(params: Iterable[nn.Parameter]) -> torch.Tensor:
