@@ -19,17 +19,11 @@ import torch
 
 from prima.data.schema import read_samples
 from prima.model import PrimaModel
+from prima.model.prima import visual_alikeness
 
 
 def spread(rows: torch.Tensor) -> float:
     return float(rows.std(0).norm() / rows.mean(0).norm())
-
-
-def alike(hidden: torch.Tensor, queries: int) -> list[float]:
-    """Per image, the mean cosine between two different query states of ``hidden`` (images, queries + text, H)."""
-    unit = torch.nn.functional.normalize(hidden[:, :queries].float(), dim=-1)
-    cosine = unit @ unit.transpose(1, 2)
-    return ((cosine.sum((1, 2)) - queries) / (queries * (queries - 1))).tolist()
 
 
 def main() -> None:
@@ -52,7 +46,7 @@ def main() -> None:
         for name, module in entries.items():
             module.register_forward_pre_hook(
                 lambda m, a, kw, name=name: states.setdefault(name, []).extend(
-                    alike(a[0] if a else kw["hidden_states"], model.query.num_queries)
+                    visual_alikeness((a[0] if a else kw["hidden_states"])[:, : model.query.num_queries]).tolist()
                 ),
                 with_kwargs=True,
             )

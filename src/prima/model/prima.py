@@ -747,7 +747,7 @@ class PrimaModel(nn.Module):
             loss = loss + w.visual_position * loss_position
         loss_diversity = None
         if w.visual_diversity > 0 and labels is not None and visual is not None and visual.shape[1] > 1:
-            loss_diversity = visual_alikeness(visual)
+            loss_diversity = visual_alikeness(visual).mean()
             loss = loss + w.visual_diversity * loss_diversity
         per_sample = torch.bincount(positions[0], minlength=input_ids.shape[0]).tolist()
         return PrimaOutput(
@@ -1445,10 +1445,10 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def visual_alikeness(visual: torch.Tensor) -> torch.Tensor:
-    """The mean cosine between two different visual tokens of one image, over the images of ``visual`` (N, T, H)."""
+    """(N,) per image of ``visual`` (N, T, H) the mean cosine between two of its different tokens."""
     unit = F.normalize(visual.float(), dim=-1)
     t = visual.shape[1]
-    return ((unit @ unit.transpose(1, 2)).sum((1, 2)) - t).mean() / (t * (t - 1))
+    return ((unit @ unit.transpose(1, 2)).sum((1, 2)) - t) / (t * (t - 1))
 
 
 def _unused_loss(params: Iterable[nn.Parameter]) -> torch.Tensor:
