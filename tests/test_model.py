@@ -565,6 +565,43 @@ def test_qformer_shortcut_is_a_switch_that_passes_each_image_on_its_own():
     assert with_path.shape == without.shape and not torch.allclose(with_path, without)
 
 
+def test_difference_from_others_is_each_images_tokens_minus_the_mean_of_its_samples_others():
+    from prima.model.square import difference_from_others
+
+    visual = torch.tensor([[[1.0, 0.0]], [[3.0, 2.0]], [[5.0, 7.0]], [[4.0, 4.0]]])  # (4 images, 1 token, 2)
+    samples = torch.tensor([0, 0, 0, 1])  # three images, then one alone
+    d = difference_from_others(visual, samples)
+    assert d[:, 0].tolist() == [[1 - 4, 0 - 4.5], [3 - 3, 2 - 3.5], [5 - 2, 7 - 1], [0, 0]]
+
+
+def test_contrast_switch_starts_as_the_model_without_it_and_trains():
+    from prima.config import ConfigError
+    from prima.model.config import QFormerConfig
+
+    assert QFormerConfig().contrast is False  # checkpoints written before the switch load unchanged
+    with pytest.raises(ConfigError, match="contrast compares the Q-Former"):
+        small_model("qformer.contrast=true", "cross_image=concat")
+    model = small_model("qformer.contrast=true")
+    assert any(p is model.query.contrast[2].weight for p in model.parameter_groups()["square"])
+    qids = torch.tensor([model.processor.encode_qformer_text("Which is odd?")] * 2)
+    features = model.encode_images(model.processor.preprocess_images(random_images(4)))
+    samples = torch.tensor([0, 0, 0, 1])
+    with torch.no_grad():
+        model.query.contrast = None
+        without = model.visual_tokens(features, samples, qids)
+        model.query.contrast = small_model("qformer.contrast=true").query.contrast
+        fresh = model.visual_tokens(features, samples, qids)
+    assert torch.equal(fresh, without)  # zero-initialised output layer
+    torch.nn.init.normal_(model.query.contrast[2].weight)
+    with torch.no_grad():
+        trained = model.visual_tokens(features, samples, qids)
+    assert not torch.allclose(trained[:3], without[:3])  # the three images that have others to differ from
+    assert torch.equal(trained[3], without[3])  # a one-image sample: nothing to compare, nothing added
+    out = model(make_batch(model, [grounded_sample(), negative_sample()]))
+    out.loss.backward()
+    assert model.query.contrast[0].weight.grad.abs().sum() > 0
+
+
 def test_a_grid_shortcut_gives_each_visual_token_a_region_of_its_own():
     from prima.config import ConfigError
     from prima.model.square import region_grid

@@ -68,6 +68,10 @@ class QFormerConfig:
     # features, ~1/45 of their norm in the bundled checkpoint; "sincos" adds a 2D sine-cosine table, learned from
     # there, after the tokens' LayerNorm, where it is a third of their norm (docs/MODEL.md, "One vector per image")
     cell_positions: Literal["learned", "sincos"] = "learned"
+    # add to each image's visual tokens an MLP (zero at the start) of how they differ from the mean of the other
+    # images' tokens of its sample, query by query: the comparing families' odd image made legible to the LLM
+    # (docs/MODEL.md, "What sets an image apart: contrast tokens"); nothing for a one-image sample
+    contrast: bool = False
 
     def validate(self) -> None:
         if self.num_queries < 1:
@@ -393,6 +397,11 @@ class ModelConfig:
                 "model.qformer.cell_positions 'sincos' is for the Q-Former over efficientnet_lite0 cells (a ViT's "
                 f"tokens carry their own positions; cross_image 'concat' has no Q-Former); got vision.kind "
                 f"{self.vision.kind!r}, cross_image {self.cross_image!r}"
+            )
+        if qc is not None and qc.contrast and not self.uses_qformer:
+            raise ConfigError(
+                "model.qformer.contrast compares the Q-Former's visual tokens query by query; cross_image "
+                f"{self.cross_image!r} has none"
             )
         if qc is not None and qc.shortcut_pool == "grid" and not qc.shortcut:
             raise ConfigError("model.qformer.shortcut_pool 'grid' pools for the shortcut: set model.qformer.shortcut")

@@ -277,7 +277,7 @@ class PrimaModel(nn.Module):
 
         Groups: ``language`` (the whole LM when trained from scratch, else LoRA adapters + embeddings),
         ``query_module`` (Q-Former, global queries, token positions, the visual-words head), ``square``
-        (relational attention or the ablation's context layer), ``projector`` (to LLM width), ``grounding``
+        (relational attention or the ablation's context layer; the contrast MLP), ``projector`` (to LLM width), ``grounding``
         ([SEG] MLP + prompt encoder + mask decoder).
         """
         groups: dict[str, list[nn.Parameter]] = {
@@ -297,7 +297,7 @@ class PrimaModel(nn.Module):
         """The `parameter_groups` group of a parameter name."""
         if name.startswith(("language.", "copy.", "tag_pointer.")):  # the copy path and pointer: the word head
             return "language"
-        if name.startswith(("query.relational.", "query.context_proj.")):
+        if name.startswith(("query.relational.", "query.context_proj.", "query.contrast.")):
             return "square"
         if name.startswith(("query.projection.", "query.projector.", "query.shortcut.")):
             return "projector"

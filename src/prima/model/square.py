@@ -130,6 +130,17 @@ def position_in_sample(image_sample_index: torch.Tensor) -> torch.Tensor:
     return index - first
 
 
+def difference_from_others(visual: torch.Tensor, image_sample_index: torch.Tensor) -> torch.Tensor:
+    """(N, T, D): each image's tokens minus the mean of the other images' tokens of its sample, token by token;
+    zeros for an image alone in its sample."""
+    counts = torch.bincount(image_sample_index.cpu()).to(visual.device)  # on the host, as in cross_image_context
+    sums = visual.new_zeros(counts.shape[0], *visual.shape[1:]).index_add(0, image_sample_index, visual)
+    sums = sums[image_sample_index]
+    others = (counts[image_sample_index] - 1).to(visual.dtype)
+    mean_others = (sums - visual) / others.clamp(min=1)[:, None, None]
+    return torch.where((others > 0)[:, None, None], visual - mean_others, torch.zeros_like(visual))
+
+
 class ImageQueryModule(nn.Module):
     """Patch tokens of every image in a batch -> visual tokens V (num_images_total, T_out, llm_hidden)."""
 
@@ -175,6 +186,12 @@ class ImageQueryModule(nn.Module):
         self.projection = nn.Linear(dim, llm_hidden)  # Q-Former width -> LLM width
         self.shortcut = nn.Linear(token_dim, llm_hidden) if qc.shortcut else None
         self.region_grid = region_grid(qc.num_queries) if qc.shortcut_pool == "grid" else None
+        self.contrast = None
+        if qc.contrast:  # no biases: a one-image sample (nothing to differ from) gets exactly nothing
+            self.contrast = nn.Sequential(
+                nn.Linear(llm_hidden, llm_hidden, bias=False), nn.GELU(), nn.Linear(llm_hidden, llm_hidden, bias=False)
+            )
+            nn.init.zeros_(self.contrast[2].weight)  # starts as the model without it
         self.output_norm = None
         if qc.output_rms is not None:
             self.output_norm = nn.RMSNorm(llm_hidden, eps=1e-6)
@@ -232,6 +249,8 @@ class ImageQueryModule(nn.Module):
         visual = self.projection(out[:, : self.num_queries])
         if self.shortcut is not None:  # this image's own tokens, pooled into one chunk per query (no cross-image)
             visual = visual + self.shortcut(self._pool(tokens))
+        if self.contrast is not None:
+            visual = visual + self.contrast(difference_from_others(visual, image_sample_index))
         if self.output_norm is not None:
             visual = self.output_norm(visual)
         return visual
