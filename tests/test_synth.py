@@ -188,7 +188,8 @@ def test_cli_synth_show_stats(tmp_path, capsys):
         (["--size", "16"], "--size"),
         (["--num", "-1"], "--num"),
         (["--families", "describe,nope"], "unknown family 'nope'"),
-        (["--families", "odd-one-out", "--max-images", "2"], "none takes 2 or fewer images"),
+        (["--families", "odd-one-out", "--max-images", "2"], "pass --min-images 3 --max-images 3"),
+        (["--families", "odd-one-out,odd-part"], "none takes fewer than 3 images, but --min-images is 2"),
     ],
 )
 def test_cli_synth_rejects_bad_arguments(tmp_path, capsys, argv, message):

@@ -122,8 +122,12 @@ def _check_arguments(
                 f"--families: unknown family {', '.join(map(repr, unknown)) or '(none given)'}; "
                 f"known: {', '.join(ALL_FAMILIES)}"
             )
-        if not any(ALL_FAMILIES[name].min_images <= max_images for name in families):
-            raise PrimaError(f"--families {','.join(families)}: none takes {max_images} or fewer images")
+        fewest = min(ALL_FAMILIES[name].min_images for name in families)
+        if fewest > min_images:  # a sample's image count is drawn from min..max before its family
+            raise PrimaError(
+                f"--families {','.join(families)}: none takes fewer than {fewest} images, but --min-images is "
+                f"{min_images}; pass --min-images {fewest}" + (f" --max-images {fewest}" if fewest > max_images else "")
+            )
 
 
 def generate_dataset(
