@@ -277,8 +277,8 @@ class PrimaModel(nn.Module):
 
         Groups: ``language`` (the whole LM when trained from scratch, else LoRA adapters + embeddings),
         ``query_module`` (Q-Former, global queries, token positions, the visual-words head), ``square``
-        (relational attention or the ablation's context layer; the contrast MLP), ``projector`` (to LLM width), ``grounding``
-        ([SEG] MLP + prompt encoder + mask decoder).
+        (relational attention or the ablation's context layer; the contrast MLP), ``projector`` (to LLM width),
+        ``grounding`` ([SEG] MLP + prompt encoder + mask decoder).
         """
         groups: dict[str, list[nn.Parameter]] = {
             "language": [],
