@@ -12,15 +12,34 @@ tokens already hold, not what a probe could learn:
         --min-images 3
     .venv/bin/python benchmarks/odd_image.py checkpoints/prima-tiny-synth --data data/synth/val-odd/samples.jsonl \
         --feature-cache .cache/features
+
+With ``--fit`` (samples with `odd-one-out` ones, never a test split) it also fits a linear probe from each image's
+averaged V_i to the colour of the object the question asks about in that image (the odd colour in the answer image,
+the others' colour elsewhere; both are in the answer), and scores it on ``--data``: does V_i say, bound to the
+object, which colour it has? And the odd image as the one whose probed colour agrees least with the others':
+
+    prima data synth --out data/synth/train-odd3k --num 3000 --seed 14 --split train --families odd-one-out,odd-part \
+        --min-images 3
+    .venv/bin/python benchmarks/odd_image.py checkpoints/prima-tiny-synth --data data/synth/val-odd/samples.jsonl \
+        --feature-cache .cache/features --fit data/synth/train-odd3k/samples.jsonl
 """
 
 from __future__ import annotations
+
+import re
 
 import teacher_forced
 import torch
 import torch.nn.functional as F
 
+from prima.data.schema import Sample
+from prima.model import PrimaModel
+from prima.train.data import load_samples
+from prima.train.run import TrainCollator
+
 FAMILIES = ("odd-one-out", "odd-part", "spatial-compare")
+ODD_COLOUR = re.compile(r"^The <p> (\w+) ")  # prima.data.synth_questions.odd_one_out's answer
+USUAL_COLOUR = re.compile(r"while the other \w+ are (\w+)\.$")
 
 
 def farthest(vectors: torch.Tensor) -> int:
@@ -30,8 +49,63 @@ def farthest(vectors: torch.Tensor) -> int:
     return int((vectors - others).norm(dim=-1).argmax())
 
 
+def colour_rows(model: PrimaModel, collate: TrainCollator, samples: list[Sample], batch: int) -> tuple:
+    """Each `odd-one-out` image's averaged V_i, the asked-about object's colour there, and (images, answer image) per
+    sample."""
+    samples = [s for s in samples if s.family == "odd-one-out"]
+    vectors, colours, groups = [], [], []
+    with torch.no_grad():
+        for chunk, collated in teacher_forced.batches(samples, batch, collate):
+            tokens = teacher_forced.visual_tokens(model, collated).float()
+            mean = F.rms_norm(tokens, tokens.shape[-1:]).mean(1)
+            start = 0
+            for s in chunk:
+                n, odd = len(s.images), s.segments[0].image - 1
+                odd_colour, usual = ODD_COLOUR.search(s.answer).group(1), USUAL_COLOUR.search(s.answer).group(1)
+                vectors.append(mean[start : start + n])
+                colours += [odd_colour if k == odd else usual for k in range(n)]
+                groups.append((n, odd))
+                start += n
+    return torch.cat(vectors), colours, groups
+
+
+def colour_probe(fit: tuple, test: tuple, steps: int = 400) -> None:
+    """Fit a linear colour probe on ``fit``'s rows, print its accuracy on ``test`` and the odd image it implies."""
+    names = sorted(set(fit[1]) | set(test[1]))
+    x, y = fit[0], torch.tensor([names.index(c) for c in fit[1]])
+    xt, yt = test[0], torch.tensor([names.index(c) for c in test[1]])
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, xt = (x - mean) / std, (xt - mean) / std
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x.shape[1], len(names))
+    opt = torch.optim.Adam(probe.parameters(), 1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(probe(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        right = float((probe(xt).argmax(-1) == yt).float().mean())
+        probs = probe(xt).softmax(-1)
+    majority = max(test[1].count(c) for c in names) / len(test[1])
+    print(
+        f"odd-one-out, the asked-about object's colour from V_i: {right:.3f} of {len(yt)} images ({len(names)} "
+        f"colours, the commonest {majority:.3f})"
+    )
+    found, start = 0, 0
+    for n, odd in test[2]:
+        p = probs[start : start + n]
+        start += n
+        agreement = torch.stack([(p[k] * (p.sum(0) - p[k])).sum() for k in range(n)])  # with the other images
+        found += int(agreement.argmin() == odd)
+    print(
+        f"odd-one-out, the odd image as the probed colour that agrees least: {found / len(test[2]):.3f} of "
+        f"{len(test[2])} samples"
+    )
+
+
 def main() -> None:
     parser = teacher_forced.options(__doc__, data="data/synth/val-odd/samples.jsonl", samples=100000, batch=16)
+    parser.add_argument("--fit", default=None, help="samples with odd-one-out ones to fit the colour probe on")
     args = teacher_forced.parse(parser)
     model, collate = teacher_forced.load(args.checkpoint, args.feature_cache)
     samples = [s for s in teacher_forced.samples(args) if s.family in FAMILIES and len(s.images) > 1]
@@ -58,6 +132,12 @@ def main() -> None:
     print(f"{'family':16} {'tokens':>13}  odd image found  (chance)  samples")
     for (family, kind), (right, n, chance) in sorted(found.items()):
         print(f"{family:16} {kind:>13}  {right / n:15.3f}  ({chance / n:.3f})  {int(n):7d}")
+    if args.fit:
+        test = colour_rows(model, collate, samples, args.batch)
+        fit = colour_rows(model, collate, load_samples(args.fit), args.batch)
+        if not test[1] or not fit[1]:
+            raise SystemExit("odd_image: --fit and --data both need odd-one-out samples for the colour probe")
+        colour_probe(fit, test)
 
 
 if __name__ == "__main__":
