@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from prima.data.schema import Sample
 from prima.model import PrimaModel
+from prima.model.square import difference_from_others
 from prima.train.data import load_samples
 from prima.train.run import TrainCollator
 
@@ -42,31 +43,47 @@ ODD_COLOUR = re.compile(r"^The <p> (\w+) ")  # prima.data.synth_questions.odd_on
 USUAL_COLOUR = re.compile(r"while the other \w+ are (\w+)\.$")
 
 
-def farthest(vectors: torch.Tensor) -> int:
-    """The row farthest from the mean of the other rows."""
-    n = vectors.shape[0]
-    others = (vectors.sum(0, keepdim=True) - vectors) / (n - 1)
-    return int((vectors - others).norm(dim=-1).argmax())
-
-
-def colour_rows(model: PrimaModel, collate: TrainCollator, samples: list[Sample], batch: int) -> tuple:
-    """Each `odd-one-out` image's averaged V_i, the asked-about object's colour there, and (images, answer image) per
-    sample."""
-    samples = [s for s in samples if s.family == "odd-one-out"]
-    vectors, colours, groups = [], [], []
+def image_vectors(
+    model: PrimaModel, collate: TrainCollator, samples: list[Sample], batch: int
+) -> list[tuple[Sample, dict[str, torch.Tensor]]]:
+    """Per sample, each of its images as one vector (images, width): its tokens RMS-normalised and averaged, for the
+    visual tokens V_i (question-conditioned, as in training) and for the encoder's grid cells."""
+    rows = []
     with torch.no_grad():
         for chunk, collated in teacher_forced.batches(samples, batch, collate):
-            tokens = teacher_forced.visual_tokens(model, collated).float()
-            mean = F.rms_norm(tokens, tokens.shape[-1:]).mean(1)
+            grid = teacher_forced.image_features(model, collated)[model.vision.token_index]
+            kinds = {
+                "V_i": teacher_forced.visual_tokens(model, collated).float(),
+                "encoder cells": grid.float().flatten(2).transpose(1, 2),
+            }
+            means = {kind: F.rms_norm(tokens, tokens.shape[-1:]).mean(1) for kind, tokens in kinds.items()}
             start = 0
             for s in chunk:
-                n, odd = len(s.images), s.segments[0].image - 1
-                odd_colour, usual = ODD_COLOUR.search(s.answer).group(1), USUAL_COLOUR.search(s.answer).group(1)
-                vectors.append(mean[start : start + n])
-                colours += [odd_colour if k == odd else usual for k in range(n)]
-                groups.append((n, odd))
+                n = len(s.images)
+                rows.append((s, {kind: mean[start : start + n] for kind, mean in means.items()}))
                 start += n
-    return torch.cat(vectors), colours, groups
+    return rows
+
+
+def farthest(vectors: torch.Tensor) -> int:
+    """The row farthest from the mean of the other rows."""
+    one_sample = torch.zeros(vectors.shape[0], dtype=torch.long)
+    return int(difference_from_others(vectors.unsqueeze(1), one_sample).norm(dim=-1).argmax())
+
+
+def colour_rows(rows: list[tuple[Sample, dict[str, torch.Tensor]]]) -> tuple:
+    """Each `odd-one-out` image's V_i vector, the asked-about object's colour there, and (images, answer image) per
+    sample."""
+    vectors, colours, groups = [], [], []
+    for s, kinds in rows:
+        if s.family != "odd-one-out":
+            continue
+        n, odd = len(s.images), s.segments[0].image - 1
+        odd_colour, usual = ODD_COLOUR.search(s.answer).group(1), USUAL_COLOUR.search(s.answer).group(1)
+        vectors.append(kinds["V_i"])
+        colours += [odd_colour if k == odd else usual for k in range(n)]
+        groups.append((n, odd))
+    return (torch.cat(vectors) if vectors else torch.empty(0)), colours, groups
 
 
 def colour_probe(fit: tuple, test: tuple, steps: int = 400) -> None:
@@ -111,30 +128,20 @@ def main() -> None:
     samples = [s for s in teacher_forced.samples(args) if s.family in FAMILIES and len(s.images) > 1]
     if not samples:
         raise SystemExit(f"odd_image: {args.data} has no samples of {', '.join(FAMILIES)} (see the docstring)")
+    rows = image_vectors(model, collate, samples, args.batch)
     found: dict[tuple[str, str], list[float]] = {}  # (family, tokens) -> [right, samples, chance]
-    with torch.no_grad():
-        for chunk, collated in teacher_forced.batches(samples, args.batch, collate):
-            grid = teacher_forced.image_features(model, collated)[model.vision.token_index]
-            kinds = {
-                "V_i": teacher_forced.visual_tokens(model, collated).float(),
-                "encoder cells": grid.float().flatten(2).transpose(1, 2),
-            }
-            start = 0
-            for s in chunk:
-                n = len(s.images)
-                for kind, tokens in kinds.items():
-                    vectors = F.rms_norm(tokens[start : start + n], tokens.shape[-1:]).mean(1)
-                    row = found.setdefault((s.family, kind), [0.0, 0.0, 0.0])
-                    row[0] += float(farthest(vectors) == s.segments[0].image - 1)
-                    row[1] += 1
-                    row[2] += 1 / n
-                start += n
+    for s, kinds in rows:
+        for kind, vectors in kinds.items():
+            row = found.setdefault((s.family, kind), [0.0, 0.0, 0.0])
+            row[0] += float(farthest(vectors) == s.segments[0].image - 1)
+            row[1] += 1
+            row[2] += 1 / len(s.images)
     print(f"{'family':16} {'tokens':>13}  odd image found  (chance)  samples")
     for (family, kind), (right, n, chance) in sorted(found.items()):
         print(f"{family:16} {kind:>13}  {right / n:15.3f}  ({chance / n:.3f})  {int(n):7d}")
     if args.fit:
-        test = colour_rows(model, collate, samples, args.batch)
-        fit = colour_rows(model, collate, load_samples(args.fit), args.batch)
+        fit_samples = [s for s in load_samples(args.fit) if s.family == "odd-one-out"]
+        test, fit = colour_rows(rows), colour_rows(image_vectors(model, collate, fit_samples, args.batch))
         if not test[1] or not fit[1]:
             raise SystemExit("odd_image: --fit and --data both need odd-one-out samples for the colour probe")
         colour_probe(fit, test)
