@@ -15,7 +15,7 @@ tokens already hold, not what a probe could learn:
 
 With ``--fit`` (samples with `odd-one-out` ones, never a test split) it also fits a linear probe from each image's
 averaged V_i to the colour of the object the question asks about in that image (the odd colour in the answer image,
-the others' colour elsewhere; both are in the answer), and scores it on ``--data``: does V_i say, bound to the
+the others' colour elsewhere; both are read from M4Seg-Synth's `odd-one-out` answers), and scores it on ``--data``: does V_i say, bound to the
 object, which colour it has? And the odd image as the one whose probed colour agrees least with the others':
 
     prima data synth --out data/synth/train-odd3k --num 3000 --seed 14 --split train --families odd-one-out,odd-part \
