@@ -736,15 +736,19 @@ class PrimaModel(nn.Module):
             else:  # no [SEG]: keep the choice path in the graph, as the mask branch above
                 loss_image = _unused_loss(self.grounding.choice_parameters())
             loss = loss + w.image_choice * loss_image
-        loss_words = None
+        loss_words = loss_position = None
         words_on = not self._before_step(w.visual_words_from_step)
-        if w.visual_words > 0 and words_on and labels is not None and visual is not None:
-            loss_words = self.visual_words_loss(visual, input_ids, positions, seg_images)
-            loss = loss + w.visual_words * loss_words
-        loss_position = None
-        if w.visual_position > 0 and words_on and targets is not None and visual is not None:
-            loss_position = self.visual_position_loss(visual, input_ids, positions, seg_images, targets)
-            loss = loss + w.visual_position * loss_position
+        if w.visual_words > 0 and words_on and visual is not None and (labels is not None or targets is not None):
+            normed = F.rms_norm(visual, visual.shape[-1:])  # as the LLM's first layer reads them
+            word_scores = self.visual_words(normed)  # (N, T, vocab): what each visual token names
+            if labels is not None:
+                loss_words = self.visual_words_loss(word_scores, input_ids, positions, seg_images)
+                loss = loss + w.visual_words * loss_words
+            if w.visual_position > 0 and targets is not None:
+                loss_position = self.visual_position_loss(
+                    normed, word_scores.detach(), input_ids, positions, seg_images, targets
+                )
+                loss = loss + w.visual_position * loss_position
         loss_diversity = None
         if w.visual_diversity > 0 and labels is not None and visual is not None and visual.shape[1] > 1:
             loss_diversity = visual_alikeness(visual).mean()
@@ -807,12 +811,12 @@ class PrimaModel(nn.Module):
         return self.copy(logits.float().log_softmax(-1), hidden, memory, words, padding)
 
     def visual_words_loss(
-        self, visual: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, seg_images: torch.Tensor
+        self, word_scores: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, seg_images: torch.Tensor
     ) -> torch.Tensor:
         """Mean CE of every word of every grounded phrase under its image's word scores (see ``loss.visual_words``).
 
-        An image's score for a word is the logsumexp over its visual tokens of the word head applied to each token
-        (RMS-normalised, as the LLM's first layer reads it): some token of the image must name the word.
+        ``word_scores`` (N, T, vocab) is the word head on each visual token, RMS-normalised as the LLM's first layer
+        reads it; an image's score for a word is the logsumexp over its tokens: some token of the image must name it.
         """
         assert self.visual_words is not None
         rows = input_ids.tolist()
@@ -824,23 +828,25 @@ class PrimaModel(nn.Module):
             images += [int(seg_images[q])] * (end - start)
         if not words:  # keep the head in the graph so distributed training sees every parameter used
             return _unused_loss(self.visual_words.parameters())
-        scores = torch.logsumexp(self.visual_words(F.rms_norm(visual, visual.shape[-1:])), dim=1)  # (N, vocab)
-        target = torch.tensor(words, device=visual.device)
-        return F.cross_entropy(scores[torch.tensor(images, device=visual.device)].float(), target)
+        scores = torch.logsumexp(word_scores, dim=1)  # (N, vocab)
+        target = torch.tensor(words, device=scores.device)
+        return F.cross_entropy(scores[torch.tensor(images, device=scores.device)].float(), target)
 
     def visual_position_loss(
         self,
-        visual: torch.Tensor,
+        normed: torch.Tensor,
+        word_scores: torch.Tensor,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         seg_images: torch.Tensor,
         masks: torch.Tensor,
     ) -> torch.Tensor:
         """Mean L1 distance between each grounded phrase's GT mask centre (x, y in [0, 1]) and the centre read from
-        its image's visual tokens (see ``loss.visual_position``); ``masks`` (M, h, w) one per [SEG].
+        its image's visual tokens (see ``loss.visual_position``); ``normed`` (N, T, H) the visual tokens RMS-normalised,
+        ``word_scores`` (N, T, vocab) the visual-words head on them, detached; ``masks`` (M, h, w) one per [SEG].
 
         The phrase's token is found as the visual-words head finds its words (their mean score on each token,
-        softmax over the image's tokens, detached: this loss does not move which token names what); the head reads
+        softmax over the image's tokens; detached: this loss does not move which token names what); the head reads
         that token mixture beside the phrase's mean word embedding, as an LLM layer reads a word and what it attended.
         """
         assert self.visual_position is not None and self.visual_words is not None
@@ -850,15 +856,14 @@ class PrimaModel(nn.Module):
         kept = [q for q, (start, end) in enumerate(spans) if end > start and float(mass[q]) > 0]
         if not kept:  # keep the head in the graph so distributed training sees every parameter used
             return _unused_loss(self.visual_position.parameters())
-        dev = visual.device
+        dev = normed.device
         words = _pad([rows[int(positions[0, q])][spans[q][0] : spans[q][1]] for q in kept], -1, dev, left=False)[0]
         present = (words >= 0).float()  # (P, L)
-        tokens = F.rms_norm(visual, visual.shape[-1:])[seg_images[kept]]  # (P, T, H)
-        with torch.no_grad():
-            scores = self.visual_words(tokens).float()  # (P, T, vocab)
-            picked = scores.gather(2, words.clamp(min=0).unsqueeze(1).expand(-1, tokens.shape[1], -1))  # (P, T, L)
-            key = (picked * present.unsqueeze(1)).sum(-1) / present.sum(-1, keepdim=True)
-            attention = key.softmax(-1)  # (P, T)
+        tokens = normed[seg_images[kept]]  # (P, T, H)
+        scores = word_scores[seg_images[kept]].float()  # (P, T, vocab)
+        picked = scores.gather(2, words.clamp(min=0).unsqueeze(1).expand(-1, tokens.shape[1], -1))  # (P, T, L)
+        key = (picked * present.unsqueeze(1)).sum(-1) / present.sum(-1, keepdim=True)
+        attention = key.softmax(-1)  # (P, T)
         attended = torch.einsum("pt,pth->ph", attention.to(tokens.dtype), tokens)
         embedded = self.language.get_input_embeddings()(words.clamp(min=0)).detach()
         word = (embedded * present.unsqueeze(-1).to(embedded.dtype)).sum(1) / present.sum(-1, keepdim=True)
