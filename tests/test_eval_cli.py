@@ -208,6 +208,38 @@ def test_compare_command_makes_one_table_of_several_runs(tmp_path, capsys):
     assert "no metrics.json in" in capsys.readouterr().err
 
 
+def test_compare_by_family_puts_one_metric_per_run_in_each_familys_row(tmp_path, capsys):
+    def group(miou, recall, n):
+        return {"miou": miou, "recall": recall, "num_samples": n}
+
+    runs = {
+        "square": {"common": group(0.5, 0.25, 4), "spatial": group(0.75, 0.5, 6)},
+        "none": {"common": group(0.125, 0.0, 4), "odd-part": group(None, None, 2)},
+    }
+    for name, families in runs.items():
+        (tmp_path / name).mkdir()
+        metrics = {"miou": 0.6, "recall": 0.3, "num_samples": 10, "by_family": families}
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    square, none = str(tmp_path / "square"), str(tmp_path / "none")
+
+    assert main(["compare", square, none, "--by", "family", "--metric", "recall"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows == [
+        "| question family | N | square | none |",
+        "| common | 4 | 25.00 | 0.00 |",
+        "| spatial | 6 | 50.00 | – |",  # none has no such family
+        "| odd-part | 2 | – | – |",  # undefined there
+        "| all | 10 | 30.00 | 30.00 |",
+    ]
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "metrics.json").write_text(json.dumps({"miou": 0.5, "num_samples": 3}))
+    assert main(["compare", square, str(tmp_path / "plain"), "--by", "family"]) == 2
+    assert "run plain has no by_family" in capsys.readouterr().err
+    assert main(["compare", square, "--by", "family", "--metric", "accuracy"]) == 2
+    assert "unknown metric 'accuracy'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_eval_command_end_to_end_with_a_real_random_checkpoint(
     dataset, tmp_path, tmp_path_factory, monkeypatch, capsys

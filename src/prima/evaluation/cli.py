@@ -56,10 +56,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="one Markdown table of several runs' metrics",
-        description="Compare the metrics.json of several run folders (run name = folder name).",
+        description="Compare the metrics.json of several run folders (run name = folder name): a row per run, or "
+        "with --by a row per group and one metric per run.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding metrics.json (or the files)")
     p.add_argument("--out", default=None, help="Markdown file to write (default: print only)")
+    p.add_argument(
+        "--by",
+        choices=("family", "category", "num_images"),
+        default=None,
+        help="a row per question family, category or number of images, a column per run (default: a row per run)",
+    )
+    p.add_argument("--metric", default="miou", help="with --by: the metric in the cells (default: %(default)s)")
     p.set_defaults(func=_compare)
 
 
@@ -104,5 +112,5 @@ def _eval(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from prima.evaluation.report import compare_runs
 
-    print(compare_runs(args.runs, args.out), end="")
+    print(compare_runs(args.runs, args.out, by=args.by, metric=args.metric), end="")
     return 0

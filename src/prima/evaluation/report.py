@@ -166,21 +166,57 @@ def load_run_metrics(run: str | os.PathLike) -> dict[str, Any]:
         raise PrimaError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
-def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> str:
-    """One Markdown table of several runs' overall metrics (run name = folder name); written to ``out`` if given."""
+def compare_runs(
+    runs: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    by: str | None = None,
+    metric: str = "miou",
+) -> str:
+    """One Markdown table of several runs (run name = folder name); written to ``out`` if given.
+
+    Without ``by``: a row per run, a column per metric. With ``by`` ("family", "category" or "num_images"): a row
+    per group of that grouping (the union over the runs, then "all"), a column per run, each cell ``metric``; N is
+    the group's sample count, "a/b/..." where the runs disagree and "–" in a cell where a run has no such group.
+    """
     if not runs:
         raise PrimaError("name at least one run folder to compare")
-    header = "| run | N | " + " | ".join(METRIC_LABELS[k] for k in METRIC_KEYS) + " |"
-    rows = [header, "|---|---:|" + "---:|" * len(METRIC_KEYS)]
-    for run in runs:
-        m = load_run_metrics(run)
-        path = Path(run)
-        name = path.name if path.is_dir() else path.parent.name
-        rows.append(
-            f"| {name} | {m.get('num_samples', '?')} | " + " | ".join(percent(m.get(k)) for k in METRIC_KEYS) + " |"
-        )
-    table = "\n".join(rows) + "\n\nAll metrics in percent (`prima compare`); – means undefined for that run.\n"
+    if metric not in METRIC_LABELS:
+        raise PrimaError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_LABELS)}")
+    results = [(_run_name(run), load_run_metrics(run)) for run in runs]
+    if by is None:
+        header = "| run | N | " + " | ".join(METRIC_LABELS[k] for k in METRIC_KEYS) + " |"
+        rows = [header, "|---|---:|" + "---:|" * len(METRIC_KEYS)]
+        for name, m in results:
+            rows.append(
+                f"| {name} | {m.get('num_samples', '?')} | " + " | ".join(percent(m.get(k)) for k in METRIC_KEYS) + " |"
+            )
+        note = "All metrics in percent (`prima compare`); – means undefined for that run."
+    else:
+        key = f"by_{by}"
+        if key not in dict(GROUPINGS):
+            choices = ", ".join(k.removeprefix("by_") for k, _ in GROUPINGS)
+            raise PrimaError(f"unknown grouping {by!r}; choose one of {choices}")
+        for name, m in results:
+            if not m.get(key):
+                raise PrimaError(f"run {name} has no {key} in its metrics.json (its samples carry no {by}?)")
+        groups = list(dict.fromkeys(g for _, m in results for g in m[key]))
+        header = f"| {dict(GROUPINGS)[key]} | N | " + " | ".join(name for name, _ in results) + " |"
+        rows = [header, "|---|---:|" + "---:|" * len(results)]
+        for group in [*groups, None]:
+            cells = [m if group is None else m[key].get(group) for _, m in results]
+            counts = list(dict.fromkeys(c["num_samples"] for c in cells if c is not None))
+            values = [percent(c.get(metric)) if c is not None else "–" for c in cells]
+            label = "all" if group is None else group
+            rows.append(f"| {label} | {'/'.join(map(str, counts))} | " + " | ".join(values) + " |")
+        note = f"{METRIC_LABELS[metric]} in percent by {dict(GROUPINGS)[key]} (`prima compare --by {by}`); – means "
+        note += "undefined for that run or group."
+    table = "\n".join(rows) + f"\n\n{note}\n"
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(table, encoding="utf-8")
     return table
+
+
+def _run_name(run: str | os.PathLike) -> str:
+    path = Path(run)
+    return path.name if path.is_dir() else path.parent.name
