@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from prima.data.synth import CROSS_IMAGE_FAMILIES
+from prima.errors import PrimaError
 from prima.evaluation.report import load_run_metrics, percent
 
 # metric -> the count it is averaged over (metrics.aggregate)
@@ -39,12 +40,18 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="folders holding a metrics.json with by_family (prima eval / score)")
     args = parser.parse_args()
 
+    by_run = {}
+    for run in args.runs:  # every run read before the first line, so a bad one prints no half table
+        try:
+            by_run[run] = load_run_metrics(run).get("by_family")
+        except PrimaError as e:
+            raise SystemExit(f"family_split.py: {e}") from None
+        if not by_run[run]:
+            raise SystemExit(f"family_split.py: {run}: metrics.json has no by_family (its samples carry no family)")
+
     print("| run | families | N | mIoU | Recall | SS | no-mask acc |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for run in args.runs:
-        families = load_run_metrics(run).get("by_family")
-        if not families:
-            raise SystemExit(f"{run}: metrics.json has no by_family (its samples carry no family)")
+    for run, families in by_run.items():
         for label, keep in (("cross-image", True), ("image by image", False)):
             split = pooled([m for name, m in families.items() if (name in CROSS_IMAGE_FAMILIES) == keep])
             cells = " | ".join(percent(split[k]) for k in WEIGHTS)

@@ -238,6 +238,8 @@ def test_compare_by_family_puts_one_metric_per_run_in_each_familys_row(tmp_path,
     assert "run plain has no by_family" in capsys.readouterr().err
     assert main(["compare", square, "--by", "family", "--metric", "accuracy"]) == 2
     assert "unknown metric 'accuracy'" in capsys.readouterr().err
+    assert main(["compare", square, "--by", "colour"]) == 2
+    assert "unknown grouping 'colour'; choose one of category, num_images, family" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -63,9 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="Markdown file to write (default: print only)")
     p.add_argument(
         "--by",
-        choices=("family", "category", "num_images"),
         default=None,
-        help="a row per question family, category or number of images, a column per run (default: a row per run)",
+        help="family, category or num_images: a row per group of metrics.json's by_<BY>, a column per run "
+        "(default: a row per run)",
     )
     p.add_argument("--metric", default="miou", help="with --by: the metric in the cells (default: %(default)s)")
     p.set_defaults(func=_compare)

@@ -192,15 +192,15 @@ def compare_runs(
             )
         note = "All metrics in percent (`prima compare`); – means undefined for that run."
     else:
-        key = f"by_{by}"
-        if key not in dict(GROUPINGS):
-            choices = ", ".join(k.removeprefix("by_") for k, _ in GROUPINGS)
+        key, titles = f"by_{by}", dict(GROUPINGS)
+        if key not in titles:
+            choices = ", ".join(k.removeprefix("by_") for k in titles)
             raise PrimaError(f"unknown grouping {by!r}; choose one of {choices}")
         for name, m in results:
             if not m.get(key):
                 raise PrimaError(f"run {name} has no {key} in its metrics.json (its samples carry no {by}?)")
         groups = list(dict.fromkeys(g for _, m in results for g in m[key]))
-        header = f"| {dict(GROUPINGS)[key]} | N | " + " | ".join(name for name, _ in results) + " |"
+        header = f"| {titles[key]} | N | " + " | ".join(name for name, _ in results) + " |"
         rows = [header, "|---|---:|" + "---:|" * len(results)]
         for group in [*groups, None]:
             cells = [m if group is None else m[key].get(group) for _, m in results]
@@ -208,7 +208,7 @@ def compare_runs(
             values = [percent(c.get(metric)) if c is not None else "–" for c in cells]
             label = "all" if group is None else group
             rows.append(f"| {label} | {'/'.join(map(str, counts))} | " + " | ".join(values) + " |")
-        note = f"{METRIC_LABELS[metric]} in percent by {dict(GROUPINGS)[key]} (`prima compare --by {by}`); – means "
+        note = f"{METRIC_LABELS[metric]} in percent by {titles[key]} (`prima compare --by {by}`); – means "
         note += "undefined for that run or group."
     table = "\n".join(rows) + f"\n\n{note}\n"
     if out is not None:
