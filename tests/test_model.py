@@ -102,7 +102,8 @@ def test_forward_and_backward_reach_every_trainable_group(model):
     model.zero_grad()
     out.loss.backward()
     groups = model.parameter_groups()
-    assert set(groups) == {"language", "query_module", "square", "projector", "grounding"}
+    assert set(groups) == {"language", "query_module", "square", "projector", "grounding", "image_prior"}
+    assert not groups.pop("image_prior")  # model.image_prior is off by default: the paper's model
     for name, params in groups.items():
         assert params, name
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), f"no gradient reaches {name}"
@@ -1049,6 +1050,105 @@ def test_generate_chooses_the_tag_by_llm_plus_decoder(monkeypatch):
     results = model.generate_batch([(random_images(3), "Where?"), (random_images(2), "Which one?")], max_new_tokens=12)
     for result, n in zip(results, (3, 2)):
         assert all(1 <= s.image <= n for s in result.segments)
+
+
+def test_image_prior_scores_the_first_segs_image_from_question_and_all_images():
+    """model.image_prior: one logit per image of each sample (-inf past its count), trained by cross-entropy towards
+    the image of the sample's first [SEG] (samples without one left out); its own group, clipped on its own; each
+    image's logit depends on the other images too (it compares them)."""
+    model = small_model("image_prior=true")
+    batch = make_batch(model, [grounded_sample(), negative_sample(), grounded_sample("s3", n_images=2)])
+    out = model(batch)
+    logits = out.image_prior_logits
+    assert logits.shape == (3, 3) and torch.isinf(logits[1:, 2]).all() and torch.isfinite(logits[0]).all()
+    targets = torch.tensor([1, 1])  # the first [SEG]s' tags: (IMAGE2) in both grounded samples
+    assert torch.allclose(out.loss_prior, torch.nn.functional.cross_entropy(logits[[0, 2]], targets))
+    model.zero_grad()
+    out.loss_prior.backward()
+    prior = list(model.image_prior.parameters())
+    assert all(p.grad is not None for p in prior)
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("image_prior."))
+    assert model.parameter_groups()["image_prior"] == prior
+    assert prior in model.separately_clipped_groups()
+
+    with torch.no_grad():
+        model.eval()
+        feats = [torch.randn_like(f) for f in model.encode_images(batch["pixel_values"])][model._token_index()]
+        index = batch["image_sample_index"]
+        qids, qmask = batch["qformer_input_ids"], batch["qformer_attention_mask"]
+        before = model.image_prior(feats, index, qids, qmask)
+        changed = feats.clone()
+        changed[2] = torch.randn_like(changed[2])  # the first sample's third image
+        after = model.image_prior(changed, index, qids, qmask)
+    assert not torch.allclose(before[0, :2], after[0, :2])  # its other images' logits move with it
+    assert torch.allclose(before[1:], after[1:], atol=1e-6)  # other samples do not
+
+
+def test_a_frozen_branch_with_nothing_to_do_still_reports_its_loss_parts():
+    """A batch without [SEG] keeps each branch in the graph with a zero; with that branch frozen the zero must still
+    be a tensor, or one process reports fewer loss parts than another and their averaging across processes fails
+    (a run that trains the image prior under a frozen decoder hit this)."""
+    model = small_model("image_prior=true")
+    model.grounding.requires_grad_(False)
+    model.seg_projector.requires_grad_(False)
+    model.image_prior.requires_grad_(False)
+    out = model(make_batch(model, [negative_sample()]))
+    for name in ("loss_bce", "loss_dice", "loss_score", "loss_prior"):
+        part = getattr(out, name)
+        assert isinstance(part, torch.Tensor) and part.numel() == 1 and float(part) == 0.0, name
+
+
+def test_image_prior_reweighs_only_the_answers_first_image_reference(monkeypatch):
+    """At generation the prior re-weighs the image tags and, after the word "image", its numbers, among themselves
+    (their total probability stays the LLM's), until the answer has named an image; then it has no say."""
+    texts = ["In image 1 , image 2 , image 3 , image 4 , image 5 : the <p> chair </p> [SEG] (IMAGE1)."]
+    torch.manual_seed(0)
+    model = create_model(load_model_config("tiny", [*SMALL, "image_prior=true"]), TEXTS + texts).eval()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    word, numbers = model._image_words()
+    assert word == vocab("image") and numbers == [vocab(str(k)) for k in range(1, 6)]
+    tags = model.config.tokens.image_tag_ids
+    prior = torch.log_softmax(torch.tensor([[0.0, 4.0, 0.0]]), -1)  # image 2
+    scores = torch.zeros(1, model.config.tokens.vocab_size)
+    scores[0, vocab("the")] = 3.0
+    for generated, reweighed in (([vocab("In"), word], [tags[:3], numbers[:3]]), ([vocab("In")], [tags[:3]])):
+        out = model._weigh_first_image(scores, prior, [generated], [3])
+        for ids in reweighed:
+            assert torch.allclose(torch.logsumexp(out[0, ids], -1), torch.logsumexp(scores[0, ids], -1))
+            assert int(out[0, ids].argmax()) == 1
+        assert out[0, vocab("the")] == 3.0 and torch.equal(out[0, tags[3:]], scores[0, tags[3:]])
+        if len(reweighed) == 1:
+            assert torch.equal(out[0, numbers], scores[0, numbers])
+    for named in ([vocab("In"), word, numbers[0], vocab("the"), word], [vocab("<p>"), vocab("</p>"), tags[0]]):
+        assert torch.equal(model._weigh_first_image(scores, prior, [named], [3]), scores)
+
+    # in generate: where the LLM has no preference among the numbers after "In image", the prior picks; the tag after
+    # the phrase is the LLM's (the phrase opened first)
+    monkeypatch.setattr(model.image_prior, "forward", lambda *a: torch.tensor([[0.0, 0.0, 6.0]]))
+    script = ["In", "image", None, ":", "the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE1)", "</s>"]
+    for weight, number in ((1.0, 3), (0.0, 1)):  # weight 0: the prior does not even run; the tie goes to the first
+        model.config.image_prior_weight = weight
+        monkeypatch.setattr(model.language, "forward", TiedNumbers(model, script, numbers))
+        result = model.generate(random_images(3), "Where?", max_new_tokens=14)
+        assert result.token_ids[2] == numbers[number - 1] and [s.image for s in result.segments] == [1]
+        monkeypatch.setattr(model.image_prior, "forward", lambda *a: pytest.fail("the prior ran at weight 0"))
+
+
+class TiedNumbers(ScriptedLogits):
+    """`ScriptedLogits` where a None in the script makes every image number equally likely (and nothing else)."""
+
+    def __init__(self, model: PrimaModel, script: list[str | None], numbers: list[int]):
+        super().__init__(model, [t if t is not None else "<unk>" for t in script])
+        self.tied = [i for i, t in enumerate(script) if t is None]
+        self.numbers = numbers
+
+    def __call__(self, *args, **kwargs):
+        step = self.step
+        out = super().__call__(*args, **kwargs)
+        if step in self.tied:
+            out.logits[:, -1] = -1e4
+            out.logits[:, -1, self.numbers] = 1e4
+        return out
 
 
 def test_last_decoder_layer_updates_only_the_output_tokens():

@@ -183,6 +183,44 @@ def test_cached_seg_queries_train_stage_two_as_the_full_pass_does_and_resume_exa
     assert [r["loss"] for r in split] == [r["loss"] for r in with_cache]
 
 
+@pytest.mark.slow
+def test_the_image_prior_trains_beside_stage_two_without_changing_it(synth, tmp_path):
+    """`model.image_prior` in a stage 2: its own group, loss and gradient clip, drawn without moving the random
+    stream, so every other weight ends exactly as in the same run without it (the bundled checkpoint's prior was
+    trained over its finished stage 2 on this ground: docs/MODEL.md), and freezing everything else trains it alone."""
+    from safetensors.torch import load_file
+
+    def stage2(init_from, frozen):
+        return [
+            *overrides(synth, tmp_path, init_from=init_from, val_generate=0, best_metric="val_loss"),
+            f"train.freeze=[{', '.join(frozen)}]",
+            "train.cache_seg_queries=true",
+            "model.grounding.phrase_tokens=4",
+            "model.grounding.image_choice=true",
+            "model.images_from_step=0",
+        ]
+
+    first = tmp_path / "first"
+    assert main(["train", "--config", "tiny", *overrides(synth, tmp_path, max_steps=2), "--out", str(first)]) == 0
+    upstream = ["language", "query_module", "square", "projector"]
+    runs = {name: tmp_path / name for name in ("without", "with", "alone")}
+    assert main(["train", "--config", "tiny", *stage2(first / "final", upstream), "--out", str(runs["without"])]) == 0
+    with_prior = [*stage2(first / "final", upstream), "model.image_prior=true"]
+    assert main(["train", "--config", "tiny", *with_prior, "--out", str(runs["with"])]) == 0
+    alone = [*stage2(runs["without"] / "final", [*upstream, "grounding"]), "model.image_prior=true"]
+    assert main(["train", "--config", "tiny", *alone, "--out", str(runs["alone"])]) == 0
+    without, with_prior, trained_alone = (load_file(str(runs[k] / "final" / "model.safetensors")) for k in runs)
+    prior = {k for k in with_prior if k.startswith("image_prior.")}
+    assert prior and set(with_prior) - prior == set(without)
+    for k in without:
+        assert torch.equal(with_prior[k], without[k]), k
+        assert torch.equal(trained_alone[k], without[k]), k
+    assert all(torch.allclose(trained_alone[k], with_prior[k], atol=1e-6) for k in prior)
+    assert "loss_prior" in log_rows(runs["with"])[0]
+    halfway = load_file(str(list_checkpoints(runs["with"])[0][1] / "model.safetensors"))
+    assert any(not torch.equal(halfway[k], with_prior[k]) for k in prior)  # it did train
+
+
 def test_cache_seg_queries_needs_a_frozen_llm():
     from prima.config import ConfigError
     from prima.train.config import TrainConfig

@@ -268,6 +268,9 @@ class LossConfig:
     # with grounding.phrase_check: binary cross-entropy of every vocabulary word read under each GT mask and each
     # predicted one against the phrase's words (summed over the vocabulary; clipped on its own as the word reader)
     phrase_check: float = 1.0
+    # with model.image_prior: cross-entropy of the prior's image scores against the image of the answer's first [SEG]
+    # (clipped on its own, as the word reader)
+    image_prior: float = 1.0
 
     def validate(self) -> None:
         if self.visual_words_from_step < 0:
@@ -344,6 +347,15 @@ class ModelConfig:
     # the pointer's loss trains the pointer and the [SEG] state but not the visual tokens, which then stay words
     # for the LLM (docs/MODEL.md, "A pointer for the image tag")
     tag_pointer_detach: bool = False
+    # which image the answer's first [SEG] lies in, from the question's words and all of the sample's images at once
+    # (`prima.model.prior.ImagePrior`: a reading per image, then a comparison across them; loss.image_prior; its own
+    # parameter group, `image_prior`); at generation the answer's first image reference (a tag, or the number after
+    # "image") is chosen by the LLM's log-probability + image_prior_weight x the prior's, among the images alone
+    # (docs/MODEL.md, "Which image first: the image prior")
+    image_prior: bool = False
+    image_prior_weight: float = 1.0
+    image_prior_layers: int = 2  # its one-way blocks over each image (the question's words read the image in all
+    # but the last, which updates only the reading token)
     # training only (train mode): in the first this-many optimizer steps the LLM is shown zeros in place of its visual
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
     # question (docs/MODEL.md, "The visual-words loss switched on late")
@@ -381,6 +393,14 @@ class ModelConfig:
             raise ConfigError(
                 "model.grounding.image_choice needs model.answer_order 'written' (the tag must come after the [SEG])"
             )
+        if self.image_prior and self.vision.kind != "efficientnet_lite0":
+            raise ConfigError(
+                f"model.image_prior reads efficientnet_lite0's features at the token stride; got {self.vision.kind!r}"
+            )
+        if self.image_prior_layers < 1:
+            raise ConfigError(f"model.image_prior_layers must be >= 1, got {self.image_prior_layers}")
+        if self.image_prior_weight < 0:
+            raise ConfigError(f"model.image_prior_weight must be >= 0, got {self.image_prior_weight}")
         if self.tag_pointer and self.answer_order != "written":
             raise ConfigError(
                 "model.tag_pointer needs model.answer_order 'written' (the tag must come after the [SEG])"

@@ -25,6 +25,7 @@ from prima.model.config import ModelConfig, TokenIds, image_tokens_per_image, lo
 from prima.model.grounding import GroundingImages, build_grounding
 from prima.model.language import build_language_model, hidden_size
 from prima.model.losses import IGNORE_INDEX, mask_centres, mask_losses, score_loss, text_loss, text_loss_at
+from prima.model.prior import ImagePrior
 from prima.model.square import ImageQueryModule
 from prima.model.vision import ImageFeatures, build_vision_encoder
 
@@ -63,6 +64,9 @@ class PrimaOutput:
     loss_check: torch.Tensor | None = None  # every phrase word read from the pixels (only with grounding.phrase_check)
     loss_position: torch.Tensor | None = None  # each grounded phrase's centre read from V_i (``loss.visual_position``)
     loss_diversity: torch.Tensor | None = None  # how alike one image's visual tokens are (``loss.visual_diversity``)
+    loss_prior: torch.Tensor | None = None  # the image prior's loss (only with ``model.image_prior``)
+    # model.image_prior: (B, K) its logits over each sample's images (-inf past its count)
+    image_prior_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -245,6 +249,19 @@ class PrimaModel(nn.Module):
         )
         self.copy = VisualCopy(llm_hidden) if cfg.visual_copy else None
         self.tag_pointer = TagPointer(llm_hidden, cfg.tag_pointer_detach) if cfg.tag_pointer else None
+        self.image_prior = None
+        self._image_word_ids: tuple[int | None, list[int]] | None = None  # `_image_words`, found once
+        if cfg.image_prior:  # drawn without moving the random stream: every other weight starts as without it
+            token_stride_index = strides.index(cfg.vision.token_stride)
+            with torch.random.fork_rng(devices=[]):
+                self.image_prior = ImagePrior(
+                    self.vision.channels[token_stride_index],
+                    cfg.vision.image_size // cfg.vision.token_stride,
+                    cfg.tokens.qformer_vocab_size or cfg.tokens.vocab_size,
+                    cfg.qformer.max_text_length if cfg.qformer is not None else 64,
+                    cfg.max_images,
+                    num_layers=cfg.image_prior_layers,
+                )
         self.training_step: int | None = None  # set by the trainer (`set_training_step`); None outside a run
 
     def set_training_step(self, step: int) -> None:
@@ -278,7 +295,7 @@ class PrimaModel(nn.Module):
         Groups: ``language`` (the whole LM when trained from scratch, else LoRA adapters + embeddings),
         ``query_module`` (Q-Former, global queries, token positions, the visual-words head), ``square``
         (relational attention or the ablation's context layer; the contrast MLP), ``projector`` (to LLM width),
-        ``grounding`` ([SEG] MLP + prompt encoder + mask decoder).
+        ``grounding`` ([SEG] MLP + prompt encoder + mask decoder), ``image_prior`` (``model.image_prior``).
         """
         groups: dict[str, list[nn.Parameter]] = {
             "language": [],
@@ -286,6 +303,7 @@ class PrimaModel(nn.Module):
             "square": [],
             "projector": [],
             "grounding": [],
+            "image_prior": [],
         }
         for name, p in self.named_parameters():
             if p.requires_grad:
@@ -303,14 +321,17 @@ class PrimaModel(nn.Module):
             return "projector"
         if name.startswith(("grounding.", "seg_projector.")):
             return "grounding"
+        if name.startswith("image_prior."):
+            return "image_prior"
         return "query_module"  # the query module, and a frozen encoder made trainable by the user
 
     def separately_clipped_groups(self) -> list[list[nn.Parameter]]:
         """Groups of trainable parameters, each with a loss of its own that no other parameter's gradient shares: the
         word reader (``grounding.word_readout``) and the phrase check (``grounding.phrase_check``) read frozen
-        features under GT and detached masks. The trainer clips each group's gradient norm on its own, so switching
+        features under GT and detached masks; the image prior (``model.image_prior``) reads frozen features and the
+        question's ids. The trainer clips each group's gradient norm on its own, so switching
         them on leaves every other update as it was."""
-        heads = [getattr(self.grounding, name, None) for name in ("reader", "checker")]
+        heads = [getattr(self.grounding, name, None) for name in ("reader", "checker")] + [self.image_prior]
         groups = [[p for p in head.parameters() if p.requires_grad] for head in heads if head is not None]
         return [g for g in groups if g]
 
@@ -699,7 +720,7 @@ class PrimaModel(nn.Module):
                 loss_score = score_loss(scores, mask_logits.detach(), targets)
             else:  # keep the mask branch in the graph so distributed training sees every parameter used
                 branch = [*self.seg_projector.parameters(), *self.grounding.parameters()]
-                loss_bce = loss_dice = loss_score = _unused_loss(p for p in branch if p.requires_grad)
+                loss_bce = loss_dice = loss_score = _unused_loss(branch, dev)
             loss = loss + w.bce * loss_bce + w.dice * loss_dice + w.score * loss_score
         read_masks = None  # what the word reader and the phrase check read under: the GT masks, then the decoder's own
         if targets is not None and seg_images.numel():
@@ -711,7 +732,7 @@ class PrimaModel(nn.Module):
                 read = self.read_first_words(read_masks, seg_images.repeat(2), features)
                 loss_readout = F.cross_entropy(read.float(), first_words.repeat(2), ignore_index=-1)
             else:  # no [SEG]: keep the reader in the graph, as the mask branch above
-                loss_readout = _unused_loss(self.grounding.reader.parameters())
+                loss_readout = _unused_loss(self.grounding.reader.parameters(), self.device)
             loss = loss + w.word_readout * loss_readout
         loss_check = None
         if self.config.grounding.phrase_check and targets is not None and labels is not None:
@@ -727,15 +748,21 @@ class PrimaModel(nn.Module):
                 loss_check = F.binary_cross_entropy_with_logits(read, present.repeat(2, 1), reduction="none")
                 loss_check = loss_check.sum(-1).mean()
             else:  # no [SEG]: keep the check in the graph, as the mask branch above
-                loss_check = _unused_loss(self.grounding.checker.parameters())
+                loss_check = _unused_loss(self.grounding.checker.parameters(), self.device)
             loss = loss + w.phrase_check * loss_check
         loss_image = None
         if self.config.grounding.image_choice and labels is not None:
             if choice_logits is not None:
                 loss_image = F.cross_entropy(choice_logits.float(), seg_images - image_offsets[positions[0]])
             else:  # no [SEG]: keep the choice path in the graph, as the mask branch above
-                loss_image = _unused_loss(self.grounding.choice_parameters())
+                loss_image = _unused_loss(self.grounding.choice_parameters(), self.device)
             loss = loss + w.image_choice * loss_image
+        prior_logits = loss_prior = None
+        if self.image_prior is not None:
+            prior_logits = self.image_prior_logits(batch, x)
+            if labels is not None:
+                loss_prior = self.image_prior_loss(prior_logits, positions[0], seg_images - image_offsets[positions[0]])
+                loss = loss + w.image_prior * loss_prior
         loss_words = loss_position = None
         words_on = not self._before_step(w.visual_words_from_step)
         if w.visual_words > 0 and words_on and visual is not None and (labels is not None or targets is not None):
@@ -771,7 +798,34 @@ class PrimaModel(nn.Module):
             loss_check=loss_check,
             loss_position=loss_position,
             loss_diversity=loss_diversity,
+            loss_prior=loss_prior,
+            image_prior_logits=prior_logits,
         )
+
+    def image_prior_logits(self, batch: dict[str, Any], x: _Inputs) -> torch.Tensor:
+        """(B, K) `ImagePrior` logits of a batch's samples from its encoder features and its questions' Q-Former ids."""
+        assert self.image_prior is not None
+        qids, qmask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
+        if qids is None or qmask is None:
+            raise PrimaError("model.image_prior needs the batch's 'qformer_input_ids' and 'qformer_attention_mask'")
+        token_index = self._token_index()
+        return self.image_prior(
+            x.features[token_index], x.image_sample_index, qids.to(self.device), qmask.to(self.device)
+        )
+
+    def _token_index(self) -> int:
+        strides = getattr(self.vision, "strides", (self.config.vision.token_stride,))
+        return strides.index(self.config.vision.token_stride)
+
+    def image_prior_loss(self, logits: torch.Tensor, rows: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the prior's ``logits`` (B, K) against the image (``local``, 0-based in its sample) of each
+        sample's first [SEG] (``rows``: the sample of each [SEG], in order); samples without one are left out."""
+        assert self.image_prior is not None
+        if not rows.numel():  # no [SEG] in the batch: keep the prior in the graph, as the mask branch
+            return _unused_loss(self.image_prior.parameters(), self.device)
+        first = torch.ones_like(rows, dtype=torch.bool)
+        first[1:] = rows[1:] != rows[:-1]
+        return F.cross_entropy(logits[rows[first]], local[first])
 
     def point_tags(
         self,
@@ -786,7 +840,7 @@ class PrimaModel(nn.Module):
         every image's visual tokens."""
         assert self.tag_pointer is not None
         if not logits.shape[0]:  # no [SEG]: keep the pointer in the graph, as the mask branch does
-            return logits + _unused_loss(self.tag_pointer.parameters())
+            return logits + _unused_loss(self.tag_pointer.parameters(), self.device)
         candidates = _candidates(offsets, counts)
         scores = self.tag_pointer(states, visual, candidates).to(logits.dtype)
         tags = torch.tensor(self.config.tokens.image_tag_ids[: candidates.shape[1]], device=logits.device)
@@ -827,7 +881,7 @@ class PrimaModel(nn.Module):
             words += rows[r][start:end]
             images += [int(seg_images[q])] * (end - start)
         if not words:  # keep the head in the graph so distributed training sees every parameter used
-            return _unused_loss(self.visual_words.parameters())
+            return _unused_loss(self.visual_words.parameters(), self.device)
         scores = torch.logsumexp(word_scores, dim=1)  # (N, vocab)
         target = torch.tensor(words, device=scores.device)
         return F.cross_entropy(scores[torch.tensor(images, device=scores.device)].float(), target)
@@ -855,7 +909,7 @@ class PrimaModel(nn.Module):
         mass = masks.flatten(1).sum(1)
         kept = [q for q, (start, end) in enumerate(spans) if end > start and float(mass[q]) > 0]
         if not kept:  # keep the head in the graph so distributed training sees every parameter used
-            return _unused_loss(self.visual_position.parameters())
+            return _unused_loss(self.visual_position.parameters(), self.device)
         dev = normed.device
         words = _pad([rows[int(positions[0, q])][spans[q][0] : spans[q][1]] for q in kept], -1, dev, left=False)[0]
         present = (words >= 0).float()  # (P, L)
@@ -992,6 +1046,9 @@ class PrimaModel(nn.Module):
         # the Q-Former reads questions right-padded, as in training (its text positions are absolute)
         qids, qmask = _pad(qrows, (proc.qformer_tokenizer or proc.tokenizer).pad_token_id, dev, left=False)
         visual = self.visual_tokens(features, sample_index, qids, qmask)
+        prior = None  # model.image_prior: (B, K) log-probabilities of the image each row's answer starts in
+        if self.image_prior is not None and self.config.image_prior_weight:
+            prior = self.image_prior(features[self._token_index()], sample_index, qids, qmask).log_softmax(-1)
         ids, attention = _pad(
             [proc.encode_prompt(q, n) for (_, q), n in zip(requests, counts)], t.pad_token_id, dev, left=True
         )
@@ -1057,6 +1114,9 @@ class PrimaModel(nn.Module):
                 scores = self._choose_tags(
                     scores, seg_rows.tolist(), generated, seg_hidden, features, candidates, counts
                 )
+            likelihood = scores  # what `GenerationOutput.mean_logprob` sums: the prior steers, it does not score
+            if prior is not None:
+                scores = self._weigh_first_image(scores, prior, generated, counts)
             if rules is None and self.config.grounding.distinct_images:
                 for b in seg_rows.tolist():
                     ban[b, self._repeated_tags(generated[b], counts[b])] = True
@@ -1068,7 +1128,7 @@ class PrimaModel(nn.Module):
                     tokens[b] = prefix[at]
                 elif at == len(prefix) and rank:
                     tokens[b] = allowed[b].topk(rank + 1).indices[rank]
-            token_logp = scores.log_softmax(-1).gather(1, tokens[:, None])[:, 0].tolist()
+            token_logp = likelihood.log_softmax(-1).gather(1, tokens[:, None])[:, 0].tolist()
             fed_seg = []
             for b, token in enumerate(tokens.tolist()):
                 if done[b]:
@@ -1152,6 +1212,55 @@ class PrimaModel(nn.Module):
             scores[b] = scores[b].log_softmax(-1)
             scores[b, tags] += weight * choice[i, : counts[b]]
         return scores
+
+    def _weigh_first_image(
+        self, scores: torch.Tensor, prior: torch.Tensor, generated: list[list[int]], counts: list[int]
+    ) -> torch.Tensor:
+        """Next-token scores (B, vocab) where the rows whose answer has neither named an image nor opened a phrase
+        re-weigh the ways of naming one, the image tags and, right after the word "image", its numbers
+        (`_image_words`): among themselves, by their log-probability + ``model.image_prior_weight`` x ``prior`` (B, K),
+        the `ImagePrior`'s log-probabilities. The group's total probability stays the LLM's, so whether an image is
+        named there is the LLM's to say. Once a phrase is open the answer has picked its object, and the image is
+        that object's: in the written order the first tag follows a phrase, so there the prior moves only "In image
+        k" (re-weighing that tag too sent phrases about one image to another; docs/MODEL.md)."""
+        t = self.config.tokens
+        word, numbers = self._image_words()
+        weight = self.config.image_prior_weight
+        scores = scores.clone()
+        for b, g in enumerate(generated):
+            n = counts[b]
+            if t.phrase_start_id in g or self._names_image(g):
+                continue
+            groups = [t.image_tag_ids[:n]]
+            if numbers and g and g[-1] == word:
+                groups.append(numbers[:n])
+            for ids in groups:
+                own = scores[b, ids].float().log_softmax(-1)
+                scores[b, ids] = (
+                    torch.logsumexp(scores[b, ids].float(), -1) + (own + weight * prior[b, :n]).log_softmax(-1)
+                ).to(scores.dtype)
+        return scores
+
+    def _image_words(self) -> tuple[int | None, list[int]]:
+        """The token of the word "image" and those of its numbers 1..max_images, as "image 3" tokenizes; (None, [])
+        when the tokenizer does not write each as one word and one number (then only tags are re-weighed)."""
+        if self._image_word_ids is None:
+            pairs = [
+                self.processor.tokenizer(f"image {k}", add_special_tokens=False).input_ids
+                for k in range(1, self.config.max_images + 1)
+            ]
+            unk = getattr(self.processor.tokenizer, "unk_token_id", None)
+            ok = all(len(p) == 2 and p[0] == pairs[0][0] and p[1] != unk for p in pairs) and len(
+                {p[1] for p in pairs}
+            ) == len(pairs)
+            self._image_word_ids = (pairs[0][0], [p[1] for p in pairs]) if ok else (None, [])
+        return self._image_word_ids
+
+    def _names_image(self, ids: list[int]) -> bool:
+        """Whether ``ids`` name an image: a tag, or the word "image" followed by a number."""
+        tags = set(self.config.tokens.image_tag_ids)
+        word, numbers = self._image_words()
+        return any(i in tags for i in ids) or any(a == word and b in numbers for a, b in zip(ids, ids[1:]))
 
     def _image_support(
         self,
@@ -1456,10 +1565,11 @@ def visual_alikeness(visual: torch.Tensor) -> torch.Tensor:
     return ((unit @ unit.transpose(1, 2)).sum((1, 2)) - t) / (t * (t - 1))
 
 
-def _unused_loss(params: Iterable[nn.Parameter]) -> torch.Tensor:
-    """A zero that depends on ``params``: keeps a branch with nothing to do in this batch in the autograd graph, so
-    distributed training sees every parameter used."""
-    return sum(p.sum() for p in params) * 0.0
+def _unused_loss(params: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """A zero on ``device`` that depends on the trainable ``params``: keeps a branch with nothing to do in this batch
+    in the autograd graph, so distributed training sees every parameter used. A tensor even when none of them trains,
+    so every process reports the same loss parts (the trainer averages them across processes in one call)."""
+    return sum((p.sum() for p in params if p.requires_grad), torch.zeros((), device=device)) * 0.0
 
 
 def swap_words(words: torch.Tensor, p: float) -> torch.Tensor:

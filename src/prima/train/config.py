@@ -50,7 +50,7 @@ class DataConfig:
 
 
 # the groups of `PrimaModel.parameter_groups`, in its order (a test keeps the two in step)
-FREEZABLE = ("language", "query_module", "square", "projector", "grounding")
+FREEZABLE = ("language", "query_module", "square", "projector", "grounding", "image_prior")
 
 
 @dataclass
@@ -81,7 +81,7 @@ class TrainConfig:
     # and every weight it has; parts it lacks (e.g. a decoder option switched on) start fresh (docs/TRAINING.md)
     init_from: str | None = None
     # parameter groups kept fixed (`PrimaModel.parameter_groups`: language, query_module, square, projector,
-    # grounding); e.g. everything but `grounding` to train a mask decoder under a trained LLM
+    # grounding, image_prior); e.g. everything but `grounding` to train a mask decoder under a trained LLM
     freeze: list[str] = field(default_factory=list)
     reinit: list[str] = field(default_factory=list)  # groups NOT taken from init_from: they start fresh
     # with everything but `grounding` frozen, the decoder's [SEG] queries depend on the sample alone: compute every
@@ -111,7 +111,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}: unknown group(s) {unknown}; known: {list(FREEZABLE)}")
         if self.reinit and not self.init_from:
             raise ConfigError("train.reinit names groups not to take from train.init_from, which is not set")
-        upstream = [g for g in FREEZABLE if g != "grounding"]
+        upstream = [g for g in FREEZABLE if g not in ("grounding", "image_prior")]  # what the LLM's pass reads
         if self.cache_seg_queries and not set(upstream) <= set(self.freeze):
             raise ConfigError(
                 f"train.cache_seg_queries needs train.freeze to hold {upstream}: cached [SEG] queries must not "

@@ -1,0 +1,64 @@
+"""How often does the image prior (`model.image_prior`) pick the image an answer starts in, by question family?
+
+For every sample with a [SEG], the image of its first [SEG] (the prior's training target) against the prior's
+likeliest image, before any word of the answer is written; with ``--predictions`` (a `prima eval` run's
+predictions.jsonl on the same samples) beside the image of the answer's first segment (no segment: wrong), which is
+what the LLM and the read-out chose. Teacher-forced on the questions alone, so no generation runs:
+
+    .venv/bin/python benchmarks/image_prior.py runs/prior/final --data data/synth/val/samples.jsonl \
+        --samples 200 --feature-cache .cache/features --predictions runs/eval/prior-val/predictions.jsonl
+
+A training split shows whether the prior fits the families at all (``--data data/synth/train/samples.jsonl``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import teacher_forced
+import torch
+
+
+def main() -> None:
+    parser = teacher_forced.options(__doc__)
+    parser.add_argument("--predictions", default=None, help="predictions.jsonl of the same samples (prima eval)")
+    args = teacher_forced.parse(parser)
+    model, collate = teacher_forced.load(args.checkpoint, args.feature_cache)
+    if model.image_prior is None:
+        raise SystemExit(f"{args.checkpoint} has no image prior (model.image_prior: false)")
+    answered = {}
+    if args.predictions:
+        with open(args.predictions) as f:
+            for line in f:
+                p = json.loads(line)
+                answered[p["id"]] = p["segments"][0]["image"] if p.get("segments") else None
+    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+    with torch.no_grad():
+        for chunk, batch in teacher_forced.batches(teacher_forced.samples(args), args.batch, collate):
+            teacher_forced.image_features(model, batch)
+            logits = model.image_prior(
+                batch["image_features"][model._token_index()],
+                batch["image_sample_index"],
+                batch["qformer_input_ids"],
+                batch["qformer_attention_mask"],
+            )
+            for s, row in zip(chunk, logits):
+                if not s.segments:
+                    continue
+                first = s.segments[0].image  # segments are in answer order
+                c = counts[s.family or "-"]
+                c[0] += 1
+                c[1] += int(row.argmax()) + 1 == first
+                c[2] += answered.get(s.id) == first
+    rows = sorted(counts.items())
+    rows.append(("all", [sum(c[i] for _, c in rows) for i in range(3)]))
+    print(f"| family | samples | prior |{' answer |' if answered else ''}")
+    print(f"|---|---:|---:|{'---:|' if answered else ''}")
+    for family, (n, prior, answer) in rows:
+        extra = f" {100 * answer / n:.1f} |" if answered else ""
+        print(f"| {family} | {n} | {100 * prior / n:.1f} |{extra}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""``model.image_prior``: which image an answer starts in, read from the question and all of a sample's images at once.
+
+The questions that compare images ("Which kettle is the odd one out?", "In which image is the car to the right of the
+tree?") are decided by one choice, the image the answer names first, which the tiny LLM makes at about chance. This
+head makes that choice on its own: a learned token per image (plus that image's number, so "image 3" in the question
+can be matched) reads the question's words and then the image's tokens through a few one-way blocks; one
+self-attention layer then compares the images' summaries (an odd one out is only odd beside the others) and each
+gets a logit. It reads the frozen encoder's features and the question's ids (as the Q-Former reads them), nothing the
+LLM computes, so it trains beside the mask decoder with its own loss and its own gradient clip. At generation
+`PrimaModel` re-weighs the answer's first image reference by it (docs/MODEL.md, "Which image first: the image
+prior").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prima.model.grounding import OneWayBlock
+from prima.model.square import position_in_sample, sincos_positions
+
+
+class ImagePrior(nn.Module):
+    """Logits (B, K) over each sample's images (-inf past its count) from encoder features and question ids."""
+
+    def __init__(
+        self,
+        channels: int,
+        grid: int,
+        vocab_size: int,
+        max_words: int,
+        max_images: int,
+        dim: int = 64,
+        num_heads: int = 4,
+        num_layers: int = 2,
+    ):
+        super().__init__()
+        self.max_words = max_words
+        self.token_proj = nn.Conv2d(channels, dim, 1)
+        self.token_norm = nn.LayerNorm(dim)
+        # fixed 2D sine-cosine positions after the norm: left-right reads off linearly, which comparing where two
+        # objects are needs (a learned table from random starts did not learn `spatial-compare`; docs/MODEL.md)
+        self.register_buffer("token_pos", sincos_positions(grid, dim), persistent=False)
+        self.words = nn.Embedding(vocab_size, dim)
+        self.word_pos = nn.Parameter(torch.randn(max_words, dim) * 0.02)
+        self.slots = nn.Parameter(torch.randn(max_images, dim) * 0.02)  # "image k": the reading token of image k
+        self.layers = nn.ModuleList([OneWayBlock(dim, num_heads) for _ in range(num_layers)])
+        self.compare = nn.TransformerEncoderLayer(
+            dim, num_heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 1)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        image_sample_index: torch.Tensor,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """``features`` (N, C, g, g): the encoder's features at the token stride of the batch's N images, sample by
+        sample; ``image_sample_index`` (N,) each image's sample; ``question_ids`` / ``question_mask`` (B, L): the
+        questions, right-padded."""
+        b, n, dev = question_ids.shape[0], features.shape[0], features.device
+        counts = torch.bincount(image_sample_index, minlength=b)
+        slot = position_in_sample(image_sample_index)
+        tokens = self.token_proj(features.to(self.token_proj.weight.dtype)).flatten(2).transpose(1, 2)
+        tokens = self.token_norm(tokens) + self.token_pos.to(tokens.dtype)
+        length = min(question_ids.shape[1], self.max_words)
+        ids = question_ids[image_sample_index, :length]
+        present = question_mask[image_sample_index, :length].bool()
+        x = torch.cat([self.slots[slot].unsqueeze(1), self.words(ids) + self.word_pos[:length]], dim=1)
+        padding = torch.cat([present.new_zeros(n, 1), ~present], dim=1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, tokens, padding, keep=1 if i == len(self.layers) - 1 else None)
+        k = int(counts.max())
+        summaries = x.new_zeros(b, k, x.shape[-1])
+        summaries[image_sample_index, slot] = x[:, 0]
+        absent = torch.arange(k, device=dev)[None, :] >= counts[:, None]
+        compared = self.compare(summaries, src_key_padding_mask=absent)
+        logits = self.head(self.norm(compared)).squeeze(-1).float()
+        return logits.masked_fill(absent, float("-inf"))
