@@ -129,6 +129,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
             word_readout=kwargs.get("word_readout"),
             phrase_check=kwargs.get("phrase_check"),
             image_support_weight=kwargs.get("image_support_weight"),
+            image_prior_weight=kwargs.get("image_prior_weight"),
             mask_threshold=kwargs.get("mask_threshold"),
             mask_regions=kwargs.get("mask_regions"),
         )
@@ -146,6 +147,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
         "word_readout": None,
         "phrase_check": None,
         "image_support_weight": None,
+        "image_prior_weight": None,
         "mask_threshold": None,
         "mask_regions": None,
     }

@@ -53,6 +53,7 @@ def run_eval(
     embed: Any = None,
     image_choice_weight: float | None = None,
     image_support_weight: float | None = None,
+    image_prior_weight: float | None = None,
     distinct_images: bool | None = None,
     word_readout: bool | None = None,
     phrase_check: float | None = None,
@@ -77,6 +78,7 @@ def run_eval(
     readout = {
         "image_choice_weight": image_choice_weight,
         "image_support_weight": image_support_weight,
+        "image_prior_weight": image_prior_weight,
         "distinct_images": distinct_images,
         "word_readout": word_readout,
         "phrase_check": phrase_check,

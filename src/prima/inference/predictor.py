@@ -125,6 +125,7 @@ class PrimaPredictor:
         word_readout: bool | None = None,
         phrase_check: float | None = None,
         image_support_weight: float | None = None,
+        image_prior_weight: float | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
         """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
@@ -133,7 +134,8 @@ class PrimaPredictor:
         ``grounding.word_readout`` (False: the LLM's first phrase words stand), ``phrase_check`` its
         ``grounding.phrase_check_threshold`` (0: the check off, every answer as the LLM wrote it),
         ``image_support_weight`` its ``grounding.image_support_weight`` (0: the pixels' support has no say in the
-        image choice)."""
+        image choice), ``image_prior_weight`` its ``model.image_prior_weight`` (0: the LLM alone names the answer's
+        first image)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
@@ -169,6 +171,12 @@ class PrimaPredictor:
             if not image_support_weight >= 0:
                 raise PrimaError(f"--image-support-weight must be >= 0, got {image_support_weight}")
             grounding.image_support_weight = float(image_support_weight)
+        if image_prior_weight is not None:
+            if image_prior_weight and model.image_prior is None:
+                raise PrimaError(f"--image-prior-weight: {path} has no image prior (model.image_prior is off)")
+            if not image_prior_weight >= 0:
+                raise PrimaError(f"--image-prior-weight must be >= 0, got {image_prior_weight}")
+            model.config.image_prior_weight = float(image_prior_weight)
         model.eval()
         return cls(model, **kwargs)
 
