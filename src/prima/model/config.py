@@ -349,12 +349,12 @@ class ModelConfig:
     tag_pointer_detach: bool = False
     # which image the answer's first [SEG] lies in, from the question's words and all of the sample's images at once
     # (`prima.model.prior.ImagePrior`: a reading per image, then a comparison across them; loss.image_prior; its own
-    # parameter group, `image_prior`); at generation the answer's first image reference (a tag, or the number after
-    # "image") is chosen by the LLM's log-probability + image_prior_weight x the prior's, among the images alone
-    # (docs/MODEL.md, "Which image first: the image prior")
+    # parameter group, `image_prior`); at generation the answer's first image reference, while no phrase is open yet
+    # (the number after "image", or a tag), is chosen by the LLM's log-probability + image_prior_weight x the prior's,
+    # among the images alone (docs/MODEL.md, "Which image first: the image prior")
     image_prior: bool = False
     image_prior_weight: float = 1.0
-    image_prior_layers: int = 2  # its one-way blocks over each image (the question's words read the image in all
+    image_prior_layers: int = 3  # its one-way blocks over each image (the question's words read the image in all
     # but the last, which updates only the reading token)
     # training only (train mode): in the first this-many optimizer steps the LLM is shown zeros in place of its visual
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the

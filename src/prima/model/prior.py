@@ -32,14 +32,15 @@ class ImagePrior(nn.Module):
         max_images: int,
         dim: int = 64,
         num_heads: int = 4,
-        num_layers: int = 2,
+        num_layers: int = 3,
     ):
         super().__init__()
         self.max_words = max_words
         self.token_proj = nn.Conv2d(channels, dim, 1)
         self.token_norm = nn.LayerNorm(dim)
         # fixed 2D sine-cosine positions after the norm: left-right reads off linearly, which comparing where two
-        # objects are needs (a learned table from random starts did not learn `spatial-compare`; docs/MODEL.md)
+        # objects are needs (with a learned table and two layers the prior hardly learnt `spatial-compare`;
+        # docs/MODEL.md, "Which image first")
         self.register_buffer("token_pos", sincos_positions(grid, dim), persistent=False)
         self.words = nn.Embedding(vocab_size, dim)
         self.word_pos = nn.Parameter(torch.randn(max_words, dim) * 0.02)
