@@ -38,7 +38,7 @@ def main() -> None:
         for chunk, batch in teacher_forced.batches(teacher_forced.samples(args), args.batch, collate):
             teacher_forced.image_features(model, batch)
             logits = model.image_prior(
-                batch["image_features"][model._token_index()],
+                batch["image_features"][model.vision.token_index],
                 batch["image_sample_index"],
                 batch["qformer_input_ids"],
                 batch["qformer_attention_mask"],

@@ -1073,7 +1073,7 @@ def test_image_prior_scores_the_first_segs_image_from_question_and_all_images():
 
     with torch.no_grad():
         model.eval()
-        feats = [torch.randn_like(f) for f in model.encode_images(batch["pixel_values"])][model._token_index()]
+        feats = [torch.randn_like(f) for f in model.encode_images(batch["pixel_values"])][model.vision.token_index]
         index = batch["image_sample_index"]
         qids, qmask = batch["qformer_input_ids"], batch["qformer_attention_mask"]
         before = model.image_prior(feats, index, qids, qmask)

@@ -252,10 +252,9 @@ class PrimaModel(nn.Module):
         self.image_prior = None
         self._image_word_ids: tuple[int | None, list[int]] | None = None  # `_image_words`, found once
         if cfg.image_prior:  # drawn without moving the random stream: every other weight starts as without it
-            token_stride_index = strides.index(cfg.vision.token_stride)
             with torch.random.fork_rng(devices=[]):
                 self.image_prior = ImagePrior(
-                    self.vision.channels[token_stride_index],
+                    self.vision.token_dim,
                     cfg.vision.image_size // cfg.vision.token_stride,
                     cfg.tokens.qformer_vocab_size or cfg.tokens.vocab_size,
                     cfg.qformer.max_text_length if cfg.qformer is not None else 64,
@@ -808,14 +807,9 @@ class PrimaModel(nn.Module):
         qids, qmask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
         if qids is None or qmask is None:
             raise PrimaError("model.image_prior needs the batch's 'qformer_input_ids' and 'qformer_attention_mask'")
-        token_index = self._token_index()
         return self.image_prior(
-            x.features[token_index], x.image_sample_index, qids.to(self.device), qmask.to(self.device)
+            x.features[self.vision.token_index], x.image_sample_index, qids.to(self.device), qmask.to(self.device)
         )
-
-    def _token_index(self) -> int:
-        strides = getattr(self.vision, "strides", (self.config.vision.token_stride,))
-        return strides.index(self.config.vision.token_stride)
 
     def image_prior_loss(self, logits: torch.Tensor, rows: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the prior's ``logits`` (B, K) against the image (``local``, 0-based in its sample) of each
@@ -1048,7 +1042,7 @@ class PrimaModel(nn.Module):
         visual = self.visual_tokens(features, sample_index, qids, qmask)
         prior = None  # model.image_prior: (B, K) log-probabilities of the image each row's answer starts in
         if self.image_prior is not None and self.config.image_prior_weight:
-            prior = self.image_prior(features[self._token_index()], sample_index, qids, qmask).log_softmax(-1)
+            prior = self.image_prior(features[self.vision.token_index], sample_index, qids, qmask).log_softmax(-1)
         ids, attention = _pad(
             [proc.encode_prompt(q, n) for (_, q), n in zip(requests, counts)], t.pad_token_id, dev, left=True
         )
