@@ -205,8 +205,8 @@ def test_the_image_prior_trains_beside_stage_two_without_changing_it(synth, tmp_
     upstream = ["language", "query_module", "square", "projector"]
     runs = {name: tmp_path / name for name in ("without", "with", "alone")}
     assert main(["train", "--config", "tiny", *stage2(first / "final", upstream), "--out", str(runs["without"])]) == 0
-    with_prior = [*stage2(first / "final", upstream), "model.image_prior=true"]
-    assert main(["train", "--config", "tiny", *with_prior, "--out", str(runs["with"])]) == 0
+    with_args = [*stage2(first / "final", upstream), "model.image_prior=true"]
+    assert main(["train", "--config", "tiny", *with_args, "--out", str(runs["with"])]) == 0
     alone = [*stage2(runs["without"] / "final", [*upstream, "grounding"]), "model.image_prior=true"]
     assert main(["train", "--config", "tiny", *alone, "--out", str(runs["alone"])]) == 0
     without, with_prior, trained_alone = (load_file(str(runs[k] / "final" / "model.safetensors")) for k in runs)
