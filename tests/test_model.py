@@ -1084,6 +1084,41 @@ def test_image_prior_scores_the_first_segs_image_from_question_and_all_images():
     assert torch.allclose(before[1:], after[1:], atol=1e-6)  # other samples do not
 
 
+def test_image_prior_places_learn_where_the_answers_masks_show_the_questions_words():
+    """model.image_prior_places: each question word's place in each image (an attention over its cells), taught by
+    the GT mask of every answer phrase that has the word, on that phrase's image; the pairs of places then score the
+    images, but their gates start at zero, so an untrained prior scores exactly as one without them."""
+    import dataclasses
+
+    with pytest.raises(Exception, match="image_prior: true"):
+        small_model("image_prior_places=true")
+    model = small_model("image_prior=true", "image_prior_places=true")
+    plain = small_model("image_prior=true")
+    asked = dataclasses.replace(grounded_sample(), question="Which chair could you sit on?")  # "chair": phrase 1
+    batch = make_batch(model, [asked, negative_sample()])
+    out, without = model(batch), plain(batch)
+    assert torch.equal(out.image_prior_logits, without.image_prior_logits)
+    assert without.loss_places is None
+
+    # by hand: the word's attention over the cells of image 2 against the pooled mask of "chair"; the question's
+    # words the vocabulary lacks match no phrase's (the phrases "desk" and "legs" are unknown words here too)
+    x = model._inputs(batch)
+    _, places = model.image_prior_logits(batch, x)
+    chair = batch["qformer_input_ids"][0].tolist().index(model.processor.encode_qformer_text("chair")[0])
+    grid = int(places.shape[-1] ** 0.5)
+    target = torch.nn.functional.adaptive_avg_pool2d(batch["masks"][0][None, None].float(), grid).flatten()
+    expected = -(target / target.sum() * places[1, chair].log()).sum()  # the first sample's images are rows 0-2
+    assert torch.allclose(out.loss_places, expected, atol=1e-5)
+    model.zero_grad()
+    out.loss_places.backward()
+    assert model.image_prior.relations.query.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("image_prior."))
+
+    # no question word in any phrase: a zero, still in the graph
+    none = model(make_batch(model, [grounded_sample(), negative_sample()]))
+    assert float(none.loss_places.detach()) == 0.0 and none.loss_places.requires_grad
+
+
 def test_a_frozen_branch_with_nothing_to_do_still_reports_its_loss_parts():
     """A batch without [SEG] keeps each branch in the graph with a zero; with that branch frozen the zero must still
     be a tensor, or one process reports fewer loss parts than another and their averaging across processes fails

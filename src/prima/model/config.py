@@ -271,6 +271,10 @@ class LossConfig:
     # with model.image_prior: cross-entropy of the prior's image scores against the image of the answer's first [SEG]
     # (clipped on its own, as the word reader)
     image_prior: float = 1.0
+    # with model.image_prior_places: cross-entropy of where each question word finds itself in an image (the prior's
+    # attention over the image's cells) against the GT mask of each answer phrase that has that word, on that
+    # phrase's image (the prior's own group and clip)
+    image_prior_places: float = 1.0
 
     def validate(self) -> None:
         if self.visual_words_from_step < 0:
@@ -356,6 +360,10 @@ class ModelConfig:
     image_prior_weight: float = 1.0
     image_prior_layers: int = 3  # its one-way blocks over each image (the question's words read the image in all
     # but the last, which updates only the reading token)
+    # + a score per image from where the question's words are in it relative to each other (`prior.WordPlaces`: each
+    # word's place found by an attention over the cells, every pair of words weighed by an MLP of the two; its places
+    # learn from the answer's masks, loss.image_prior_places; docs/MODEL.md, "Where the question's words are")
+    image_prior_places: bool = False
     # training only (train mode): in the first this-many optimizer steps the LLM is shown zeros in place of its visual
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
     # question (docs/MODEL.md, "The visual-words loss switched on late")
@@ -397,6 +405,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.image_prior reads efficientnet_lite0's features at the token stride; got {self.vision.kind!r}"
             )
+        if self.image_prior_places and not self.image_prior:
+            raise ConfigError("model.image_prior_places is part of the image prior: set model.image_prior: true")
         if self.image_prior_layers < 1:
             raise ConfigError(f"model.image_prior_layers must be >= 1, got {self.image_prior_layers}")
         if self.image_prior_weight < 0:

@@ -65,6 +65,7 @@ class PrimaOutput:
     loss_position: torch.Tensor | None = None  # each grounded phrase's centre read from V_i (``loss.visual_position``)
     loss_diversity: torch.Tensor | None = None  # how alike one image's visual tokens are (``loss.visual_diversity``)
     loss_prior: torch.Tensor | None = None  # the image prior's loss (only with ``model.image_prior``)
+    loss_places: torch.Tensor | None = None  # its places' loss (only with ``model.image_prior_places``)
     # model.image_prior: (B, K) its logits over each sample's images (-inf past its count)
     image_prior_logits: torch.Tensor | None = None
 
@@ -260,7 +261,11 @@ class PrimaModel(nn.Module):
                     cfg.qformer.max_text_length if cfg.qformer is not None else 64,
                     cfg.max_images,
                     num_layers=cfg.image_prior_layers,
+                    relations=cfg.image_prior_places,
                 )
+            if cfg.image_prior_places and cfg.tokens.qformer_vocab_size not in (None, cfg.tokens.vocab_size):
+                # its places learn where the answer's phrases have the question's words: one vocabulary for both
+                raise PrimaError("model.image_prior_places needs the Q-Former to read the LLM's own tokenizer")
         self.training_step: int | None = None  # set by the trainer (`set_training_step`); None outside a run
 
     def set_training_step(self, step: int) -> None:
@@ -756,12 +761,15 @@ class PrimaModel(nn.Module):
             else:  # no [SEG]: keep the choice path in the graph, as the mask branch above
                 loss_image = _unused_loss(self.grounding.choice_parameters(), self.device)
             loss = loss + w.image_choice * loss_image
-        prior_logits = loss_prior = None
+        prior_logits = loss_prior = loss_places = None
         if self.image_prior is not None:
-            prior_logits = self.image_prior_logits(batch, x)
+            prior_logits, places = self.image_prior_logits(batch, x)
             if labels is not None:
                 loss_prior = self.image_prior_loss(prior_logits, positions[0], seg_images - image_offsets[positions[0]])
                 loss = loss + w.image_prior * loss_prior
+            if places is not None and labels is not None:
+                loss_places = self.image_prior_places_loss(places, batch, x, positions, seg_images, targets)
+                loss = loss + w.image_prior_places * loss_places
         loss_words = loss_position = None
         words_on = not self._before_step(w.visual_words_from_step)
         if w.visual_words > 0 and words_on and visual is not None and (labels is not None or targets is not None):
@@ -798,18 +806,59 @@ class PrimaModel(nn.Module):
             loss_position=loss_position,
             loss_diversity=loss_diversity,
             loss_prior=loss_prior,
+            loss_places=loss_places,
             image_prior_logits=prior_logits,
         )
 
-    def image_prior_logits(self, batch: dict[str, Any], x: _Inputs) -> torch.Tensor:
-        """(B, K) `ImagePrior` logits of a batch's samples from its encoder features and its questions' Q-Former ids."""
+    def image_prior_logits(self, batch: dict[str, Any], x: _Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, K) `ImagePrior` logits of a batch's samples from its encoder features and its questions' Q-Former ids,
+        and where each question word found itself in each image (N, L, cells; None without image_prior_places)."""
         assert self.image_prior is not None
         qids, qmask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
         if qids is None or qmask is None:
             raise PrimaError("model.image_prior needs the batch's 'qformer_input_ids' and 'qformer_attention_mask'")
         return self.image_prior(
-            x.features[self.vision.token_index], x.image_sample_index, qids.to(self.device), qmask.to(self.device)
+            x.features[self.vision.token_index],
+            x.image_sample_index,
+            qids.to(self.device),
+            qmask.to(self.device),
+            with_places=True,
         )
+
+    def image_prior_places_loss(
+        self,
+        places: torch.Tensor,
+        batch: dict[str, Any],
+        x: _Inputs,
+        positions: torch.Tensor,
+        seg_images: torch.Tensor,
+        targets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Cross-entropy of ``places`` (N, L, g * g: each question word's attention over each image's cells) against
+        the GT mask of every answer phrase that has that word, on the phrase's image (the mask pooled to the cells
+        and made a distribution); the mean over such (phrase, word) pairs. None of them in the batch: 0, in the
+        graph."""
+        assert self.image_prior is not None
+        pairs = []
+        if targets is not None and seg_images.numel():
+            question = batch["qformer_input_ids"][:, : places.shape[1]].tolist()
+            known = batch["qformer_attention_mask"][:, : places.shape[1]].tolist()
+            rows = x.input_ids.tolist()
+            unknown = getattr(getattr(self.processor, "tokenizer", None), "unk_token_id", None)
+            for q, (r, c) in enumerate(zip(positions[0].tolist(), positions[1].tolist())):
+                start, end = self._phrase_span(rows[r], c)
+                phrase = set(rows[r][start:end]) - {unknown}  # an unknown word is no word in common
+                for word, (token, real) in enumerate(zip(question[r], known[r])):
+                    if real and token in phrase:
+                        pairs.append((q, word))
+        if not pairs:
+            return _unused_loss(self.image_prior.parameters(), self.device)
+        seg, word = torch.tensor(pairs, device=self.device).T
+        grid = int(round(places.shape[-1] ** 0.5))
+        where = F.adaptive_avg_pool2d(targets[seg].unsqueeze(1).float(), grid).flatten(1)
+        where = where / where.sum(-1, keepdim=True).clamp_min(1e-6)
+        found = places[seg_images[seg], word].float().clamp_min(1e-8).log()
+        return -(where * found).sum(-1).mean()
 
     def image_prior_loss(self, logits: torch.Tensor, rows: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the prior's ``logits`` (B, K) against the image (``local``, 0-based in its sample) of each

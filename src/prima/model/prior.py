@@ -33,6 +33,7 @@ class ImagePrior(nn.Module):
         dim: int = 64,
         num_heads: int = 4,
         num_layers: int = 3,
+        relations: bool = False,
     ):
         super().__init__()
         self.max_words = max_words
@@ -51,6 +52,7 @@ class ImagePrior(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 1)
+        self.relations = WordPlaces(dim, grid) if relations else None
 
     def forward(
         self,
@@ -58,21 +60,28 @@ class ImagePrior(nn.Module):
         image_sample_index: torch.Tensor,
         question_ids: torch.Tensor,
         question_mask: torch.Tensor,
-    ) -> torch.Tensor:
+        *,
+        with_places: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """``features`` (N, C, g, g): the encoder's features at the token stride of the batch's N images, sample by
         sample; ``image_sample_index`` (N,) each image's sample; ``question_ids`` / ``question_mask`` (B, L): the
-        questions, right-padded."""
+        questions, right-padded. With ``with_places``: (logits, places), places (N, L', g * g) where each of the
+        first L' question words found itself among each image's cells (None without ``relations``)."""
         b, n, dev = question_ids.shape[0], features.shape[0], features.device
         counts = torch.bincount(image_sample_index, minlength=b)
         slot = position_in_sample(image_sample_index)
         tokens = self.token_proj(features.to(self.token_proj.weight.dtype)).flatten(2).transpose(1, 2)
-        tokens = self.token_norm(tokens) + self.token_pos.to(tokens.dtype)
+        content = self.token_norm(tokens)
+        tokens = content + self.token_pos.to(tokens.dtype)
         length = min(question_ids.shape[1], self.max_words)
         ids = question_ids[image_sample_index, :length]
         present = question_mask[image_sample_index, :length].bool()
         x = torch.cat([self.slots[slot].unsqueeze(1), self.words(ids) + self.word_pos[:length]], dim=1)
         padding = torch.cat([present.new_zeros(n, 1), ~present], dim=1)
+        words = None
         for i, layer in enumerate(self.layers):
+            if i == len(self.layers) - 1:
+                words = x[:, 1:]  # the question's words, having read the image (the last layer keeps the slot only)
             x = layer(x, tokens, padding, keep=1 if i == len(self.layers) - 1 else None)
         k = int(counts.max())
         summaries = x.new_zeros(b, k, x.shape[-1])
@@ -80,4 +89,52 @@ class ImagePrior(nn.Module):
         absent = torch.arange(k, device=dev)[None, :] >= counts[:, None]
         compared = self.compare(summaries, src_key_padding_mask=absent)
         logits = self.head(self.norm(compared)).squeeze(-1).float()
-        return logits.masked_fill(absent, float("-inf"))
+        places = None
+        if self.relations is not None:
+            related, places = self.relations(self.words(ids), words, content, present)
+            logits = logits + logits.new_zeros(b, k).index_put((image_sample_index, slot), related.float())
+        logits = logits.masked_fill(absent, float("-inf"))
+        return (logits, places) if with_places else logits
+
+
+class WordPlaces(nn.Module):
+    """A score per image from where the question's words are in it, relative to each other.
+
+    Each word finds itself among the image's cells (one attention, its query from the word, its keys from the cells)
+    and the attention's centre of mass is where it is (a spatial soft-argmax: an explicit (x, y) in [-1, 1]). Every
+    pair of words (a, b) then adds ``g_x (x_a - x_b) + g_y (y_a - y_b)`` to the image's score, the gates (g_x, g_y)
+    an MLP of the two words: a relation network over the question's words with their places. "In which image is
+    the chair to the left of the table?" needs exactly one such pair, weighted by the direction word. Neither a
+    generic reader of the cells nor this one alone learnt that from thousands of samples; this one does once the
+    places are taught where the answer's masks show the question's words (`model.loss.image_prior_places`;
+    docs/MODEL.md, "Where the question's words are").
+    """
+
+    def __init__(self, dim: int, grid: int):
+        super().__init__()
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        axis = torch.linspace(-1.0, 1.0, grid)
+        rows, cols = torch.meshgrid(axis, axis, indexing="ij")
+        self.register_buffer("places", torch.stack([cols.flatten(), rows.flatten()], dim=1), persistent=False)
+        self.gate = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, 2))
+        nn.init.zeros_(self.gate[-1].weight)  # no say until it has learnt which pairs matter
+        nn.init.zeros_(self.gate[-1].bias)
+
+    def forward(
+        self, names: torch.Tensor, words: torch.Tensor, cells: torch.Tensor, present: torch.Tensor
+    ) -> torch.Tensor:
+        """``names`` (N, L, D) the question's word embeddings (what to look for), ``words`` (N, L, D) each image's
+        reading of the question (what the pair means), ``cells`` (N, g * g, D) the image's cells without their
+        positions, ``present`` (N, L) the real words: (N,) scores and (N, L, g * g) each word's attention over the
+        cells (what `model.loss.image_prior_places` trains)."""
+        scale = words.shape[-1] ** -0.5
+        attention = torch.softmax(self.query(names) @ self.key(cells).transpose(1, 2) * scale, dim=-1)
+        where = attention @ self.places.to(attention.dtype)  # (N, L, 2)
+        delta = where[:, :, None] - where[:, None, :]  # (N, L, L, 2): word a's place minus word b's
+        length = words.shape[1]
+        pairs = torch.cat(
+            [words[:, :, None].expand(-1, -1, length, -1), words[:, None, :].expand(-1, length, -1, -1)], dim=-1
+        )
+        both = (present[:, :, None] & present[:, None, :]).to(delta.dtype)
+        return ((self.gate(pairs) * delta).sum(-1) * both).sum((1, 2)), attention
