@@ -282,6 +282,20 @@ def test_hiding_images_from_a_frozen_llm_is_a_config_error():
     assert load_run_config("tiny-masks").model.images_from_step == 0  # the shipped stage 2 loads
 
 
+def test_the_prior_stage_trains_the_prior_alone_over_stage_two():
+    """configs/tiny-prior.yaml (stage 3): stage 2's model and read-out, + the image prior with its word places, every
+    other group frozen; stage 2 itself no longer trains a prior."""
+    stage2, stage3 = load_run_config("tiny-masks"), load_run_config("tiny-prior")
+    assert not stage2.model.image_prior
+    assert stage3.model.image_prior and stage3.model.image_prior_places
+    assert set(stage3.train.freeze) == {"language", "query_module", "square", "projector", "grounding"}
+    assert stage3.model.grounding == stage2.model.grounding
+    assert [d.path for d in stage3.data.train] == [
+        "data/synth/train/samples.jsonl",
+        "data/synth/train-first/samples.jsonl",
+    ]
+
+
 if __name__ == "__main__":  # worker of test_one_process_batch_8_equals_two_processes_batch_4
     from accelerate import PartialState
 
