@@ -14,7 +14,7 @@ from prima.data.masks import encode_rle
 from prima.data.schema import Sample, Segment
 from prima.errors import PrimaError
 from prima.model import PrimaModel, create_model, load_model_config
-from prima.model.prima import SUPPORT_FLOOR
+from prima.model.prima import SUPPORT_FLOOR, PrimaOutput
 
 SMALL = [  # tiny.yaml shrunk further so a test builds and runs a model in about a second
     "vision.image_size=64",
@@ -1117,6 +1117,40 @@ def test_image_prior_places_learn_where_the_answers_masks_show_the_questions_wor
     # no question word in any phrase: a zero, still in the graph
     none = model(make_batch(model, [grounded_sample(), negative_sample()]))
     assert float(none.loss_places.detach()) == 0.0 and none.loss_places.requires_grad
+
+
+def test_training_the_prior_alone_runs_only_the_prior_with_the_same_losses_and_gradients(monkeypatch):
+    """With every other group frozen (configs/tiny-prior.yaml) training runs the prior alone: its losses and gradients
+    are those of the whole forward, the LLM and the decoder do not run, and evaluation still runs everything."""
+    import dataclasses
+
+    model = small_model("image_prior=true", "image_prior_places=true", "grounding.phrase_tokens=4")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("image_prior."))
+    asked = dataclasses.replace(grounded_sample(), question="Which chair could you sit on?")
+    batch = make_batch(model, [asked, negative_sample(), grounded_sample("s3", n_images=2)])
+    model.train()
+
+    def run() -> tuple[PrimaOutput, list[torch.Tensor]]:
+        model.zero_grad()
+        out = model(batch)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.image_prior.parameters()]
+
+    fast, fast_grads = run()
+    assert fast.loss_ce is None and fast.loss_bce is None and fast.logits is None  # nothing else ran
+    monkeypatch.setattr(model, "_trains_only_the_prior", lambda: False)
+    full, full_grads = run()
+    assert full.loss_bce is not None
+    assert torch.allclose(fast.loss_prior, full.loss_prior) and torch.allclose(fast.loss_places, full.loss_places)
+    assert torch.equal(fast.image_prior_logits, full.image_prior_logits)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast_grads, full_grads))
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert model.eval()(batch).loss_bce is not None  # validation reports every loss
+    model.image_prior.requires_grad_(False)
+    model.grounding.requires_grad_(True)
+    assert model.train()(batch).loss_bce is not None  # another group trains: the whole forward
 
 
 def test_a_frozen_branch_with_nothing_to_do_still_reports_its_loss_parts():

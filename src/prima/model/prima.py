@@ -682,6 +682,8 @@ class PrimaModel(nn.Module):
             x.features,
         )
         positions, seg_images = self.seg_targets(input_ids, image_offsets, num_images, labels)
+        if labels is not None and self._trains_only_the_prior():
+            return self._prior_forward(batch, x, positions, seg_images)
         logits = visual = loss_ce = None
         queries = batch.get("seg_queries")
         if queries is None:
@@ -808,6 +810,40 @@ class PrimaModel(nn.Module):
             loss_prior=loss_prior,
             loss_places=loss_places,
             image_prior_logits=prior_logits,
+        )
+
+    def _trains_only_the_prior(self) -> bool:
+        """Training with every weight but the image prior's frozen (configs/tiny-prior.yaml): the prior reads only
+        the encoder's features, the question and the answer's [SEG] tags and masks, so nothing else need run."""
+        if not self.training or self.image_prior is None:
+            return False
+        return not any(p.requires_grad for n, p in self.named_parameters() if not n.startswith("image_prior."))
+
+    def _prior_forward(
+        self, batch: dict[str, Any], x: _Inputs, positions: torch.Tensor, seg_images: torch.Tensor
+    ) -> PrimaOutput:
+        """`forward` when only the image prior trains: its losses alone, the very values (and gradients) the whole
+        forward gives it, without running the LLM or the decoder, whose frozen losses are then not reported."""
+        w = self.config.loss
+        logits, places = self.image_prior_logits(batch, x)
+        loss_prior = self.image_prior_loss(logits, positions[0], seg_images - x.image_offsets[positions[0]])
+        loss, loss_places = w.image_prior * loss_prior, None
+        if places is not None:
+            targets = batch.get("masks")
+            targets = targets.to(self.device, torch.float32) if targets is not None else None
+            loss_places = self.image_prior_places_loss(places, batch, x, positions, seg_images, targets)
+            loss = loss + w.image_prior_places * loss_places
+        return PrimaOutput(
+            loss=loss,
+            loss_ce=None,
+            loss_bce=None,
+            loss_dice=None,
+            loss_score=None,
+            logits=None,
+            seg_image_index=seg_images,
+            loss_prior=loss_prior,
+            loss_places=loss_places,
+            image_prior_logits=logits,
         )
 
     def image_prior_logits(self, batch: dict[str, Any], x: _Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
