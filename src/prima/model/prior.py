@@ -5,9 +5,10 @@ tree?") are decided by one choice, the image the answer names first, which the t
 head makes that choice on its own: a learned token per image (plus that image's number, so "image 3" in the question
 can be matched) reads the question's words and then the image's tokens through a few one-way blocks; one
 self-attention layer then compares the images' summaries (an odd one out is only odd beside the others) and each
-gets a logit. It reads the frozen encoder's features and the question's ids (as the Q-Former reads them), nothing the
-LLM computes, so it trains beside the mask decoder with its own loss and its own gradient clip. At generation
-`PrimaModel` re-weighs the answer's first image reference by it (docs/MODEL.md, "Which image first: the image
+gets a logit; with ``relations`` (`model.image_prior_places`) `WordPlaces` adds a score from where the question's
+words are in each image relative to each other. It reads the frozen encoder's features and the question's ids (as the
+Q-Former reads them), nothing the LLM computes, so it trains beside the mask decoder with its own loss and its own
+gradient clip, or alone (configs/tiny-prior.yaml). At generation `PrimaModel` re-weighs the answer's first image reference by it (docs/MODEL.md, "Which image first: the image
 prior").
 """
 
@@ -123,7 +124,7 @@ class WordPlaces(nn.Module):
 
     def forward(
         self, names: torch.Tensor, words: torch.Tensor, cells: torch.Tensor, present: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``names`` (N, L, D) the question's word embeddings (what to look for), ``words`` (N, L, D) each image's
         reading of the question (what the pair means), ``cells`` (N, g * g, D) the image's cells without their
         positions, ``present`` (N, L) the real words: (N,) scores and (N, L, g * g) each word's attention over the
