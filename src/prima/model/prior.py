@@ -8,8 +8,8 @@ self-attention layer then compares the images' summaries (an odd one out is only
 gets a logit; with ``relations`` (`model.image_prior_places`) `WordPlaces` adds a score from where the question's
 words are in each image relative to each other. It reads the frozen encoder's features and the question's ids (as the
 Q-Former reads them), nothing the LLM computes, so it trains beside the mask decoder with its own loss and its own
-gradient clip, or alone (configs/tiny-prior.yaml). At generation `PrimaModel` re-weighs the answer's first image reference by it (docs/MODEL.md, "Which image first: the image
-prior").
+gradient clip, or alone (configs/tiny-prior.yaml). At generation `PrimaModel` re-weighs the answer's first image
+reference by it (docs/MODEL.md, "Which image first: the image prior").
 """
 
 from __future__ import annotations
