@@ -1168,19 +1168,28 @@ def test_a_frozen_branch_with_nothing_to_do_still_reports_its_loss_parts():
 
 
 def test_image_prior_reweighs_only_the_answers_first_image_reference(monkeypatch):
-    """At generation the prior re-weighs the image tags and, after the word "image", its numbers, among themselves
-    (their total probability stays the LLM's), until the answer has named an image; then it has no say."""
-    texts = ["In image 1 , image 2 , image 3 , image 4 , image 5 : the <p> chair </p> [SEG] (IMAGE1)."]
+    """At generation the prior re-weighs the image tags and, after the word "image" (or "Image", opening a sentence),
+    its numbers, among themselves (their total probability stays the LLM's), until the answer has named an image; then
+    it has no say."""
+    texts = [
+        "In image 1 , image 2 , image 3 , image 4 , image 5 : the <p> chair </p> [SEG] (IMAGE1).",
+        "Image 1 , with the <p> chair </p> [SEG] (IMAGE1).",
+    ]
     torch.manual_seed(0)
     model = create_model(load_model_config("tiny", [*SMALL, "image_prior=true"]), TEXTS + texts).eval()
     vocab = model.processor.tokenizer.convert_tokens_to_ids
-    word, numbers = model._image_words()
-    assert word == vocab("image") and numbers == [vocab(str(k)) for k in range(1, 6)]
+    words, numbers = model._image_words()
+    assert words == {vocab("image"), vocab("Image")} and numbers == [vocab(str(k)) for k in range(1, 6)]
+    word = vocab("image")
     tags = model.config.tokens.image_tag_ids
     prior = torch.log_softmax(torch.tensor([[0.0, 4.0, 0.0]]), -1)  # image 2
     scores = torch.zeros(1, model.config.tokens.vocab_size)
     scores[0, vocab("the")] = 3.0
-    for generated, reweighed in (([vocab("In"), word], [tags[:3], numbers[:3]]), ([vocab("In")], [tags[:3]])):
+    for generated, reweighed in (
+        ([vocab("In"), word], [tags[:3], numbers[:3]]),
+        ([vocab("Image")], [tags[:3], numbers[:3]]),
+        ([vocab("In")], [tags[:3]]),
+    ):
         out = model._weigh_first_image(scores, prior, [generated], [3])
         for ids in reweighed:
             assert torch.allclose(torch.logsumexp(out[0, ids], -1), torch.logsumexp(scores[0, ids], -1))

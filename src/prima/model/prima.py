@@ -251,7 +251,7 @@ class PrimaModel(nn.Module):
         self.copy = VisualCopy(llm_hidden) if cfg.visual_copy else None
         self.tag_pointer = TagPointer(llm_hidden, cfg.tag_pointer_detach) if cfg.tag_pointer else None
         self.image_prior = None
-        self._image_word_ids: tuple[int | None, list[int]] | None = None  # `_image_words`, found once
+        self._image_word_ids: tuple[frozenset[int], list[int]] | None = None  # `_image_words`, found once
         if cfg.image_prior:  # drawn without moving the random stream: every other weight starts as without it
             with torch.random.fork_rng(devices=[]):
                 self.image_prior = ImagePrior(
@@ -1296,14 +1296,14 @@ class PrimaModel(nn.Module):
         self, scores: torch.Tensor, prior: torch.Tensor, generated: list[list[int]], counts: list[int]
     ) -> torch.Tensor:
         """Next-token scores (B, vocab) where the rows whose answer has neither named an image nor opened a phrase
-        re-weigh the ways of naming one, the image tags and, right after the word "image", its numbers
+        re-weigh the ways of naming one, the image tags and, right after the word "image" or "Image", its numbers
         (`_image_words`): among themselves, by their log-probability + ``model.image_prior_weight`` x ``prior`` (B, K),
         the `ImagePrior`'s log-probabilities. The group's total probability stays the LLM's, so whether an image is
         named there is the LLM's to say. Once a phrase is open the answer has picked its object, and the image is
         that object's: in the written order the first tag follows a phrase, so there the prior moves only "In image
         k" (re-weighing that tag too sent phrases about one image to another; docs/MODEL.md)."""
         t = self.config.tokens
-        word, numbers = self._image_words()
+        words, numbers = self._image_words()
         weight = self.config.image_prior_weight
         scores = scores.clone()
         for b, g in enumerate(generated):
@@ -1311,7 +1311,7 @@ class PrimaModel(nn.Module):
             if t.phrase_start_id in g or self._names_image(g):
                 continue
             groups = [t.image_tag_ids[:n]]
-            if numbers and g and g[-1] == word:
+            if numbers and g and g[-1] in words:
                 groups.append(numbers[:n])
             for ids in groups:
                 own = scores[b, ids].float().log_softmax(-1)
@@ -1320,26 +1320,33 @@ class PrimaModel(nn.Module):
                 ).to(scores.dtype)
         return scores
 
-    def _image_words(self) -> tuple[int | None, list[int]]:
-        """The token of the word "image" and those of its numbers 1..max_images, as "image 3" tokenizes; (None, [])
-        when the tokenizer does not write each as one word and one number (then only tags are re-weighed)."""
+    def _image_words(self) -> tuple[frozenset[int], list[int]]:
+        """The tokens of the word "image" (and of "Image", which opens a sentence, where the tokenizer keeps case) and
+        those of its numbers 1..max_images, as "image 3" tokenizes; (empty, []) when the tokenizer does not write each
+        as one word and one number (then only tags are re-weighed)."""
         if self._image_word_ids is None:
-            pairs = [
-                self.processor.tokenizer(f"image {k}", add_special_tokens=False).input_ids
-                for k in range(1, self.config.max_images + 1)
-            ]
-            unk = getattr(self.processor.tokenizer, "unk_token_id", None)
-            ok = all(len(p) == 2 and p[0] == pairs[0][0] and p[1] != unk for p in pairs) and len(
-                {p[1] for p in pairs}
-            ) == len(pairs)
-            self._image_word_ids = (pairs[0][0], [p[1] for p in pairs]) if ok else (None, [])
+            tok = self.processor.tokenizer
+            unk = getattr(tok, "unk_token_id", None)
+            spelled = {}
+            for word in ("image", "Image"):
+                pairs = [
+                    tok(f"{word} {k}", add_special_tokens=False).input_ids for k in range(1, self.config.max_images + 1)
+                ]
+                ok = all(len(p) == 2 and p[0] == pairs[0][0] and p[0] != unk and p[1] != unk for p in pairs)
+                if ok and len({p[1] for p in pairs}) == len(pairs):
+                    spelled[pairs[0][0]] = [p[1] for p in pairs]
+            numbers = list(spelled.values())[0] if spelled else []
+            if any(n != numbers for n in spelled.values()):  # the numbers must read the same after either
+                spelled = {}
+                numbers = []
+            self._image_word_ids = (frozenset(spelled), numbers)
         return self._image_word_ids
 
     def _names_image(self, ids: list[int]) -> bool:
         """Whether ``ids`` name an image: a tag, or the word "image" followed by a number."""
         tags = set(self.config.tokens.image_tag_ids)
-        word, numbers = self._image_words()
-        return any(i in tags for i in ids) or any(a == word and b in numbers for a, b in zip(ids, ids[1:]))
+        words, numbers = self._image_words()
+        return any(i in tags for i in ids) or any(a in words and b in numbers for a, b in zip(ids, ids[1:]))
 
     def _image_support(
         self,
