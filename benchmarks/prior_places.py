@@ -3,7 +3,8 @@
 The prior in a full stage 2 reads every family at once; this trains a fresh one (the checkpoint's sizes, seed 0) on
 the `spatial-compare` samples of ``--fit`` only, from cached features, with or without `WordPlaces`
 (``--places``: the relation term, its places taught by the answer's masks as `model.loss.image_prior_places` does:
-each of the two named categories' attention over the answer image's cells against that object's GT mask), and
+each of the two named categories' attention over the answer image's cells against that object's GT mask; with
+``--places-weight 0`` the relation term without that loss), and
 prints every ``--every`` steps how often the answer image scores highest on the samples of ``--data`` and how much
 of the named words' attention falls inside their masks there:
 
@@ -88,6 +89,9 @@ def main() -> None:
     parser = teacher_forced.options(__doc__, data="data/synth/val-first/samples.jsonl", batch=16, threads=1)
     parser.add_argument("--fit", default="data/synth/train/samples.jsonl", help="samples to train on")
     parser.add_argument("--places", action="store_true", help="with WordPlaces and its places' loss")
+    parser.add_argument(
+        "--places-weight", type=float, default=1.0, help="the places' loss weight (0: WordPlaces alone)"
+    )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--every", type=int, default=500)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -118,8 +122,8 @@ def main() -> None:
         features, index, ids, mask, target = collate_rows(chunk)
         logits, places = prior(features, index, ids, mask, with_places=True)
         loss = F.cross_entropy(logits, target)
-        if places is not None:
-            loss = loss + places_loss(places, chunk)[0]
+        if places is not None and args.places_weight:
+            loss = loss + args.places_weight * places_loss(places, chunk)[0]
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
