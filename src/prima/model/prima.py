@@ -765,13 +765,11 @@ class PrimaModel(nn.Module):
             loss = loss + w.image_choice * loss_image
         prior_logits = loss_prior = loss_places = None
         if self.image_prior is not None:
-            prior_logits, places = self.image_prior_logits(batch, x)
-            if labels is not None:
-                loss_prior = self.image_prior_loss(prior_logits, positions[0], seg_images - image_offsets[positions[0]])
-                loss = loss + w.image_prior * loss_prior
-            if places is not None and labels is not None:
-                loss_places = self.image_prior_places_loss(places, batch, x, positions, seg_images, targets)
-                loss = loss + w.image_prior_places * loss_places
+            prior_logits, loss_prior, loss_places, weighted = self._prior_losses(
+                batch, x, positions, seg_images, targets
+            )
+            if weighted is not None:
+                loss = loss + weighted
         loss_words = loss_position = None
         words_on = not self._before_step(w.visual_words_from_step)
         if w.visual_words > 0 and words_on and visual is not None and (labels is not None or targets is not None):
@@ -824,15 +822,9 @@ class PrimaModel(nn.Module):
     ) -> PrimaOutput:
         """`forward` when only the image prior trains: its losses alone, the very values (and gradients) the whole
         forward gives it, without running the LLM or the decoder, whose frozen losses are then not reported."""
-        w = self.config.loss
-        logits, places = self.image_prior_logits(batch, x)
-        loss_prior = self.image_prior_loss(logits, positions[0], seg_images - x.image_offsets[positions[0]])
-        loss, loss_places = w.image_prior * loss_prior, None
-        if places is not None:
-            targets = batch.get("masks")
-            targets = targets.to(self.device, torch.float32) if targets is not None else None
-            loss_places = self.image_prior_places_loss(places, batch, x, positions, seg_images, targets)
-            loss = loss + w.image_prior_places * loss_places
+        targets = batch.get("masks")
+        targets = targets.to(self.device, torch.float32) if targets is not None else None
+        logits, loss_prior, loss_places, loss = self._prior_losses(batch, x, positions, seg_images, targets)
         return PrimaOutput(
             loss=loss,
             loss_ce=None,
@@ -845,6 +837,27 @@ class PrimaModel(nn.Module):
             loss_places=loss_places,
             image_prior_logits=logits,
         )
+
+    def _prior_losses(
+        self,
+        batch: dict[str, Any],
+        x: _Inputs,
+        positions: torch.Tensor,
+        seg_images: torch.Tensor,
+        targets: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The prior's logits, its loss, its places' loss (None without image_prior_places) and their weighted sum;
+        the losses are None without labels."""
+        w = self.config.loss
+        logits, places = self.image_prior_logits(batch, x)
+        if x.labels is None:
+            return logits, None, None, None
+        loss_prior = self.image_prior_loss(logits, positions[0], seg_images - x.image_offsets[positions[0]])
+        loss, loss_places = w.image_prior * loss_prior, None
+        if places is not None:
+            loss_places = self.image_prior_places_loss(places, batch, x, positions, seg_images, targets)
+            loss = loss + w.image_prior_places * loss_places
+        return logits, loss_prior, loss_places, loss
 
     def image_prior_logits(self, batch: dict[str, Any], x: _Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, K) `ImagePrior` logits of a batch's samples from its encoder features and its questions' Q-Former ids,

@@ -92,6 +92,8 @@ class ImagePrior(nn.Module):
         logits = self.head(self.norm(compared)).squeeze(-1).float()
         places = None
         if self.relations is not None:
+            # the embeddings looked up again, not shared with the reading above: one shared lookup sums its gradient
+            # in another order, and the shipped run would no longer be reproduced bit for bit
             related, places = self.relations(self.words(ids), words, content, present)
             logits = logits + logits.new_zeros(b, k).index_put((image_sample_index, slot), related.float())
         logits = logits.masked_fill(absent, float("-inf"))
