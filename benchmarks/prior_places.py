@@ -102,6 +102,11 @@ def main() -> None:
         raise SystemExit(f"{args.checkpoint} has no image prior to take the sizes from")
     grid = model.config.vision.image_size // model.config.vision.token_stride
     fit, held = rows(model, collate, args.fit, grid), rows(model, collate, args.data, grid)
+    for path, found in ((args.fit, fit), (args.data, held)):
+        if not found:
+            raise SystemExit(f"{path}: no `spatial-compare` sample with masks to fit or score")
+    if len(fit) < args.batch:
+        raise SystemExit(f"{args.fit}: {len(fit)} `spatial-compare` samples, fewer than --batch {args.batch}")
     print(f"{len(fit)} spatial-compare samples to fit, {len(held)} to score", flush=True)
     torch.manual_seed(0)
     prior = ImagePrior(
