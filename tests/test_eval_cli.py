@@ -130,6 +130,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
             phrase_check=kwargs.get("phrase_check"),
             image_support_weight=kwargs.get("image_support_weight"),
             image_prior_weight=kwargs.get("image_prior_weight"),
+            image_prior_after_phrase=kwargs.get("image_prior_after_phrase"),
             mask_threshold=kwargs.get("mask_threshold"),
             mask_regions=kwargs.get("mask_regions"),
         )
@@ -148,6 +149,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
         "phrase_check": None,
         "image_support_weight": None,
         "image_prior_weight": None,
+        "image_prior_after_phrase": None,
         "mask_threshold": None,
         "mask_regions": None,
     }
@@ -156,7 +158,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
     assert json.loads((out / "metrics.json").read_text())["phrase_model"] == "bag-of-words (test)"
     args = ["eval", "--checkpoint", "ckpt/x", "--data", str(dataset), "--out", str(out), "--wordnet", "none"]
     flags = ["--repeat-images", "--llm-words", "--phrase-check", "0.2", "--mask-threshold", "0.3"]
-    flags += ["--mask-regions", "largest", "--image-support-weight", "0.5"]
+    flags += ["--mask-regions", "largest", "--image-support-weight", "0.5", "--image-prior-after-phrase", "0.5"]
     assert main([*args, *flags]) == 0
     assert loaded["image_support_weight"] == 0.5
     assert loaded["distinct_images"] is False and loaded["word_readout"] is False

@@ -1119,6 +1119,39 @@ def test_image_prior_places_learn_where_the_answers_masks_show_the_questions_wor
     assert float(none.loss_places.detach()) == 0.0 and none.loss_places.requires_grad
 
 
+def test_image_prior_contrast_scores_the_image_that_differs_where_the_word_is():
+    """model.image_prior_contrast: the encoder's features at each question word's place, compared with the mean of the
+    sample's other images; its gates start at zero, so an untrained prior scores exactly as one without it, and it
+    needs the word places (which it reads without training them)."""
+    from prima.model.prior import WordContrast
+
+    with pytest.raises(Exception, match="image_prior_places: true"):
+        small_model("image_prior=true", "image_prior_contrast=true")
+    model = small_model("image_prior=true", "image_prior_places=true", "image_prior_contrast=true")
+    plain = small_model("image_prior=true", "image_prior_places=true")
+    batch = make_batch(model, [grounded_sample(), negative_sample(), grounded_sample("s3", n_images=2)])
+    assert torch.equal(model(batch).image_prior_logits, plain(batch).image_prior_logits)
+    assert {n for n, _ in plain.named_parameters()} < {n for n, _ in model.named_parameters()}
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in plain.named_parameters())
+
+    # by hand: three images of one sample, the word "there" on the first cell of each; the third differs there
+    torch.manual_seed(0)
+    contrast = WordContrast(channels=6, dim=8)
+    with torch.no_grad():
+        contrast.distance.weight.fill_(1.0)
+        contrast.gate[-1].bias.fill_(1.0)
+    places = torch.zeros(4, 1, 4)
+    places[:, 0, 0] = 1.0
+    cells = torch.randn(1, 4, 6).repeat(4, 1, 1)
+    cells[2, 0] = torch.randn(6)
+    cells[1, 1:] = torch.randn(3, 6)  # elsewhere than the word's place: no say
+    index, words, present = torch.tensor([0, 0, 0, 1]), torch.randn(4, 1, 8), torch.ones(4, 1, dtype=torch.bool)
+    scores = contrast(places, cells, index, words, present)
+    assert int(scores[:3].argmax()) == 2 and torch.allclose(scores[0], scores[1])
+    assert float(scores[3].detach()) == 0.0  # a sample of one image has nothing to differ from
+    assert float(contrast(places, cells, index, words, torch.zeros_like(present)).detach().abs().sum()) == 0.0
+
+
 def test_training_the_prior_alone_runs_only_the_prior_with_the_same_losses_and_gradients(monkeypatch):
     """With every other group frozen (configs/tiny-prior.yaml) training runs the prior alone: its losses and gradients
     are those of the whole forward, the LLM and the decoder do not run, and evaluation still runs everything."""
@@ -1199,6 +1232,16 @@ def test_image_prior_reweighs_only_the_answers_first_image_reference(monkeypatch
             assert torch.equal(out[0, numbers], scores[0, numbers])
     for named in ([vocab("In"), word, numbers[0], vocab("the"), word], [vocab("<p>"), vocab("</p>"), tags[0]]):
         assert torch.equal(model._weigh_first_image(scores, prior, [named], [3]), scores)
+    # once a phrase is written its tag is the LLM's, unless model.image_prior_after_phrase gives the prior a weight
+    phrase = [vocab("The"), vocab("<p>"), vocab("chair"), vocab("</p>"), vocab("[SEG]")]
+    assert torch.equal(model._weigh_first_image(scores, prior, [phrase], [3]), scores)
+    model.config.image_prior_after_phrase = 1.0
+    out = model._weigh_first_image(scores, prior, [phrase], [3])
+    assert int(out[0, tags[:3]].argmax()) == 1 and out[0, vocab("the")] == 3.0
+    assert torch.equal(model._weigh_first_image(scores, prior, [[*phrase, tags[0]]], [3]), scores)
+    model.config.image_prior_after_phrase = 0.0
+    with pytest.raises(PrimaError, match="image_prior_after_phrase must be >= 0"):
+        load_model_config("tiny", ["image_prior_after_phrase=-1"])
 
     # in generate: where the LLM has no preference among the numbers after "In image", the prior picks; the tag after
     # the phrase is the LLM's (the phrase opened first)

@@ -357,14 +357,16 @@ def test_image_support_weight_override_is_checked_and_set(tiny_checkpoint, tmp_p
 
 
 def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_path):
-    """`--image-prior-weight` (prima predict / prima eval): only with the image prior; 0 is always fine."""
+    """`--image-prior-weight` and `--image-prior-after-phrase` (prima predict / prima eval): only with the image
+    prior; 0 is always fine."""
     import torch
 
     from prima.model import create_model, load_model_config
 
-    with pytest.raises(PrimaError, match="has no image prior"):
-        PrimaPredictor.from_pretrained(tiny_checkpoint, image_prior_weight=1.0)
-    assert PrimaPredictor.from_pretrained(tiny_checkpoint, image_prior_weight=0.0)
+    for option in ("image_prior_weight", "image_prior_after_phrase"):
+        with pytest.raises(PrimaError, match="has no image prior"):
+            PrimaPredictor.from_pretrained(tiny_checkpoint, **{option: 1.0})
+        assert PrimaPredictor.from_pretrained(tiny_checkpoint, **{option: 0.0})
     torch.manual_seed(0)
     path = tmp_path / "with-prior"
     create_model(load_model_config("tiny", [*SMALL, "image_prior=true"]), TINY_TEXTS).save_pretrained(path)
@@ -372,6 +374,11 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
     assert PrimaPredictor.from_pretrained(path, image_prior_weight=2.5).model.config.image_prior_weight == 2.5
     with pytest.raises(PrimaError, match="must be >= 0"):
         PrimaPredictor.from_pretrained(path, image_prior_weight=-1.0)
+    assert PrimaPredictor.from_pretrained(path).model.config.image_prior_after_phrase == 0.0
+    after = PrimaPredictor.from_pretrained(path, image_prior_after_phrase=1.0).model.config
+    assert after.image_prior_after_phrase == 1.0 and after.image_prior_weight == 1.0
+    with pytest.raises(PrimaError, match="must be >= 0"):
+        PrimaPredictor.from_pretrained(path, image_prior_after_phrase=-1.0)
 
 
 def test_repeat_images_override_sets_distinct_images(tiny_checkpoint):

@@ -20,6 +20,11 @@ IMAGE_PRIOR_HELP = (
     'its first image ("In image k") before any phrase (default: the checkpoint\'s model.image_prior_weight; 0: the LLM '
     'alone; docs/MODEL.md, "Which image first")'
 )
+IMAGE_PRIOR_AFTER_PHRASE_HELP = (
+    "with a checkpoint that has the image prior: its weight on the answer's first image tag when a phrase comes "
+    "before it (the odd one out's), the word reader then reading the phrase's colour on the new image (default: the "
+    'checkpoint\'s model.image_prior_after_phrase; 0: off; docs/MODEL.md, "The prior after a phrase")'
+)
 MASK_THRESHOLD_HELP = (
     "a pixel is in a mask when the decoder's probability reaches this (default: the checkpoint's "
     "grounding.mask_threshold)"
@@ -54,6 +59,9 @@ def add_readout_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-choice-weight", type=float, default=None, help=IMAGE_CHOICE_HELP)
     p.add_argument("--image-support-weight", type=float, default=None, metavar="W", help=IMAGE_SUPPORT_HELP)
     p.add_argument("--image-prior-weight", type=float, default=None, metavar="W", help=IMAGE_PRIOR_HELP)
+    p.add_argument(
+        "--image-prior-after-phrase", type=float, default=None, metavar="W", help=IMAGE_PRIOR_AFTER_PHRASE_HELP
+    )
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     p.add_argument("--llm-words", action="store_true", help=LLM_WORDS_HELP)
     p.add_argument("--phrase-check", type=float, default=None, metavar="P", help=PHRASE_CHECK_HELP)
@@ -67,6 +75,7 @@ def readout_options(args: argparse.Namespace) -> dict:
         "image_choice_weight": args.image_choice_weight,
         "image_support_weight": args.image_support_weight,
         "image_prior_weight": args.image_prior_weight,
+        "image_prior_after_phrase": args.image_prior_after_phrase,
         "distinct_images": False if args.repeat_images else None,
         "word_readout": False if args.llm_words else None,
         "phrase_check": args.phrase_check,

@@ -126,6 +126,7 @@ class PrimaPredictor:
         phrase_check: float | None = None,
         image_support_weight: float | None = None,
         image_prior_weight: float | None = None,
+        image_prior_after_phrase: float | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
         """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
@@ -135,7 +136,8 @@ class PrimaPredictor:
         ``grounding.phrase_check_threshold`` (0: the check off, every answer as the LLM wrote it),
         ``image_support_weight`` its ``grounding.image_support_weight`` (0: the pixels' support has no say in the
         image choice), ``image_prior_weight`` its ``model.image_prior_weight`` (0: the LLM alone names the answer's
-        first image)."""
+        first image), ``image_prior_after_phrase`` its ``model.image_prior_after_phrase`` (0: not once a phrase is
+        written)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
@@ -177,6 +179,12 @@ class PrimaPredictor:
             if not image_prior_weight >= 0:
                 raise PrimaError(f"--image-prior-weight must be >= 0, got {image_prior_weight}")
             model.config.image_prior_weight = float(image_prior_weight)
+        if image_prior_after_phrase is not None:
+            if image_prior_after_phrase and model.image_prior is None:
+                raise PrimaError(f"--image-prior-after-phrase: {path} has no image prior (model.image_prior is off)")
+            if not image_prior_after_phrase >= 0:
+                raise PrimaError(f"--image-prior-after-phrase must be >= 0, got {image_prior_after_phrase}")
+            model.config.image_prior_after_phrase = float(image_prior_after_phrase)
         model.eval()
         return cls(model, **kwargs)
 

@@ -353,17 +353,25 @@ class ModelConfig:
     tag_pointer_detach: bool = False
     # which image the answer's first [SEG] lies in, from the question's words and all of the sample's images at once
     # (`prima.model.prior.ImagePrior`: a reading per image, then a comparison across them; loss.image_prior; its own
-    # parameter group, `image_prior`); at generation the answer's first image reference, while no phrase is open yet
-    # (the number after "image", or a tag), is chosen by the LLM's log-probability + image_prior_weight x the prior's,
-    # among the images alone (docs/MODEL.md, "Which image first: the image prior")
+    # parameter group, `image_prior`); at generation the answer's first image reference, while no phrase is written
+    # yet (the number after "image", or a tag), is chosen by the LLM's log-probability + image_prior_weight x the
+    # prior's, among the images alone (docs/MODEL.md, "Which image first: the image prior")
     image_prior: bool = False
     image_prior_weight: float = 1.0
+    # the prior's weight on the answer's first image reference once a phrase is written (the tag after it): an odd
+    # one out's phrase comes first, and where the prior moves its tag the word reader reads the phrase's colour again
+    # under the mask on the new image (0: the phrase's image is the LLM's, the decoder's and the pixels';
+    # docs/MODEL.md, "The prior after a phrase")
+    image_prior_after_phrase: float = 0.0
     image_prior_layers: int = 3  # its one-way blocks over each image (the question's words read the image in all
     # but the last, which updates only the reading token)
     # + a score per image from where the question's words are in it relative to each other (`prior.WordPlaces`: each
     # word's place found by an attention over the cells, every pair of words weighed by an MLP of the two; its places
     # learn from the answer's masks, loss.image_prior_places; docs/MODEL.md, "Where the question's words are")
     image_prior_places: bool = False
+    # + a score per image from how the encoder's features at each question word's place differ from the sample's
+    # other images' (`prior.WordContrast`: the odd one out; docs/MODEL.md, "What differs where the word is")
+    image_prior_contrast: bool = False
     # training only (train mode): in the first this-many optimizer steps the LLM is shown zeros in place of its visual
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
     # question (docs/MODEL.md, "The visual-words loss switched on late")
@@ -407,8 +415,12 @@ class ModelConfig:
             )
         if self.image_prior_places and not self.image_prior:
             raise ConfigError("model.image_prior_places is part of the image prior: set model.image_prior: true")
+        if self.image_prior_contrast and not self.image_prior_places:
+            raise ConfigError("model.image_prior_contrast reads the word places: set model.image_prior_places: true")
         if self.image_prior_layers < 1:
             raise ConfigError(f"model.image_prior_layers must be >= 1, got {self.image_prior_layers}")
+        if self.image_prior_after_phrase < 0:
+            raise ConfigError(f"model.image_prior_after_phrase must be >= 0, got {self.image_prior_after_phrase}")
         if self.image_prior_weight < 0:
             raise ConfigError(f"model.image_prior_weight must be >= 0, got {self.image_prior_weight}")
         if self.tag_pointer and self.answer_order != "written":

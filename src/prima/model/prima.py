@@ -262,6 +262,7 @@ class PrimaModel(nn.Module):
                     cfg.max_images,
                     num_layers=cfg.image_prior_layers,
                     relations=cfg.image_prior_places,
+                    contrast=cfg.image_prior_contrast,
                 )
             if cfg.image_prior_places and cfg.tokens.qformer_vocab_size not in (None, cfg.tokens.vocab_size):
                 # its places learn where the answer's phrases have the question's words: one vocabulary for both
@@ -1139,7 +1140,7 @@ class PrimaModel(nn.Module):
         qids, qmask = _pad(qrows, (proc.qformer_tokenizer or proc.tokenizer).pad_token_id, dev, left=False)
         visual = self.visual_tokens(features, sample_index, qids, qmask)
         prior = None  # model.image_prior: (B, K) log-probabilities of the image each row's answer starts in
-        if self.image_prior is not None and self.config.image_prior_weight:
+        if self.image_prior is not None and (self.config.image_prior_weight or self.config.image_prior_after_phrase):
             prior = self.image_prior(features[self.vision.token_index], sample_index, qids, qmask).log_softmax(-1)
         ids, attention = _pad(
             [proc.encode_prompt(q, n) for (_, q), n in zip(requests, counts)], t.pad_token_id, dev, left=True
@@ -1308,20 +1309,24 @@ class PrimaModel(nn.Module):
     def _weigh_first_image(
         self, scores: torch.Tensor, prior: torch.Tensor, generated: list[list[int]], counts: list[int]
     ) -> torch.Tensor:
-        """Next-token scores (B, vocab) where the rows whose answer has neither named an image nor opened a phrase
-        re-weigh the ways of naming one, the image tags and, right after the word "image" or "Image", its numbers
+        """Next-token scores (B, vocab) where the rows whose answer has not named an image yet re-weigh the ways of
+        naming one, the image tags and, right after the word "image" or "Image", its numbers
         (`_image_words`): among themselves, by their log-probability + ``model.image_prior_weight`` x ``prior`` (B, K),
         the `ImagePrior`'s log-probabilities. The group's total probability stays the LLM's, so whether an image is
-        named there is the LLM's to say. Once a phrase is open the answer has picked its object, and the image is
-        that object's: in the written order the first tag follows a phrase, so there the prior moves only "In image
-        k" (re-weighing that tag too sent phrases about one image to another; docs/MODEL.md)."""
+        named there is the LLM's to say. In the written order the first tag follows a phrase; once a phrase is
+        written the weight is ``model.image_prior_after_phrase`` (0: the phrase's image stays the LLM's, the
+        decoder's and the pixels'), and where the tag moves, the word reader reads the phrase's colour again under
+        its mask on the new image ("The red mug [SEG]" on the prior's odd one out becomes "The orange mug";
+        docs/MODEL.md, "The prior after a phrase")."""
         t = self.config.tokens
         words, numbers = self._image_words()
-        weight = self.config.image_prior_weight
         scores = scores.clone()
         for b, g in enumerate(generated):
             n = counts[b]
-            if t.phrase_start_id in g or self._names_image(g):
+            if self._names_image(g):
+                continue
+            w = self.config.image_prior_after_phrase if t.phrase_start_id in g else self.config.image_prior_weight
+            if not w:
                 continue
             groups = [t.image_tag_ids[:n]]
             if numbers and g and g[-1] in words:
@@ -1329,7 +1334,7 @@ class PrimaModel(nn.Module):
             for ids in groups:
                 own = scores[b, ids].float().log_softmax(-1)
                 scores[b, ids] = (
-                    torch.logsumexp(scores[b, ids].float(), -1) + (own + weight * prior[b, :n]).log_softmax(-1)
+                    torch.logsumexp(scores[b, ids].float(), -1) + (own + w * prior[b, :n]).log_softmax(-1)
                 ).to(scores.dtype)
         return scores
 

@@ -35,6 +35,7 @@ class ImagePrior(nn.Module):
         num_heads: int = 4,
         num_layers: int = 3,
         relations: bool = False,
+        contrast: bool = False,
     ):
         super().__init__()
         self.max_words = max_words
@@ -54,6 +55,9 @@ class ImagePrior(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 1)
         self.relations = WordPlaces(dim, grid) if relations else None
+        if contrast and not relations:
+            raise ValueError("the image prior's contrast reads the word places: it needs relations=True")
+        self.contrast = WordContrast(channels, dim) if contrast else None
 
     def forward(
         self,
@@ -95,6 +99,9 @@ class ImagePrior(nn.Module):
             # the embeddings looked up again, not shared with the reading above: one shared lookup sums its gradient
             # in another order, and the shipped run would no longer be reproduced bit for bit
             related, places = self.relations(self.words(ids), words, content, present)
+            if self.contrast is not None:
+                cells = features.to(tokens.dtype).flatten(2).transpose(1, 2)
+                related = related + self.contrast(places.detach(), cells, image_sample_index, words, present)
             logits = logits + logits.new_zeros(b, k).index_put((image_sample_index, slot), related.float())
         logits = logits.masked_fill(absent, float("-inf"))
         return (logits, places) if with_places else logits
@@ -141,3 +148,43 @@ class WordPlaces(nn.Module):
         )
         both = (present[:, :, None] & present[:, None, :]).to(delta.dtype)
         return ((self.gate(pairs) * delta).sum(-1) * both).sum((1, 2)), attention
+
+
+class WordContrast(nn.Module):
+    """A score per image from how what it shows where a question word is differs from what the sample's other images
+    show there: the odd one out.
+
+    For each question word, the encoder's features at its place (the `WordPlaces` attention over the cells, read
+    here, not trained: the answer's masks teach the places) describe that object in each image; an MLP embeds the
+    description, and a learned weighting of its squared difference from the mean of the sample's other images is
+    that word's score, gated by an MLP of the image's reading of the word ("Which mug is the odd one out?" weighs
+    "mug"). "Each image shows a mug. Which mug is the odd one out?" needs exactly that one comparison; the prior's
+    one comparison of whole-image summaries hardly learnt it (docs/MODEL.md, "What differs where the word is").
+    """
+
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.embed = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.distance = nn.Linear(dim, 1)
+        self.gate = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+        nn.init.zeros_(self.gate[-1].weight)  # no say until it has learnt which words matter
+        nn.init.zeros_(self.gate[-1].bias)
+
+    def forward(
+        self,
+        places: torch.Tensor,
+        cells: torch.Tensor,
+        image_sample_index: torch.Tensor,
+        words: torch.Tensor,
+        present: torch.Tensor,
+    ) -> torch.Tensor:
+        """``places`` (N, L, g * g) each question word's attention over each image's cells, ``cells`` (N, g * g, C)
+        the encoder's features, ``image_sample_index`` (N,) each image's sample, ``words`` (N, L, D) each image's
+        reading of the question, ``present`` (N, L) the real words: (N,) scores."""
+        described = self.embed(places @ cells)  # (N, L, D)
+        b = int(image_sample_index.max()) + 1
+        sums = described.new_zeros(b, *described.shape[1:]).index_add(0, image_sample_index, described)
+        others = torch.bincount(image_sample_index, minlength=b)[image_sample_index] - 1
+        mean = (sums[image_sample_index] - described) / others.clamp_min(1).to(described.dtype)[:, None, None]
+        score = self.distance((described - mean) ** 2).squeeze(-1)  # (N, L); 0 weight for a sample of one image
+        return (self.gate(words).squeeze(-1) * score * present.to(score.dtype) * (others > 0)[:, None]).sum(1)
