@@ -6,10 +6,12 @@ head makes that choice on its own: a learned token per image (plus that image's 
 can be matched) reads the question's words and then the image's tokens through a few one-way blocks; one
 self-attention layer then compares the images' summaries (an odd one out is only odd beside the others) and each
 gets a logit; with ``relations`` (`model.image_prior_places`) `WordPlaces` adds a score from where the question's
-words are in each image relative to each other. It reads the frozen encoder's features and the question's ids (as the
-Q-Former reads them), nothing the LLM computes, so it trains beside the mask decoder with its own loss and its own
-gradient clip, or alone (configs/tiny-prior.yaml). At generation `PrimaModel` re-weighs the answer's first image
-reference by it (docs/MODEL.md, "Which image first: the image prior").
+words are in each image relative to each other, and with ``contrast`` (`model.image_prior_contrast`) `WordContrast`
+one from how each image differs from the others at those places. It reads the frozen encoder's features and the
+question's ids (as the Q-Former reads them), nothing the LLM computes, so it trains beside the mask decoder with its
+own loss and its own gradient clip, or alone (configs/tiny-prior.yaml). At generation `PrimaModel` re-weighs the
+answer's first image reference by it (docs/MODEL.md, "Which image first: the image prior"; after a phrase with
+`model.image_prior_after_phrase`).
 """
 
 from __future__ import annotations
