@@ -1239,9 +1239,19 @@ def test_image_prior_reweighs_only_the_answers_first_image_reference(monkeypatch
     out = model._weigh_first_image(scores, prior, [phrase], [3])
     assert int(out[0, tags[:3]].argmax()) == 1 and out[0, vocab("the")] == 3.0
     assert torch.equal(model._weigh_first_image(scores, prior, [[*phrase, tags[0]]], [3]), scores)
+    # ... floored (model.image_prior_after_phrase_floor), the prior no longer overrules an image the LLM is sure of
+    sure = scores.clone()
+    sure[0, tags[0]] = 3.0
+    assert int(model._weigh_first_image(sure, prior, [phrase], [3])[0, tags[:3]].argmax()) == 1
+    model.config.image_prior_after_phrase_floor = 0.1
+    assert int(model._weigh_first_image(sure, prior, [phrase], [3])[0, tags[:3]].argmax()) == 0
+    assert int(model._weigh_first_image(scores, prior, [phrase], [3])[0, tags[:3]].argmax()) == 1  # a tie: moved
+    model.config.image_prior_after_phrase_floor = 0.0
     model.config.image_prior_after_phrase = 0.0
     with pytest.raises(PrimaError, match="image_prior_after_phrase must be >= 0"):
         load_model_config("tiny", ["image_prior_after_phrase=-1"])
+    with pytest.raises(PrimaError, match=r"image_prior_after_phrase_floor must be in \[0, 1\)"):
+        load_model_config("tiny", ["image_prior_after_phrase_floor=1.0"])
 
     # in generate: where the LLM has no preference among the numbers after "In image", the prior picks; the tag after
     # the phrase is the LLM's (the phrase opened first)

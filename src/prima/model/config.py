@@ -363,6 +363,10 @@ class ModelConfig:
     # under the mask on the new image (0: the phrase's image is the LLM's, the decoder's and the pixels';
     # docs/MODEL.md, "The prior after a phrase")
     image_prior_after_phrase: float = 0.0
+    # ... with the prior's probabilities floored at this there (0: not floored): the prior can still move the tag where
+    # the LLM, the decoder and the pixels are split (an odd one out's), but no longer overrule them where they agree
+    # (an `attribute-matching` answer's reference object, written first; docs/MODEL.md, "The prior after a phrase")
+    image_prior_after_phrase_floor: float = 0.0
     image_prior_layers: int = 3  # its one-way blocks over each image (the question's words read the image in all
     # but the last, which updates only the reading token)
     # + a score per image from where the question's words are in it relative to each other (`prior.WordPlaces`: each
@@ -421,6 +425,10 @@ class ModelConfig:
             raise ConfigError(f"model.image_prior_layers must be >= 1, got {self.image_prior_layers}")
         if self.image_prior_after_phrase < 0:
             raise ConfigError(f"model.image_prior_after_phrase must be >= 0, got {self.image_prior_after_phrase}")
+        if not 0.0 <= self.image_prior_after_phrase_floor < 1.0:
+            raise ConfigError(
+                f"model.image_prior_after_phrase_floor must be in [0, 1), got {self.image_prior_after_phrase_floor}"
+            )
         if self.image_prior_weight < 0:
             raise ConfigError(f"model.image_prior_weight must be >= 0, got {self.image_prior_weight}")
         if self.tag_pointer and self.answer_order != "written":

@@ -1315,7 +1315,9 @@ class PrimaModel(nn.Module):
         the `ImagePrior`'s log-probabilities. The group's total probability stays the LLM's, so whether an image is
         named there is the LLM's to say. In the written order the first tag follows a phrase; once a phrase is
         written the weight is ``model.image_prior_after_phrase`` (0: the phrase's image stays the LLM's, the
-        decoder's and the pixels'), and where the tag moves, the word reader reads the phrase's colour again under
+        decoder's and the pixels') and the prior's probabilities are floored at
+        ``model.image_prior_after_phrase_floor`` (so it can no longer overrule them where they agree), and where the
+        tag moves, the word reader reads the phrase's colour again under
         its mask on the new image ("The red mug [SEG]" on the prior's odd one out becomes "The orange mug";
         docs/MODEL.md, "The prior after a phrase")."""
         t = self.config.tokens
@@ -1325,16 +1327,19 @@ class PrimaModel(nn.Module):
             n = counts[b]
             if self._names_image(g):
                 continue
-            w = self.config.image_prior_after_phrase if t.phrase_start_id in g else self.config.image_prior_weight
+            after = t.phrase_start_id in g
+            w = self.config.image_prior_after_phrase if after else self.config.image_prior_weight
             if not w:
                 continue
+            floor = self.config.image_prior_after_phrase_floor if after else 0.0
+            row = prior[b, :n].clamp(min=math.log(floor)) if floor > 0 else prior[b, :n]
             groups = [t.image_tag_ids[:n]]
             if numbers and g and g[-1] in words:
                 groups.append(numbers[:n])
             for ids in groups:
                 own = scores[b, ids].float().log_softmax(-1)
                 scores[b, ids] = (
-                    torch.logsumexp(scores[b, ids].float(), -1) + (own + w * prior[b, :n]).log_softmax(-1)
+                    torch.logsumexp(scores[b, ids].float(), -1) + (own + w * row).log_softmax(-1)
                 ).to(scores.dtype)
         return scores
 
