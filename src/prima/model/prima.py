@@ -1338,9 +1338,9 @@ class PrimaModel(nn.Module):
                 groups.append(numbers[:n])
             for ids in groups:
                 own = scores[b, ids].float().log_softmax(-1)
-                scores[b, ids] = (
-                    torch.logsumexp(scores[b, ids].float(), -1) + (own + w * row).log_softmax(-1)
-                ).to(scores.dtype)
+                scores[b, ids] = (torch.logsumexp(scores[b, ids].float(), -1) + (own + w * row).log_softmax(-1)).to(
+                    scores.dtype
+                )
         return scores
 
     def _image_words(self) -> tuple[frozenset[int], list[int]]:
