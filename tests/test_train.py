@@ -289,6 +289,7 @@ def test_the_prior_stage_trains_the_prior_alone_over_stage_two():
     assert not stage2.model.image_prior
     assert stage3.model.image_prior and stage3.model.image_prior_places and stage3.model.image_prior_contrast
     assert stage3.model.image_prior_after_phrase == 1.0 and stage2.model.image_prior_after_phrase == 0.0
+    assert stage3.model.image_prior_after_phrase_floor == 0.05
     assert set(stage3.train.freeze) == {"language", "query_module", "square", "projector", "grounding"}
     assert stage3.model.grounding == stage2.model.grounding
     assert [d.path for d in stage3.data.train] == [
