@@ -25,24 +25,14 @@ import random
 import re
 import time
 
-import numpy as np
 import teacher_forced
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 from torch import nn
 
 from prima.train.data import load_samples
 
 QUESTION = re.compile(r"What is in image (\d) but not in image (\d)\?")
-
-
-def pooled(rle: dict, grid: int) -> torch.Tensor:
-    """A GT mask pooled to the cells (g * g,), as a distribution."""
-    rle = {**rle, "counts": rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]}
-    m = torch.from_numpy(mask_utils.decode(rle).astype(np.float32))[None, None]
-    m = F.adaptive_avg_pool2d(m, grid).flatten()
-    return m / m.sum().clamp_min(1e-6)
 
 
 def rows(model, collate, path: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -60,7 +50,7 @@ def rows(model, collate, path: str) -> list[tuple[torch.Tensor, torch.Tensor, to
                 first = s.segments[0]
                 if first.image - 1 != a:
                     continue
-                out.append((mine[a], mine[b], pooled(first.mask, grid)))
+                out.append((mine[a], mine[b], teacher_forced.pooled_mask(first.mask, grid)))
     return out
 
 
@@ -90,10 +80,7 @@ def hits(scores: list[torch.Tensor], held: list[tuple]) -> float:
 
 def main() -> None:
     parser = teacher_forced.options(__doc__, data="data/synth/val-odd/samples.jsonl", batch=16, threads=1)
-    parser.add_argument("--fit", default="data/synth/train-odd/samples.jsonl", help="samples to train on")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--every", type=int, default=500)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    teacher_forced.fit_options(parser, fit="data/synth/train-odd/samples.jsonl")
     args = teacher_forced.parse(parser)
     model, collate = teacher_forced.load(args.checkpoint, args.feature_cache)
     t0 = time.time()

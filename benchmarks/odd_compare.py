@@ -83,11 +83,8 @@ class Compare(nn.Module):
 
 def main() -> None:
     parser = teacher_forced.options(__doc__, data="data/synth/val-odd/samples.jsonl", batch=16, threads=1)
-    parser.add_argument("--fit", default="data/synth/train-odd/samples.jsonl", help="samples to train on")
+    teacher_forced.fit_options(parser, fit="data/synth/train-odd/samples.jsonl")
     parser.add_argument("--where", choices=["places", "mean"], default="places")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--every", type=int, default=500)
-    parser.add_argument("--lr", type=float, default=1e-3)
     args = teacher_forced.parse(parser)
     model, collate = teacher_forced.load(args.checkpoint, args.feature_cache)
     t0 = time.time()

@@ -25,20 +25,11 @@ import numpy as np
 import teacher_forced
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 
 from prima.model.prior import ImagePrior
 from prima.train.data import load_samples
 
 QUESTION = re.compile(r"In which image is the (\w+) to the (left|right) of the (\w+)\?")
-
-
-def pooled(rle: dict, grid: int) -> torch.Tensor:
-    """A GT mask pooled to the cells, as a distribution."""
-    rle = {**rle, "counts": rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]}
-    m = torch.from_numpy(mask_utils.decode(rle).astype(np.float32))[None, None]
-    m = F.adaptive_avg_pool2d(m, grid).flatten()
-    return m / m.sum().clamp_min(1e-6)
 
 
 def rows(model, collate, path: str, grid: int) -> list[tuple]:
@@ -54,7 +45,7 @@ def rows(model, collate, path: str, grid: int) -> list[tuple]:
                 first, _, second = QUESTION.match(s.question).groups()
                 ids = batch["qformer_input_ids"][r]
                 named = [int((ids == word(w)[0]).nonzero()[0]) for w in (first, second)]
-                masks = torch.stack([pooled(g.mask, grid) for g in s.segments[:2]])
+                masks = torch.stack([teacher_forced.pooled_mask(g.mask, grid) for g in s.segments[:2]])
                 out.append(
                     (
                         features[index == r],
@@ -87,14 +78,11 @@ def places_loss(places: torch.Tensor, chunk: list[tuple]) -> tuple[torch.Tensor,
 
 def main() -> None:
     parser = teacher_forced.options(__doc__, data="data/synth/val-first/samples.jsonl", batch=16, threads=1)
-    parser.add_argument("--fit", default="data/synth/train/samples.jsonl", help="samples to train on")
+    teacher_forced.fit_options(parser, fit="data/synth/train/samples.jsonl")
     parser.add_argument("--places", action="store_true", help="with WordPlaces and its places' loss")
     parser.add_argument(
         "--places-weight", type=float, default=1.0, help="the places' loss weight (0: WordPlaces alone)"
     )
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--every", type=int, default=500)
-    parser.add_argument("--lr", type=float, default=1e-3)
     args = teacher_forced.parse(parser)
     model, collate = teacher_forced.load(args.checkpoint, args.feature_cache)
     ref = model.image_prior

@@ -18,8 +18,11 @@ import argparse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
+from prima.data.masks import decode_rle
 from prima.data.schema import Sample
 from prima.model import PrimaModel
 from prima.train.data import load_samples
@@ -48,6 +51,22 @@ def options(
     parser.add_argument("--feature-cache", default=None, help="the training run's data.feature_cache folder")
     parser.add_argument("--threads", type=int, default=threads, help="torch threads")
     return parser
+
+
+def fit_options(parser: argparse.ArgumentParser, fit: str) -> None:
+    """The options of a probe that trains a small head on ``--fit`` (default ``fit``) before scoring ``--data``:
+    --fit, --steps, --every (score every N steps), --lr."""
+    parser.add_argument("--fit", default=fit, help="samples to train on")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--every", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=1e-3)
+
+
+def pooled_mask(rle: dict, grid: int) -> torch.Tensor:
+    """A GT mask pooled to a ``grid`` x ``grid`` of cells (grid * grid,), as a distribution over them."""
+    m = torch.from_numpy(decode_rle(rle).astype(np.float32))[None, None]
+    m = F.adaptive_avg_pool2d(m, grid).flatten()
+    return m / m.sum().clamp_min(1e-6)
 
 
 def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:

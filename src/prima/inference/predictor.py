@@ -173,18 +173,18 @@ class PrimaPredictor:
             if not image_support_weight >= 0:
                 raise PrimaError(f"--image-support-weight must be >= 0, got {image_support_weight}")
             grounding.image_support_weight = float(image_support_weight)
-        if image_prior_weight is not None:
-            if image_prior_weight and model.image_prior is None:
-                raise PrimaError(f"--image-prior-weight: {path} has no image prior (model.image_prior is off)")
-            if not image_prior_weight >= 0:
-                raise PrimaError(f"--image-prior-weight must be >= 0, got {image_prior_weight}")
-            model.config.image_prior_weight = float(image_prior_weight)
-        if image_prior_after_phrase is not None:
-            if image_prior_after_phrase and model.image_prior is None:
-                raise PrimaError(f"--image-prior-after-phrase: {path} has no image prior (model.image_prior is off)")
-            if not image_prior_after_phrase >= 0:
-                raise PrimaError(f"--image-prior-after-phrase must be >= 0, got {image_prior_after_phrase}")
-            model.config.image_prior_after_phrase = float(image_prior_after_phrase)
+        for option, value in (
+            ("image_prior_weight", image_prior_weight),
+            ("image_prior_after_phrase", image_prior_after_phrase),
+        ):
+            if value is None:
+                continue
+            flag = "--" + option.replace("_", "-")
+            if value and model.image_prior is None:
+                raise PrimaError(f"{flag}: {path} has no image prior (model.image_prior is off)")
+            if not value >= 0:
+                raise PrimaError(f"{flag} must be >= 0, got {value}")
+            setattr(model.config, option, float(value))
         model.eval()
         return cls(model, **kwargs)
 
