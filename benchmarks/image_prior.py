@@ -3,7 +3,9 @@
 For every sample with a [SEG], the image of its first [SEG] (the prior's training target) against the prior's
 likeliest image, before any word of the answer is written; with ``--predictions`` (a `prima eval` run's
 predictions.jsonl on the same samples) beside the image of the answer's first segment (no segment: wrong), which is
-what the LLM and the read-out chose. Teacher-forced on the questions alone, so no generation runs:
+what the LLM and the read-out chose; with the prior's answer cells (`model.image_prior_cells`) also how often their
+likeliest cell on that image lies inside the first segment's GT mask (pooled to the cells). Teacher-forced on the
+questions alone, so no generation runs:
 
     .venv/bin/python benchmarks/image_prior.py runs/prior/final --data data/synth/val/samples.jsonl \
         --samples 200 --feature-cache .cache/features --predictions runs/eval/prior-val/predictions.jsonl
@@ -33,17 +35,22 @@ def main() -> None:
             for line in f:
                 p = json.loads(line)
                 answered[p["id"]] = p["segments"][0]["image"] if p.get("segments") else None
-    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+    has_cells = model.image_prior.cells is not None
+    grid = model.config.vision.image_size // model.config.vision.token_stride
+    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0])
     with torch.no_grad():
         for chunk, batch in teacher_forced.batches(teacher_forced.samples(args), args.batch, collate):
             teacher_forced.image_features(model, batch)
-            logits = model.image_prior(
+            reading = model.image_prior.read(
                 batch["image_features"][model.vision.token_index],
                 batch["image_sample_index"],
                 batch["qformer_input_ids"],
                 batch["qformer_attention_mask"],
             )
-            for s, row in zip(chunk, logits):
+            starts = (
+                torch.bincount(batch["image_sample_index"]).cumsum(0) - torch.bincount(batch["image_sample_index"])
+            ).tolist()
+            for s, row, start in zip(chunk, reading.logits, starts):
                 if not s.segments:
                     continue
                 first = s.segments[0].image  # segments are in answer order
@@ -51,12 +58,16 @@ def main() -> None:
                 c[0] += 1
                 c[1] += int(row.argmax()) + 1 == first
                 c[2] += answered.get(s.id) == first
+                if has_cells:
+                    inside = teacher_forced.pooled_mask(s.segments[0].mask, grid)
+                    c[3] += float(inside[int(reading.cells[start + first - 1].argmax())]) > 0
     rows = sorted(counts.items())
-    rows.append(("all", [sum(c[i] for _, c in rows) for i in range(3)]))
-    print(f"| family | samples | prior |{' answer |' if answered else ''}")
-    print(f"|---|---:|---:|{'---:|' if answered else ''}")
-    for family, (n, prior, answer) in rows:
+    rows.append(("all", [sum(c[i] for _, c in rows) for i in range(4)]))
+    print(f"| family | samples | prior |{' answer |' if answered else ''}{' cells |' if has_cells else ''}")
+    print(f"|---|---:|---:|{'---:|' if answered else ''}{'---:|' if has_cells else ''}")
+    for family, (n, prior, answer, cells) in rows:
         extra = f" {100 * answer / n:.1f} |" if answered else ""
+        extra += f" {100 * cells / n:.1f} |" if has_cells else ""
         print(f"| {family} | {n} | {100 * prior / n:.1f} |{extra}")
 
 

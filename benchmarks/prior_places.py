@@ -113,7 +113,8 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         chunk = rng.sample(fit, args.batch)
         features, index, ids, mask, target = collate_rows(chunk)
-        logits, places = prior(features, index, ids, mask, with_places=True)
+        reading = prior.read(features, index, ids, mask)
+        logits, places = reading.logits, reading.places
         loss = F.cross_entropy(logits, target)
         if places is not None and args.places_weight:
             loss = loss + args.places_weight * places_loss(places, chunk)[0]
@@ -128,7 +129,8 @@ def main() -> None:
                 for i in range(0, len(held), 64):
                     chunk = held[i : i + 64]
                     features, index, ids, mask, target = collate_rows(chunk)
-                    logits, places = prior(features, index, ids, mask, with_places=True)
+                    reading = prior.read(features, index, ids, mask)
+                    logits, places = reading.logits, reading.places
                     right += int((logits.argmax(1) == target).sum())
                     if places is not None:
                         inside.append(float(places_loss(places, chunk)[1]) * len(chunk))

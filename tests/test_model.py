@@ -14,7 +14,8 @@ from prima.data.masks import encode_rle
 from prima.data.schema import Sample, Segment
 from prima.errors import PrimaError
 from prima.model import PrimaModel, create_model, load_model_config
-from prima.model.prima import SUPPORT_FLOOR, PrimaOutput
+from prima.model.prima import SUPPORT_FLOOR, GeneratedSegment, GenerationOutput, PrimaOutput
+from prima.model.prior import PriorReading
 
 SMALL = [  # tiny.yaml shrunk further so a test builds and runs a model in about a second
     "vision.image_size=64",
@@ -1103,7 +1104,7 @@ def test_image_prior_places_learn_where_the_answers_masks_show_the_questions_wor
     # by hand: the word's attention over the cells of image 2 against the pooled mask of "chair"; the question's
     # words the vocabulary lacks match no phrase's (the phrases "desk" and "legs" are unknown words here too)
     x = model._inputs(batch)
-    _, places = model.image_prior_logits(batch, x)
+    places = model.image_prior_reading(batch, x).places
     chair = batch["qformer_input_ids"][0].tolist().index(model.processor.encode_qformer_text("chair")[0])
     grid = int(places.shape[-1] ** 0.5)
     target = torch.nn.functional.adaptive_avg_pool2d(batch["masks"][0][None, None].float(), grid).flatten()
@@ -1150,6 +1151,71 @@ def test_image_prior_contrast_scores_the_image_that_differs_where_the_word_is():
     assert int(scores[:3].argmax()) == 2 and torch.allclose(scores[0], scores[1])
     assert float(scores[3].detach()) == 0.0  # a sample of one image has nothing to differ from
     assert float(contrast(places, cells, index, words, torch.zeros_like(present)).detach().abs().sum()) == 0.0
+
+
+def test_image_prior_cells_say_where_the_answers_first_object_is_without_changing_the_image_choice():
+    """model.image_prior_cells: `AnswerCells`' log-probabilities over each image's cells, trained towards the first
+    [SEG]'s GT mask on its image; it reads the prior's tokens and readings without training them, so the image choice
+    is the same and trains the same; a cell its other images match nowhere scores as it should."""
+    from prima.model.prior import AnswerCells
+
+    with pytest.raises(Exception, match="image_prior: true"):
+        small_model("image_prior_cells=true")
+    with pytest.raises(PrimaError, match="image_prior_cells_weight must be >= 0"):
+        load_model_config("tiny", ["image_prior_cells_weight=-1"])
+    with pytest.raises(PrimaError, match=r"image_prior_cells_below must be in \[0, 1\]"):
+        load_model_config("tiny", ["image_prior_cells_below=2"])
+    model = small_model("image_prior=true", "image_prior_cells=true")
+    plain = small_model("image_prior=true")
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in plain.named_parameters())
+    batch = make_batch(model, [grounded_sample(), negative_sample(), grounded_sample("s3", n_images=2)])
+    out, without = model(batch), plain(batch)
+    assert torch.equal(out.image_prior_logits, without.image_prior_logits) and without.loss_cells is None
+
+    x = model._inputs(batch)
+    cells = model.image_prior_reading(batch, x).cells  # (N images, g * g + 1): the last "nowhere"
+    assert cells.shape[0] == 7 and torch.allclose(cells.exp().sum(-1), torch.ones(7))
+    grid = int((cells.shape[-1] - 1) ** 0.5)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(batch["masks"].float().unsqueeze(1), grid).flatten(1)
+    first = [0, 3]  # the grounded samples' first [SEG]s (the second sample has none), both on their image 2
+    where = pooled[first] / pooled[first].sum(-1, keepdim=True)
+    grounded = -(where * cells[[1, 6], :-1]).sum(-1)  # image 2 of sample 1 is row 1; of sample 3, row 6
+    nowhere = -cells[[3, 4], -1].mean()  # the second sample (no [SEG]): "nowhere" on both its images
+    assert torch.allclose(out.loss_cells, torch.cat([grounded, nowhere[None]]).mean(), atol=1e-5)
+    model.zero_grad()
+    out.loss_cells.backward()
+    prior = dict(model.image_prior.named_parameters())
+    assert all(prior[n].grad is not None for n in prior if n.startswith("cells."))
+    assert all(prior[n].grad is None for n in prior if not n.startswith("cells."))  # the image choice: untouched
+    only_negative = model(make_batch(model, [negative_sample()]))
+    assert torch.allclose(
+        only_negative.loss_cells,
+        -model.image_prior_reading(
+            make_batch(model, [negative_sample()]), model._inputs(make_batch(model, [negative_sample()]))
+        )
+        .cells[:, -1]
+        .mean(),
+        atol=1e-5,
+    )
+
+    # by hand: two images of one sample alike but for cell 3 of the first; cell 3's matches are the lowest there
+    torch.manual_seed(0)
+    head = AnswerCells(dim=8)
+    raw = torch.randn(1, 4, 6).repeat(3, 1, 1)
+    raw[0, 3] = -raw[0, 3]
+    tokens, readings, index = torch.zeros(3, 4, 8), torch.zeros(3, 8), torch.tensor([0, 0, 1])
+    seen = []
+
+    class MatchesOnly(torch.nn.Module):  # scores a cell by the sum of its four match statistics
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            seen.append(h)
+            return h[..., -4:].sum(-1, keepdim=True)
+
+    head.score = MatchesOnly()
+    scores = head(raw, tokens, readings, index)
+    assert scores.shape == (3, 5) and int(scores[0, :4].argmin()) == 3
+    assert torch.allclose(seen[0][0, :3, -4:], torch.ones(3, 4), atol=1e-5)  # the others are matched exactly
+    assert float(seen[0][2, :, -4:].detach().abs().sum()) == 0.0  # a sample of one image has nothing to match against
 
 
 def test_training_the_prior_alone_runs_only_the_prior_with_the_same_losses_and_gradients(monkeypatch):
@@ -1255,14 +1321,99 @@ def test_image_prior_reweighs_only_the_answers_first_image_reference(monkeypatch
 
     # in generate: where the LLM has no preference among the numbers after "In image", the prior picks; the tag after
     # the phrase is the LLM's (the phrase opened first)
-    monkeypatch.setattr(model.image_prior, "forward", lambda *a: torch.tensor([[0.0, 0.0, 6.0]]))
+    tied = PriorReading(torch.tensor([[0.0, 0.0, 6.0]]), None, None)
+    monkeypatch.setattr(model.image_prior, "read", lambda *a: tied)
     script = ["In", "image", None, ":", "the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE1)", "</s>"]
     for weight, number in ((1.0, 3), (0.0, 1)):  # weight 0: the prior does not even run; the tie goes to the first
         model.config.image_prior_weight = weight
         monkeypatch.setattr(model.language, "forward", TiedNumbers(model, script, numbers))
         result = model.generate(random_images(3), "Where?", max_new_tokens=14)
         assert result.token_ids[2] == numbers[number - 1] and [s.image for s in result.segments] == [1]
-        monkeypatch.setattr(model.image_prior, "forward", lambda *a: pytest.fail("the prior ran at weight 0"))
+        monkeypatch.setattr(model.image_prior, "read", lambda *a: pytest.fail("the prior ran at weight 0"))
+
+
+def test_answer_cells_rewrite_the_first_phrase_where_it_holds_too_little_of_them(monkeypatch):
+    """model.image_prior_cells_weight: an answer whose first mask holds less than image_prior_cells_below of the
+    cells' distribution is written again from branches at the words of its first phrase; the branch on the same image
+    with the best mean log-probability + weight x log(share) stands, and the first answer is kept."""
+    model = small_model("image_prior=true", "image_prior_cells=true")
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    ids = [vocab(w) for w in ["the", "<p>", "chair", "sit", "</p>", "[SEG]", "(IMAGE2)", "."]]
+    branches = model._phrase_branches(GenerationOutput("", [], ids))
+    assert branches == [(ids[:p], rank) for p in (2, 3) for rank in (1, 2)]  # at "chair" and "sit"
+    assert model._phrase_branches(GenerationOutput("", [], ids[:1])) == []
+    # the words read where the cells are, that the phrase lacks, as its first word and as its second
+    read = GenerationOutput("", [], ids, cells_words=[vocab("lamp"), vocab("chair")])
+    assert model._phrase_branches(read) == [*branches, ([*ids[:2], vocab("lamp")], 0), ([*ids[:3], vocab("lamp")], 0)]
+
+    def answer(text: str, image: int, share: float, logp: float) -> GenerationOutput:
+        seg = GeneratedSegment(text, image, np.zeros((4, 4), np.float32), 1.0)
+        return GenerationOutput(text, [seg], ids, mean_logprob=logp, cells_share=share)
+
+    written = [
+        answer("sure", 2, 0.9, -1.0),  # row 0 holds enough: not written again
+        answer("unsure", 2, 0.1, -0.5),
+    ]
+    asked = []
+    candidates = [
+        answer("other image", 1, 0.99, -0.5),
+        answer("better", 2, 0.8, -0.9),
+        answer("likelier", 2, 0.2, -0.4),
+    ]
+
+    def branches_of(requests, rows, own, max_new_tokens, *, ungrounded):
+        asked.append((rows, own, ungrounded))
+        return [candidates]
+
+    monkeypatch.setattr(model, "_generate_branches", branches_of)
+    model.config.image_prior_cells_weight = 1.0
+    out = model._rewrite_where_cells_disagree([([], "q")] * 2, list(written), 8)
+    assert asked == [([1], [branches], False)]
+    assert out[0] is written[0] and out[1].answer == "better" and out[1].first_answer == "unsure"
+    model.config.image_prior_cells_weight = 0.1  # the LLM's likelihood weighs more
+    assert model._rewrite_where_cells_disagree([([], "q")] * 2, list(written), 8)[1].answer == "likelier"
+    model.config.image_prior_cells_below = 0.05  # every answer holds enough
+    asked.clear()
+    assert model._rewrite_where_cells_disagree([([], "q")] * 2, list(written), 8) == written and not asked
+
+
+def test_generation_reads_the_answer_cells_under_the_first_mask(monkeypatch):
+    """With model.image_prior_cells_weight the first [SEG]'s result carries the share of the cells' distribution on
+    its image under its mask, their "nowhere", and the words the phrase check reads where the cells are; the rewrite
+    then runs."""
+    import prima.model.prima as prima_module
+
+    model = small_model("image_prior=true", "image_prior_cells=true", *CHECK).eval()
+    model.config.image_prior_cells_weight = 1.0
+    model.config.image_prior_cells_below = 1.0  # every grounded answer is written again
+    images = random_images(3)
+    script = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", ".", "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    proc = model.processor
+    with torch.no_grad():
+        first = model._generate([(images, "Where?")], 16, [False])[0]
+        features = model.encode_images(proc.preprocess_images(images))
+        qids = torch.tensor([proc.encode_qformer_text("Where?")])
+        cells = (
+            model.image_prior.read(
+                features[model.vision.token_index], torch.zeros(3, dtype=torch.long), qids, torch.ones_like(qids)
+            )
+            .cells[1]
+            .exp()
+        )
+    assert first.cells_nowhere == pytest.approx(float(cells[-1]), abs=1e-6)
+    where = cells[:-1] / cells[:-1].sum()  # where on the image, if anywhere
+    grid = int(where.shape[0] ** 0.5)
+    cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(first.segments[0].mask)[None, None], grid)
+    assert first.cells_share == pytest.approx(float((where * cover.flatten()).sum()), abs=1e-5)
+    assert 0.0 < first.cells_share < 1.0
+    assert len(first.cells_words) == prima_module.CELL_WORDS
+    assert not set(first.cells_words) & set(model._structure_token_ids())
+    rewritten = []
+    monkeypatch.setattr(model, "_generate_branches", lambda *a, **k: rewritten.append(a[1]) or [[]])
+    model.language.forward.step = 0
+    model.generate_batch([(images, "Where?")])
+    assert rewritten == [[0]]
 
 
 class TiedNumbers(ScriptedLogits):

@@ -252,7 +252,7 @@ def test_prediction_json_and_summary_show_the_phrase_check():
         "segments": [],
         "first_answer": turned_down.first_answer,
     }
-    assert "replaced by the phrase check: 'The lamp.'" in format_summary(turned_down)
+    assert "replaced by the read-out: 'The lamp.'" in format_summary(turned_down)
     plain = Prediction("The <p> lamp </p> [SEG] (IMAGE1).", [Segment("lamp", 1, mask, 0.9, [1, 1, 2, 2])])
     assert "support" not in plain.to_json()["segments"][0] and "support" not in format_summary(plain)
 
@@ -357,8 +357,8 @@ def test_image_support_weight_override_is_checked_and_set(tiny_checkpoint, tmp_p
 
 
 def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_path):
-    """`--image-prior-weight` and `--image-prior-after-phrase` (prima predict / prima eval): only with the image
-    prior; 0 is always fine."""
+    """`--image-prior-weight`, `--image-prior-after-phrase` and `--image-prior-cells-weight` (prima predict / prima
+    eval): only with the image prior (the last with its answer cells); 0 is always fine."""
     import torch
 
     from prima.model import create_model, load_model_config
@@ -379,6 +379,18 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
     assert after.image_prior_after_phrase == 1.0 and after.image_prior_weight == 1.0
     with pytest.raises(PrimaError, match="must be >= 0"):
         PrimaPredictor.from_pretrained(path, image_prior_after_phrase=-1.0)
+    # the answer's cells re-rank the first phrase only where the prior has them (model.image_prior_cells)
+    with pytest.raises(PrimaError, match="has no answer cells"):
+        PrimaPredictor.from_pretrained(path, image_prior_cells_weight=1.0)
+    assert PrimaPredictor.from_pretrained(path, image_prior_cells_weight=0.0)
+    cells = tmp_path / "with-cells"
+    create_model(
+        load_model_config("tiny", [*SMALL, "image_prior=true", "image_prior_cells=true"]), TINY_TEXTS
+    ).save_pretrained(cells)
+    assert PrimaPredictor.from_pretrained(cells).model.config.image_prior_cells_weight == 0.0
+    assert (
+        PrimaPredictor.from_pretrained(cells, image_prior_cells_weight=2.0).model.config.image_prior_cells_weight == 2
+    )
 
 
 def test_repeat_images_override_sets_distinct_images(tiny_checkpoint):

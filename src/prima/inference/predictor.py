@@ -61,8 +61,9 @@ class Prediction:
     answer: str
     segments: list[Segment] = field(default_factory=list)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) the masks have
-    # grounding.phrase_check: the answer the model wrote first, when the phrase check replaced it (its pixels showed
-    # none of its phrases, or it had none and the pixels show every phrase of ``answer``)
+    # the answer the model wrote first, when the read-out replaced it: the phrase check (grounding.phrase_check: its
+    # pixels showed none of its phrases, or it had none and the pixels show every phrase of ``answer``) or the
+    # answer's cells (model.image_prior_cells: its first phrase written again)
     first_answer: str | None = None
 
     @property
@@ -127,6 +128,7 @@ class PrimaPredictor:
         image_support_weight: float | None = None,
         image_prior_weight: float | None = None,
         image_prior_after_phrase: float | None = None,
+        image_prior_cells_weight: float | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
         """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
@@ -137,7 +139,8 @@ class PrimaPredictor:
         ``image_support_weight`` its ``grounding.image_support_weight`` (0: the pixels' support has no say in the
         image choice), ``image_prior_weight`` its ``model.image_prior_weight`` (0: the LLM alone names the answer's
         first image), ``image_prior_after_phrase`` its ``model.image_prior_after_phrase`` (0: not once a phrase is
-        written)."""
+        written), ``image_prior_cells_weight`` its ``model.image_prior_cells_weight`` (0: the answer's cells do not
+        re-rank its first phrase)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
@@ -176,12 +179,15 @@ class PrimaPredictor:
         for option, value in (
             ("image_prior_weight", image_prior_weight),
             ("image_prior_after_phrase", image_prior_after_phrase),
+            ("image_prior_cells_weight", image_prior_cells_weight),
         ):
             if value is None:
                 continue
             flag = "--" + option.replace("_", "-")
             if value and model.image_prior is None:
                 raise PrimaError(f"{flag}: {path} has no image prior (model.image_prior is off)")
+            if value and option == "image_prior_cells_weight" and model.image_prior.cells is None:
+                raise PrimaError(f"{flag}: {path}'s image prior has no answer cells (model.image_prior_cells is off)")
             if not value >= 0:
                 raise PrimaError(f"{flag} must be >= 0, got {value}")
             setattr(model.config, option, float(value))

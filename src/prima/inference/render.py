@@ -52,13 +52,13 @@ def save_overlays(
 
 def format_summary(prediction: Prediction) -> str:
     """The plain answer, then one line per grounded segment: phrase, image, score, box (and support, when the model
-    checks its phrases); then the model's first answer, if the phrase check replaced it."""
+    checks its phrases); then the model's first answer, if the read-out replaced it."""
     lines = [prediction.text or "(empty answer)"]
     for i, s in enumerate(prediction.segments, start=1):
         support = f", support {s.support:.2f}" if s.support is not None else ""
         lines.append(f"  [{i}] {s.phrase!r} in image {s.image}: score {s.score:.2f}{support}, bbox {s.bbox}")
     if prediction.first_answer is not None:
-        lines.append(f"  (first answer, replaced by the phrase check: {strip_markup(prediction.first_answer)!r})")
+        lines.append(f"  (first answer, replaced by the read-out: {strip_markup(prediction.first_answer)!r})")
     return "\n".join(lines)
 
 

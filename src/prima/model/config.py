@@ -275,6 +275,9 @@ class LossConfig:
     # attention over the image's cells) against the GT mask of each answer phrase that has that word, on that
     # phrase's image (the prior's own group and clip)
     image_prior_places: float = 1.0
+    # with model.image_prior_cells: cross-entropy of where in its image the answer's first object is (`AnswerCells`'
+    # distribution over the image's cells) against its GT mask pooled to the cells (the prior's own group and clip)
+    image_prior_cells: float = 1.0
 
     def validate(self) -> None:
         if self.visual_words_from_step < 0:
@@ -376,6 +379,15 @@ class ModelConfig:
     # + a score per image from how the encoder's features at each question word's place differ from the sample's
     # other images' (`prior.WordContrast`: the odd one out; docs/MODEL.md, "What differs where the word is")
     image_prior_contrast: bool = False
+    # + where in its image the answer's first object is (`prior.AnswerCells`: a distribution over the image's cells
+    # from each cell's token, the image's reading of the question and how well the cell is matched in the other
+    # images; loss.image_prior_cells); at generation, where less than image_prior_cells_below of it lies under the
+    # first phrase's mask, the phrase is written again from branches at its words and the branch with the highest
+    # mean token log-probability + image_prior_cells_weight x log(its share under the branch's first mask) stands
+    # (docs/MODEL.md, "Where in the image: the answer's cells")
+    image_prior_cells: bool = False
+    image_prior_cells_weight: float = 0.0
+    image_prior_cells_below: float = 0.5
     # training only (train mode): in the first this-many optimizer steps the LLM is shown zeros in place of its visual
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
     # question (docs/MODEL.md, "The visual-words loss switched on late")
@@ -421,6 +433,12 @@ class ModelConfig:
             raise ConfigError("model.image_prior_places is part of the image prior: set model.image_prior: true")
         if self.image_prior_contrast and not self.image_prior_places:
             raise ConfigError("model.image_prior_contrast reads the word places: set model.image_prior_places: true")
+        if self.image_prior_cells and not self.image_prior:
+            raise ConfigError("model.image_prior_cells is part of the image prior: set model.image_prior: true")
+        if self.image_prior_cells_weight < 0:
+            raise ConfigError(f"model.image_prior_cells_weight must be >= 0, got {self.image_prior_cells_weight}")
+        if not 0.0 <= self.image_prior_cells_below <= 1.0:
+            raise ConfigError(f"model.image_prior_cells_below must be in [0, 1], got {self.image_prior_cells_below}")
         if self.image_prior_layers < 1:
             raise ConfigError(f"model.image_prior_layers must be >= 1, got {self.image_prior_layers}")
         if self.image_prior_after_phrase < 0:

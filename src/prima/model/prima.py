@@ -25,7 +25,7 @@ from prima.model.config import ModelConfig, TokenIds, image_tokens_per_image, lo
 from prima.model.grounding import GroundingImages, build_grounding
 from prima.model.language import build_language_model, hidden_size
 from prima.model.losses import IGNORE_INDEX, mask_centres, mask_losses, score_loss, text_loss, text_loss_at
-from prima.model.prior import ImagePrior
+from prima.model.prior import ImagePrior, PriorReading
 from prima.model.square import ImageQueryModule
 from prima.model.vision import ImageFeatures, build_vision_encoder
 
@@ -34,6 +34,10 @@ WEIGHTS_FILE = "model.safetensors"
 # BRANCH_POSITIONS tokens (before any phrase), the LLM's next BRANCH_RANKS likeliest tokens there instead
 BRANCH_POSITIONS = 4
 BRANCH_RANKS = 2
+# model.image_prior_cells: the first phrase is written again from its words' next PHRASE_BRANCH_RANKS likeliest tokens
+PHRASE_BRANCH_RANKS = 2
+# ... and with each of the CELL_WORDS words the phrase check reads likeliest where the answer's cells are
+CELL_WORDS = 4
 # grounding.word_readout: how many of the reader's words compete with the LLM's for a phrase's first word
 READOUT_CANDIDATES = 3
 # grounding.image_support_weight: the least support counted (log 1e-4 = -9.2), so no image is ruled out outright
@@ -66,6 +70,7 @@ class PrimaOutput:
     loss_diversity: torch.Tensor | None = None  # how alike one image's visual tokens are (``loss.visual_diversity``)
     loss_prior: torch.Tensor | None = None  # the image prior's loss (only with ``model.image_prior``)
     loss_places: torch.Tensor | None = None  # its places' loss (only with ``model.image_prior_places``)
+    loss_cells: torch.Tensor | None = None  # its answer cells' loss (only with ``model.image_prior_cells``)
     # model.image_prior: (B, K) its logits over each sample's images (-inf past its count)
     image_prior_logits: torch.Tensor | None = None
 
@@ -112,8 +117,16 @@ class GenerationOutput:
     # loop's bans: an answer written around a ban the model wanted to break scores low
     mean_logprob: float = 0.0
     # grounding.phrase_check: the answer the LLM wrote first, when the pixels showed none of its phrases and ``answer``
-    # is the one written again without phrases, or when it had none and ``answer`` is one whose phrases they show
+    # is the one written again without phrases, or when it had none and ``answer`` is one whose phrases they show;
+    # model.image_prior_cells: or the answer before its first phrase was written again where the answer's cells are
     first_answer: str | None = None
+    # model.image_prior_cells: the share of `AnswerCells`' distribution over the first [SEG]'s image that lies under
+    # its mask (None without the cells or a [SEG])
+    cells_share: float | None = None
+    # ... their probability that the answer grounds nothing on that image
+    cells_nowhere: float | None = None
+    # ... and the words the phrase check reads where those cells are (their distribution as the mask), likeliest first
+    cells_words: list[int] = field(default_factory=list)
 
 
 class VisualCopy(nn.Module):
@@ -263,6 +276,7 @@ class PrimaModel(nn.Module):
                     num_layers=cfg.image_prior_layers,
                     relations=cfg.image_prior_places,
                     contrast=cfg.image_prior_contrast,
+                    cells=cfg.image_prior_cells,
                 )
             if cfg.image_prior_places and cfg.tokens.qformer_vocab_size not in (None, cfg.tokens.vocab_size):
                 # its places learn where the answer's phrases have the question's words: one vocabulary for both
@@ -764,9 +778,9 @@ class PrimaModel(nn.Module):
             else:  # no [SEG]: keep the choice path in the graph, as the mask branch above
                 loss_image = _unused_loss(self.grounding.choice_parameters(), self.device)
             loss = loss + w.image_choice * loss_image
-        prior_logits = loss_prior = loss_places = None
+        prior_logits = loss_prior = loss_places = loss_cells = None
         if self.image_prior is not None:
-            prior_logits, loss_prior, loss_places, weighted = self._prior_losses(
+            prior_logits, loss_prior, loss_places, loss_cells, weighted = self._prior_losses(
                 batch, x, positions, seg_images, targets
             )
             if weighted is not None:
@@ -808,6 +822,7 @@ class PrimaModel(nn.Module):
             loss_diversity=loss_diversity,
             loss_prior=loss_prior,
             loss_places=loss_places,
+            loss_cells=loss_cells,
             image_prior_logits=prior_logits,
         )
 
@@ -825,7 +840,7 @@ class PrimaModel(nn.Module):
         forward gives it, without running the LLM or the decoder, whose frozen losses are then not reported."""
         targets = batch.get("masks")
         targets = targets.to(self.device, torch.float32) if targets is not None else None
-        logits, loss_prior, loss_places, loss = self._prior_losses(batch, x, positions, seg_images, targets)
+        logits, loss_prior, loss_places, loss_cells, loss = self._prior_losses(batch, x, positions, seg_images, targets)
         return PrimaOutput(
             loss=loss,
             loss_ce=None,
@@ -836,6 +851,7 @@ class PrimaModel(nn.Module):
             seg_image_index=seg_images,
             loss_prior=loss_prior,
             loss_places=loss_places,
+            loss_cells=loss_cells,
             image_prior_logits=logits,
         )
 
@@ -846,33 +862,34 @@ class PrimaModel(nn.Module):
         positions: torch.Tensor,
         seg_images: torch.Tensor,
         targets: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """The prior's logits, its loss, its places' loss (None without image_prior_places) and their weighted sum;
-        the losses are None without labels."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The prior's logits, its loss, its places' loss (None without image_prior_places), its cells' loss (None
+        without image_prior_cells) and their weighted sum; the losses are None without labels."""
         w = self.config.loss
-        logits, places = self.image_prior_logits(batch, x)
+        reading = self.image_prior_reading(batch, x)
         if x.labels is None:
-            return logits, None, None, None
-        loss_prior = self.image_prior_loss(logits, positions[0], seg_images - x.image_offsets[positions[0]])
-        loss, loss_places = w.image_prior * loss_prior, None
-        if places is not None:
-            loss_places = self.image_prior_places_loss(places, batch, x, positions, seg_images, targets)
+            return reading.logits, None, None, None, None
+        loss_prior = self.image_prior_loss(reading.logits, positions[0], seg_images - x.image_offsets[positions[0]])
+        loss, loss_places, loss_cells = w.image_prior * loss_prior, None, None
+        if reading.places is not None:
+            loss_places = self.image_prior_places_loss(reading.places, batch, x, positions, seg_images, targets)
             loss = loss + w.image_prior_places * loss_places
-        return logits, loss_prior, loss_places, loss
+        if reading.cells is not None:
+            loss_cells = self.image_prior_cells_loss(reading.cells, x, positions[0], seg_images, targets)
+            loss = loss + w.image_prior_cells * loss_cells
+        return reading.logits, loss_prior, loss_places, loss_cells, loss
 
-    def image_prior_logits(self, batch: dict[str, Any], x: _Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, K) `ImagePrior` logits of a batch's samples from its encoder features and its questions' Q-Former ids,
-        and where each question word found itself in each image (N, L, cells; None without image_prior_places)."""
+    def image_prior_reading(self, batch: dict[str, Any], x: _Inputs) -> PriorReading:
+        """The `ImagePrior`'s reading of a batch's samples from its encoder features and its questions' Q-Former ids:
+        its logits (B, K), where each question word found itself in each image (N, L, cells; None without
+        image_prior_places) and where the answer's first object is in each (N, cells; None without
+        image_prior_cells)."""
         assert self.image_prior is not None
         qids, qmask = batch.get("qformer_input_ids"), batch.get("qformer_attention_mask")
         if qids is None or qmask is None:
             raise PrimaError("model.image_prior needs the batch's 'qformer_input_ids' and 'qformer_attention_mask'")
-        return self.image_prior(
-            x.features[self.vision.token_index],
-            x.image_sample_index,
-            qids.to(self.device),
-            qmask.to(self.device),
-            with_places=True,
+        return self.image_prior.read(
+            x.features[self.vision.token_index], x.image_sample_index, qids.to(self.device), qmask.to(self.device)
         )
 
     def image_prior_places_loss(
@@ -909,6 +926,43 @@ class PrimaModel(nn.Module):
         where = where / where.sum(-1, keepdim=True).clamp_min(1e-6)
         found = places[seg_images[seg], word].float().clamp_min(1e-8).log()
         return -(where * found).sum(-1).mean()
+
+    def image_prior_cells_loss(
+        self,
+        cells: torch.Tensor,
+        x: _Inputs,
+        rows: torch.Tensor,
+        seg_images: torch.Tensor,
+        targets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Cross-entropy of `AnswerCells`' ``cells`` (N, g * g + 1 log-probabilities, the last "nowhere"): on the image
+        of each sample's first [SEG] against its GT mask pooled to the cells and made a distribution (``rows``: the
+        sample of each [SEG], in order; a sample whose mask is empty is left out), and on every image of a sample
+        without a [SEG] against "nowhere" (their mean over its images); the mean over those samples (none: 0, in the
+        graph)."""
+        assert self.image_prior is not None
+        terms = []
+        if targets is not None and rows.numel():
+            first = torch.ones_like(rows, dtype=torch.bool)
+            first[1:] = rows[1:] != rows[:-1]
+            grid = int(round((cells.shape[-1] - 1) ** 0.5))
+            where = F.adaptive_avg_pool2d(targets[first].unsqueeze(1).float(), grid).flatten(1)
+            mass = where.sum(-1, keepdim=True)
+            kept = mass[:, 0] > 0
+            where = where[kept] / mass[kept]
+            terms.append(-(where * cells[seg_images[first][kept], :-1]).sum(-1))
+        grounded = torch.zeros(x.num_images.shape[0], dtype=torch.bool, device=cells.device)
+        grounded[rows] = True
+        unground = ~grounded[x.image_sample_index]
+        if bool(unground.any()):
+            nowhere = -cells[unground, -1]
+            samples = x.image_sample_index[unground]
+            per_sample = torch.zeros_like(grounded, dtype=nowhere.dtype).index_add(0, samples, nowhere)
+            counts = torch.bincount(samples, minlength=grounded.shape[0])
+            terms.append(per_sample[counts > 0] / counts[counts > 0])
+        if not terms or not sum(t.numel() for t in terms):
+            return _unused_loss(self.image_prior.parameters(), self.device)
+        return torch.cat(terms).mean()
 
     def image_prior_loss(self, logits: torch.Tensor, rows: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the prior's ``logits`` (B, K) against the image (``local``, 0-based in its sample) of each
@@ -1041,6 +1095,7 @@ class PrimaModel(nn.Module):
         branches of the first answer (`_branches`: its first words kept, then another likely word). The replaced
         answer is kept as `GenerationOutput.first_answer`."""
         results = self._generate(requests, max_new_tokens, [False] * len(requests))
+        results = self._rewrite_where_cells_disagree(requests, results, max_new_tokens)
         g = self.config.grounding
         if not g.phrase_check or g.phrase_check_threshold <= 0:
             return results
@@ -1058,7 +1113,7 @@ class PrimaModel(nn.Module):
             for b, written in zip(unshown, again):
                 best = max(written, key=lambda r: r.mean_logprob)
                 if best.mean_logprob >= results[b].mean_logprob:
-                    best.first_answer = results[b].answer
+                    best.first_answer = results[b].first_answer or results[b].answer
                     results[b] = best
         if ungrounded:
             # the LLM's prior for "nothing there" is strong ("No, ..." is its likeliest start whatever the images
@@ -1070,9 +1125,91 @@ class PrimaModel(nn.Module):
                 found = [r for r in written if r.segments and all(s.phrase and s.support >= shown for s in r.segments)]
                 if found:
                     best = max(found, key=lambda r: r.mean_logprob)
-                    best.first_answer = results[b].answer
+                    best.first_answer = results[b].first_answer or results[b].answer
                     results[b] = best
         return results
+
+    def _rewrite_where_cells_disagree(
+        self, requests: list[tuple[list[Any], str]], results: list[GenerationOutput], max_new_tokens: int
+    ) -> list[GenerationOutput]:
+        """``model.image_prior_cells``: an answer whose first mask holds less than ``image_prior_cells_below`` of
+        `AnswerCells`' distribution over its image is written again from branches at each word of its first phrase
+        (`_phrase_branches`), and among it and those whose first [SEG] is on the same image (and, with the phrase
+        check, whose first phrase the pixels show), the one with the highest `GenerationOutput.mean_logprob` +
+        ``image_prior_cells_weight`` x log(`GenerationOutput.cells_share`) stands ("What is in image 3 but not in
+        image 1?": "The brown laptop" -> "The purple mug"; docs/MODEL.md, "Where in the image: the answer's cells").
+        It runs before the phrase check, which then checks the answer that stands."""
+        c = self.config
+        rows = [
+            b
+            for b, r in enumerate(results)
+            if r.cells_share is not None and r.cells_share < c.image_prior_cells_below and self._phrase_branches(r)
+        ]
+        if not rows:
+            return results
+        branches = [self._phrase_branches(results[b]) for b in rows]
+        again = self._generate_branches(requests, rows, branches, max_new_tokens, ungrounded=False)
+
+        g = c.grounding
+        checked = g.phrase_check and g.phrase_check_threshold > 0
+
+        def shown(segment: GeneratedSegment) -> bool:
+            return not checked or (segment.support is not None and segment.support >= g.phrase_check_threshold)
+
+        def score(r: GenerationOutput) -> float:
+            return r.mean_logprob + c.image_prior_cells_weight * math.log(max(r.cells_share or 0.0, SUPPORT_FLOOR))
+
+        for b, written in zip(rows, again):
+            image = results[b].segments[0].image
+            same = [r for r in written if r.segments and r.segments[0].image == image and shown(r.segments[0])]
+            best = max([results[b], *same], key=score)
+            if best is not results[b]:
+                best.first_answer = results[b].first_answer or results[b].answer
+                results[b] = best
+        return results
+
+    def _read_cells(self, result: GenerationOutput, cells: torch.Tensor, features: ImageFeatures) -> None:
+        """Set ``result``'s `GenerationOutput.cells_share`, ``cells_nowhere`` and ``cells_words`` from `AnswerCells`'
+        log-probabilities ``cells`` (g * g + 1,) on its first [SEG]'s image (``features``: its sample's images)."""
+        first = result.segments[0]
+        probs = cells.float().exp()
+        result.cells_nowhere = float(probs[-1])
+        probs = probs[:-1] / probs[:-1].sum()  # where on the image, if anywhere
+        grid = int(probs.shape[-1] ** 0.5)
+        cover = F.adaptive_avg_pool2d(torch.from_numpy(first.mask)[None, None], grid).flatten().to(probs.device)
+        result.cells_share = float((probs * cover).sum())
+        if getattr(self.grounding, "checker", None) is None:
+            return
+        region = (probs / probs.max()).view(1, grid, grid)
+        image = torch.tensor([first.image - 1], device=region.device)
+        read = self.check_phrases(region, image, features)[0].float()
+        read[self._structure_token_ids()] = float("-inf")
+        result.cells_words = read.topk(CELL_WORDS).indices.tolist()
+
+    def _phrase_branches(self, result: GenerationOutput) -> list[tuple[list[int], int]]:
+        """(prefix, rank) pairs at each of the first `BRANCH_POSITIONS` words of the answer's first phrase: its
+        tokens up to the word, then the rank-th likeliest token instead of it, rank 1..`PHRASE_BRANCH_RANKS`; and for
+        each of the words read where the answer's cells are (`GenerationOutput.cells_words`) that the phrase lacks,
+        that word as the phrase's first word, and as its second (then greedily on: rank 0)."""
+        t = self.config.tokens
+        ids = result.token_ids
+        if t.phrase_start_id not in ids:
+            return []
+        start = ids.index(t.phrase_start_id) + 1
+        end = next((j for j in range(start, len(ids)) if ids[j] == t.phrase_end_id), len(ids))
+        ranked = [
+            (ids[:p], rank)
+            for p in range(start, min(end, start + BRANCH_POSITIONS))
+            for rank in range(1, PHRASE_BRANCH_RANKS + 1)
+        ]
+        own = set(ids[start:end])
+        read = [
+            ([*ids[:p], word], 0)
+            for word in result.cells_words
+            if word not in own
+            for p in range(start, min(end, start + 2))
+        ]
+        return ranked + read
 
     def _branches(self, answer_ids: list[int]) -> list[tuple[list[int], int]]:
         """(prefix, rank) pairs: the answer's first p tokens, then the rank-th likeliest token instead of its own,
@@ -1140,8 +1277,13 @@ class PrimaModel(nn.Module):
         qids, qmask = _pad(qrows, (proc.qformer_tokenizer or proc.tokenizer).pad_token_id, dev, left=False)
         visual = self.visual_tokens(features, sample_index, qids, qmask)
         prior = None  # model.image_prior: (B, K) log-probabilities of the image each row's answer starts in
-        if self.image_prior is not None and (self.config.image_prior_weight or self.config.image_prior_after_phrase):
-            prior = self.image_prior(features[self.vision.token_index], sample_index, qids, qmask).log_softmax(-1)
+        cells = None  # model.image_prior_cells: (N, g * g) log-probabilities of where in each image it starts
+        c = self.config
+        weighs_image = c.image_prior_weight or c.image_prior_after_phrase
+        if self.image_prior is not None and (weighs_image or c.image_prior_cells_weight):
+            reading = self.image_prior.read(features[self.vision.token_index], sample_index, qids, qmask)
+            prior = reading.logits.log_softmax(-1) if weighs_image else None
+            cells = reading.cells if c.image_prior_cells_weight else None
         ids, attention = _pad(
             [proc.encode_prompt(q, n) for (_, q), n in zip(requests, counts)], t.pad_token_id, dev, left=True
         )
@@ -1266,7 +1408,10 @@ class PrimaModel(nn.Module):
                 queries = list(torch.cat([torch.stack(queries), phrase], dim=-1))
             segments, grounded = self._segments(answer_ids, queries, own, own_features, pil[b], n)
             mean_logp = logp[b] / max(1, len(generated[b]))
-            results.append(GenerationOutput(proc.decode(answer_ids), segments, answer_ids, grounded, mean_logp))
+            result = GenerationOutput(proc.decode(answer_ids), segments, answer_ids, grounded, mean_logp)
+            if cells is not None and segments:
+                self._read_cells(result, cells[offset + segments[0].image - 1], own_features)
+            results.append(result)
             offset += n
         return results
 

@@ -7,7 +7,8 @@ can be matched) reads the question's words and then the image's tokens through a
 self-attention layer then compares the images' summaries (an odd one out is only odd beside the others) and each
 gets a logit; with ``relations`` (`model.image_prior_places`) `WordPlaces` adds a score from where the question's
 words are in each image relative to each other, and with ``contrast`` (`model.image_prior_contrast`) `WordContrast`
-one from how each image differs from the others at those places. It reads the frozen encoder's features and the
+one from how each image differs from the others at those places. With ``cells`` (`model.image_prior_cells`)
+`AnswerCells` also says where in each image the answer's first object is. It reads the frozen encoder's features and the
 question's ids (as the Q-Former reads them), nothing the LLM computes, so it trains beside the mask decoder with its
 own loss and its own gradient clip, or alone (configs/tiny-prior.yaml). At generation `PrimaModel` re-weighs the
 answer's first image reference by it (docs/MODEL.md, "Which image first: the image prior"; after a phrase with
@@ -16,11 +17,23 @@ answer's first image reference by it (docs/MODEL.md, "Which image first: the ima
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prima.model.grounding import OneWayBlock
 from prima.model.square import position_in_sample, sincos_positions
+
+
+@dataclass
+class PriorReading:
+    """What `ImagePrior.read` gives."""
+
+    logits: torch.Tensor  # (B, K) over each sample's images, -inf past its count
+    places: torch.Tensor | None  # (N, L', g * g) each of the first L' question words' attention over each image's cells
+    cells: torch.Tensor | None  # (N, g * g + 1) `AnswerCells`' log-probabilities over each image's cells and "nowhere"
 
 
 class ImagePrior(nn.Module):
@@ -38,6 +51,7 @@ class ImagePrior(nn.Module):
         num_layers: int = 3,
         relations: bool = False,
         contrast: bool = False,
+        cells: bool = False,
     ):
         super().__init__()
         self.max_words = max_words
@@ -60,6 +74,7 @@ class ImagePrior(nn.Module):
         if contrast and not relations:
             raise ValueError("the image prior's contrast reads the word places: it needs relations=True")
         self.contrast = WordContrast(channels, dim) if contrast else None
+        self.cells = AnswerCells(dim) if cells else None
 
     def forward(
         self,
@@ -67,13 +82,20 @@ class ImagePrior(nn.Module):
         image_sample_index: torch.Tensor,
         question_ids: torch.Tensor,
         question_mask: torch.Tensor,
-        *,
-        with_places: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> torch.Tensor:
+        """The logits (B, K) of `read`."""
+        return self.read(features, image_sample_index, question_ids, question_mask).logits
+
+    def read(
+        self,
+        features: torch.Tensor,
+        image_sample_index: torch.Tensor,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor,
+    ) -> PriorReading:
         """``features`` (N, C, g, g): the encoder's features at the token stride of the batch's N images, sample by
         sample; ``image_sample_index`` (N,) each image's sample; ``question_ids`` / ``question_mask`` (B, L): the
-        questions, right-padded. With ``with_places``: (logits, places), places (N, L', g * g) where each of the
-        first L' question words found itself among each image's cells (None without ``relations``)."""
+        questions, right-padded. The places are None without ``relations``, the cells without ``cells``."""
         b, n, dev = question_ids.shape[0], features.shape[0], features.device
         counts = torch.bincount(image_sample_index, minlength=b)
         slot = position_in_sample(image_sample_index)
@@ -106,7 +128,11 @@ class ImagePrior(nn.Module):
                 related = related + self.contrast(places.detach(), cells, image_sample_index, words, present)
             logits = logits + logits.new_zeros(b, k).index_put((image_sample_index, slot), related.float())
         logits = logits.masked_fill(absent, float("-inf"))
-        return (logits, places) if with_places else logits
+        cells = None
+        if self.cells is not None:
+            raw = features.flatten(2).transpose(1, 2)
+            cells = self.cells(raw, tokens.detach(), compared[image_sample_index, slot].detach(), image_sample_index)
+        return PriorReading(logits, places, cells)
 
 
 class WordPlaces(nn.Module):
@@ -190,3 +216,57 @@ class WordContrast(nn.Module):
         mean = (sums[image_sample_index] - described) / others.clamp_min(1).to(described.dtype)[:, None, None]
         score = self.distance((described - mean) ** 2).squeeze(-1)  # (N, L); 0 weight for a sample of one image
         return (self.gate(words).squeeze(-1) * score * present.to(score.dtype) * (others > 0)[:, None]).sum(1)
+
+
+class AnswerCells(nn.Module):
+    """Where in its image the answer's first object is: log-probabilities over each image's cells, and "nowhere".
+
+    "What is in image 3 but not in image 1?" is answered by the object of image 3 whose cells find no match among
+    image 1's: the LLM names an object of the image at about chance there. Each cell is scored by an MLP of its token
+    (the prior's, with its position), its image's reading of the question (after the comparison across images), and
+    how well it is matched in the sample's other images: its best cosine similarity to a cell of each other image
+    (the encoder's features), averaged with weights the other images' readings give (which image the question
+    compares against: "image 1" above), and the least, greatest and mean of them. One more outcome per image, "the
+    answer grounds nothing here" (an MLP of the reading and of those statistics' least and mean over the cells), is
+    what an answer without a [SEG] ("Nothing: everything in image 3 is also in image 1.") teaches on every image of
+    its sample. It reads the prior's tokens and readings without training them (the prior's image choice trains as
+    without it), and is trained by `model.loss.image_prior_cells`; at generation it re-ranks branches of the answer's
+    first phrase by how much of it lies under that phrase's mask (docs/MODEL.md, "Where in the image: the answer's
+    cells").
+    """
+
+    STATS = 4  # the matches' reference-weighted mean, least, greatest and mean
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reference = nn.Linear(dim, 1)
+        self.score = nn.Sequential(nn.Linear(2 * dim + self.STATS, dim), nn.GELU(), nn.Linear(dim, 1))
+        self.nowhere = nn.Sequential(nn.Linear(dim + 2 * self.STATS, dim), nn.GELU(), nn.Linear(dim, 1))
+
+    def forward(
+        self, cells: torch.Tensor, tokens: torch.Tensor, readings: torch.Tensor, image_sample_index: torch.Tensor
+    ) -> torch.Tensor:
+        """``cells`` (N, G, C) the encoder's features, ``tokens`` (N, G, D) the prior's tokens, ``readings`` (N, D)
+        each image's reading of the question, ``image_sample_index`` (N,): (N, G + 1) log-probabilities, the last
+        column "nowhere in this image"."""
+        normed = F.normalize(cells.float(), dim=-1)
+        reference = self.reference(readings).squeeze(-1).float()
+        n, g = cells.shape[:2]
+        stats = normed.new_zeros(n, g, self.STATS)  # zeros for a sample of one image: nothing to match against
+        for sample in torch.unique(image_sample_index).tolist():
+            rows = (image_sample_index == sample).nonzero(as_tuple=True)[0]
+            k = rows.numel()
+            if k < 2:
+                continue
+            own = normed[rows]  # (k, G, C)
+            best = torch.einsum("agc,bhc->abgh", own, own).amax(-1)  # (k, k, G): a's cell g best matched in b
+            other = ~torch.eye(k, dtype=torch.bool, device=cells.device)
+            weights = reference[rows][None, :].expand(k, k).masked_fill(~other, float("-inf")).softmax(-1)
+            others = best[other].view(k, k - 1, g)
+            stats[rows] = torch.stack(
+                [(weights[:, :, None] * best).sum(1), others.amin(1), others.amax(1), others.mean(1)], dim=-1
+            )
+        stats = stats.to(tokens.dtype)
+        h = torch.cat([tokens, readings[:, None].expand(-1, g, -1), stats], dim=-1)
+        nowhere = self.nowhere(torch.cat([readings, stats.amin(1), stats.mean(1)], dim=-1))
+        return torch.cat([self.score(h).squeeze(-1), nowhere], dim=-1).float().log_softmax(-1)
