@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -1414,6 +1415,25 @@ def test_generation_reads_the_answer_cells_under_the_first_mask(monkeypatch):
     model.language.forward.step = 0
     model.generate_batch([(images, "Where?")])
     assert rewritten == [[0]]
+
+
+def test_answer_cells_nowhere_turns_a_grounded_answer_down(monkeypatch):
+    """model.image_prior_cells_nowhere (with the phrase check): an answer whose first image the cells say grounds
+    nothing is written again without phrases, and that answer stands even where the LLM finds it less likely."""
+    model = small_model("image_prior=true", "image_prior_cells=true", *CHECK)
+    model.config.grounding.phrase_check_threshold = 0.5
+    seg = GeneratedSegment("chair", 1, np.zeros((4, 4), np.float32), 1.0, support=0.9)  # shown by the pixels
+    first = GenerationOutput("The chair.", [seg], [1, 2], mean_logprob=-0.2, cells_nowhere=0.8)
+    nothing = GenerationOutput("Nothing.", [], [3], mean_logprob=-1.0)
+    monkeypatch.setattr(model, "_generate", lambda *a, **k: [dataclasses.replace(first)])
+    monkeypatch.setattr(model, "_generate_branches", lambda *a, **k: [[dataclasses.replace(nothing)]])
+    for threshold, answer in ((0.0, "The chair."), (0.9, "The chair."), (0.5, "Nothing.")):
+        model.config.image_prior_cells_nowhere = threshold
+        out = model.generate_batch([(random_images(1), "What?")])[0]
+        assert out.answer == answer, threshold
+    assert out.first_answer == "The chair."
+    with pytest.raises(PrimaError, match=r"image_prior_cells_nowhere must be in \[0, 1\]"):
+        load_model_config("tiny", ["image_prior_cells_nowhere=1.5"])
 
 
 class TiedNumbers(ScriptedLogits):

@@ -1093,14 +1093,25 @@ class PrimaModel(nn.Module):
         An answer without phrases ("There are no lamps in these images.") is written again, and the likeliest
         answer whose every phrase is shown replaces it ("There are three lamps: ..."). Both rewrites are written from
         branches of the first answer (`_branches`: its first words kept, then another likely word). The replaced
-        answer is kept as `GenerationOutput.first_answer`."""
+        answer is kept as `GenerationOutput.first_answer`. With the image prior's answer cells, their rewrite of the
+        first phrase comes first (`_rewrite_where_cells_disagree`), and where they say the answer grounds nothing on
+        its first image (``model.image_prior_cells_nowhere``) it is written again without phrases, as one none of whose
+        phrases is shown."""
         results = self._generate(requests, max_new_tokens, [False] * len(requests))
         results = self._rewrite_where_cells_disagree(requests, results, max_new_tokens)
         g = self.config.grounding
         if not g.phrase_check or g.phrase_check_threshold <= 0:
             return results
         shown = g.phrase_check_threshold
-        unshown = [b for b, r in enumerate(results) if r.segments and all(s.support < shown for s in r.segments)]
+        # model.image_prior_cells_nowhere: where the answer's cells say it grounds nothing on its first image, it is
+        # written again without phrases as below, and that answer stands however likely the LLM finds it
+        nowhere = self.config.image_prior_cells_nowhere
+        told = {
+            b for b, r in enumerate(results) if nowhere and r.cells_nowhere is not None and r.cells_nowhere >= nowhere
+        }
+        unshown = [
+            b for b, r in enumerate(results) if r.segments and (b in told or all(s.support < shown for s in r.segments))
+        ]
         ungrounded = [b for b, r in enumerate(results) if not r.segments]
         if unshown:
             # greedy with the bans alone would keep the LLM's grounded sentence ("You could sit on the ...") and run
@@ -1112,7 +1123,7 @@ class PrimaModel(nn.Module):
             again = self._generate_branches(requests, unshown, branches, max_new_tokens, ungrounded=True)
             for b, written in zip(unshown, again):
                 best = max(written, key=lambda r: r.mean_logprob)
-                if best.mean_logprob >= results[b].mean_logprob:
+                if best.mean_logprob >= results[b].mean_logprob or b in told:
                     best.first_answer = results[b].first_answer or results[b].answer
                     results[b] = best
         if ungrounded:
@@ -1280,10 +1291,11 @@ class PrimaModel(nn.Module):
         cells = None  # model.image_prior_cells: (N, g * g) log-probabilities of where in each image it starts
         c = self.config
         weighs_image = c.image_prior_weight or c.image_prior_after_phrase
-        if self.image_prior is not None and (weighs_image or c.image_prior_cells_weight):
+        reads_cells = c.image_prior_cells_weight or c.image_prior_cells_nowhere
+        if self.image_prior is not None and (weighs_image or reads_cells):
             reading = self.image_prior.read(features[self.vision.token_index], sample_index, qids, qmask)
             prior = reading.logits.log_softmax(-1) if weighs_image else None
-            cells = reading.cells if c.image_prior_cells_weight else None
+            cells = reading.cells if reads_cells else None
         ids, attention = _pad(
             [proc.encode_prompt(q, n) for (_, q), n in zip(requests, counts)], t.pad_token_id, dev, left=True
         )
