@@ -4,8 +4,9 @@ For every sample with a [SEG], the image of its first [SEG] (the prior's trainin
 likeliest image, before any word of the answer is written; with ``--predictions`` (a `prima eval` run's
 predictions.jsonl on the same samples) beside the image of the answer's first segment (no segment: wrong), which is
 what the LLM and the read-out chose; with the prior's answer cells (`model.image_prior_cells`) also how often their
-likeliest cell on that image lies inside the first segment's GT mask (pooled to the cells). Teacher-forced on the
-questions alone, so no generation runs:
+likeliest cell on that image lies inside the first segment's GT mask (pooled to the cells), their mean probability
+of "nowhere" there, and on the images of samples without a [SEG]. Teacher-forced on the questions alone, so no
+generation runs:
 
     .venv/bin/python benchmarks/image_prior.py runs/prior/final --data data/synth/val/samples.jsonl \
         --samples 200 --feature-cache .cache/features --predictions runs/eval/prior-val/predictions.jsonl
@@ -20,6 +21,10 @@ import json
 
 import teacher_forced
 import torch
+
+
+def pct(x: float, d: float) -> str:
+    return f"{100 * x / d:.1f}" if d else "-"
 
 
 def main() -> None:
@@ -37,7 +42,9 @@ def main() -> None:
                 answered[p["id"]] = p["segments"][0]["image"] if p.get("segments") else None
     has_cells = model.image_prior.cells is not None
     grid = model.config.vision.image_size // model.config.vision.token_stride
-    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0])
+    # per family: samples with a [SEG], prior right, answer right, cells' likeliest inside the mask, their "nowhere"
+    # on the first image summed; samples without one, their "nowhere" (mean over their images) summed
+    counts: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0, 0, 0.0, 0, 0.0])
     with torch.no_grad():
         for chunk, batch in teacher_forced.batches(teacher_forced.samples(args), args.batch, collate):
             teacher_forced.image_features(model, batch)
@@ -47,28 +54,34 @@ def main() -> None:
                 batch["qformer_input_ids"],
                 batch["qformer_attention_mask"],
             )
-            starts = (
-                torch.bincount(batch["image_sample_index"]).cumsum(0) - torch.bincount(batch["image_sample_index"])
-            ).tolist()
-            for s, row, start in zip(chunk, reading.logits, starts):
+            per_sample = torch.bincount(batch["image_sample_index"])
+            starts = (per_sample.cumsum(0) - per_sample).tolist()
+            for s, row, start, n in zip(chunk, reading.logits, starts, per_sample.tolist()):
+                c = counts[s.family or "-"]
                 if not s.segments:
+                    c[5] += 1
+                    if has_cells:
+                        c[6] += float(reading.cells[start : start + n, -1].exp().mean())
                     continue
                 first = s.segments[0].image  # segments are in answer order
-                c = counts[s.family or "-"]
                 c[0] += 1
                 c[1] += int(row.argmax()) + 1 == first
                 c[2] += answered.get(s.id) == first
                 if has_cells:
+                    cells = reading.cells[start + first - 1]
                     inside = teacher_forced.pooled_mask(s.segments[0].mask, grid)
-                    c[3] += float(inside[int(reading.cells[start + first - 1].argmax())]) > 0
+                    c[3] += float(inside[int(cells[:-1].argmax())]) > 0
+                    c[4] += float(cells[-1].exp())
     rows = sorted(counts.items())
-    rows.append(("all", [sum(c[i] for _, c in rows) for i in range(4)]))
-    print(f"| family | samples | prior |{' answer |' if answered else ''}{' cells |' if has_cells else ''}")
-    print(f"|---|---:|---:|{'---:|' if answered else ''}{'---:|' if has_cells else ''}")
-    for family, (n, prior, answer, cells) in rows:
-        extra = f" {100 * answer / n:.1f} |" if answered else ""
-        extra += f" {100 * cells / n:.1f} |" if has_cells else ""
-        print(f"| {family} | {n} | {100 * prior / n:.1f} |{extra}")
+    rows.append(("all", [sum(c[i] for _, c in rows) for i in range(7)]))
+    cells_head = " cells | nowhere, grounded | without [SEG] | nowhere there |" if has_cells else ""
+    print(f"| family | samples | prior |{' answer |' if answered else ''}{cells_head}")
+    print(f"|---|---:|---:|{'---:|' if answered else ''}{'---:|---:|---:|---:|' if has_cells else ''}")
+    for family, (n, prior, answer, cells, nowhere, negatives, nowhere_neg) in rows:
+        extra = f" {pct(answer, n)} |" if answered else ""
+        if has_cells:
+            extra += f" {pct(cells, n)} | {pct(nowhere, n)} | {negatives} | {pct(nowhere_neg, negatives)} |"
+        print(f"| {family} | {n} | {pct(prior, n)} |{extra}")
 
 
 if __name__ == "__main__":

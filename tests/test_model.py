@@ -1188,6 +1188,9 @@ def test_image_prior_cells_say_where_the_answers_first_object_is_without_changin
     prior = dict(model.image_prior.named_parameters())
     assert all(prior[n].grad is not None for n in prior if n.startswith("cells."))
     assert all(prior[n].grad is None for n in prior if not n.startswith("cells."))  # the image choice: untouched
+    groups = model.separately_clipped_groups()  # clipped apart from the prior's, whose updates stay as without them
+    assert list(model.image_prior.cells.parameters()) in groups
+    assert [p for n, p in model.image_prior.named_parameters() if not n.startswith("cells.")] in groups
     only_negative = model(make_batch(model, [negative_sample()]))
     assert torch.allclose(
         only_negative.loss_cells,

@@ -348,10 +348,19 @@ class PrimaModel(nn.Module):
         """Groups of trainable parameters, each with a loss of its own that no other parameter's gradient shares: the
         word reader (``grounding.word_readout``) and the phrase check (``grounding.phrase_check``) read frozen
         features under GT and detached masks; the image prior (``model.image_prior``) reads frozen features and the
-        question's ids. The trainer clips each group's gradient norm on its own, so switching
-        them on leaves every other update as it was."""
+        question's ids, and its answer cells (``model.image_prior_cells``) read its tokens and readings detached. The
+        trainer clips each group's gradient norm on its own, so switching them on leaves every other update as it
+        was."""
         heads = [getattr(self.grounding, name, None) for name in ("reader", "checker")] + [self.image_prior]
-        groups = [[p for p in head.parameters() if p.requires_grad] for head in heads if head is not None]
+        cells = getattr(self.image_prior, "cells", None)
+        apart = {id(p) for p in cells.parameters()} if cells is not None else set()
+        groups = [
+            [p for p in head.parameters() if p.requires_grad and id(p) not in apart]
+            for head in heads
+            if head is not None
+        ]
+        if cells is not None:
+            groups.append([p for p in cells.parameters() if p.requires_grad])
         return [g for g in groups if g]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
