@@ -1339,20 +1339,30 @@ def test_image_prior_reweighs_only_the_answers_first_image_reference(monkeypatch
 def test_answer_cells_rewrite_the_first_phrase_where_it_holds_too_little_of_them(monkeypatch):
     """model.image_prior_cells_weight: an answer whose first mask holds less than image_prior_cells_below of the
     cells' distribution is written again from branches at the words of its first phrase; the branch on the same image
-    with the best mean log-probability + weight x log(share) stands, and the first answer is kept."""
+    whose phrase has as many words with the best log-probability + weight x log(share) stands, and the first answer
+    is kept."""
     model = small_model("image_prior=true", "image_prior_cells=true")
     vocab = model.processor.tokenizer.convert_tokens_to_ids
     ids = [vocab(w) for w in ["the", "<p>", "chair", "sit", "</p>", "[SEG]", "(IMAGE2)", "."]]
-    branches = model._phrase_branches(GenerationOutput("", [], ids))
+    branches = model._phrase_branches(GenerationOutput("", [], ids), set())
     assert branches == [(ids[:p], rank) for p in (2, 3) for rank in (1, 2)]  # at "chair" and "sit"
-    assert model._phrase_branches(GenerationOutput("", [], ids[:1])) == []
+    assert model._phrase_branches(GenerationOutput("", [], ids[:1]), set()) == []
     # the words read where the cells are, that the phrase lacks, as its first word and as its second
     read = GenerationOutput("", [], ids, cells_words=[vocab("lamp"), vocab("chair")])
-    assert model._phrase_branches(read) == [*branches, ([*ids[:2], vocab("lamp")], 0), ([*ids[:3], vocab("lamp")], 0)]
+    lamp = [([*ids[:2], vocab("lamp")], 0), ([*ids[:3], vocab("lamp")], 0)]
+    assert model._phrase_branches(read, set()) == [*branches, *lamp]
+    # a word the question has stays, in any form ("Which chairs ...?": only "sit" may change)
+    asked = model._word_forms(model.processor.encode_words("chair"))
+    assert model._phrase_branches(read, asked) == [(ids[:3], 1), (ids[:3], 2), lamp[1]]
+
+    tokens = {1: "Chairs", 2: "chair's", 3: "chair", 4: "Glass", 5: "is"}
+    monkeypatch.setattr(model.processor.tokenizer, "convert_ids_to_tokens", lambda ids: [tokens[i] for i in ids])
+    assert model._word_forms([1, 2, 3]) == {"chair"} and model._word_forms([4, 5]) == {"glas", "is"}
+    monkeypatch.undo()
 
     def answer(text: str, image: int, share: float, logp: float) -> GenerationOutput:
         seg = GeneratedSegment(text, image, np.zeros((4, 4), np.float32), 1.0)
-        return GenerationOutput(text, [seg], ids, mean_logprob=logp, cells_share=share)
+        return GenerationOutput(text, [seg], ids, mean_logprob=logp, logprob=logp, cells_share=share)
 
     written = [
         answer("sure", 2, 0.9, -1.0),  # row 0 holds enough: not written again
@@ -1363,6 +1373,7 @@ def test_answer_cells_rewrite_the_first_phrase_where_it_holds_too_little_of_them
         answer("other image", 1, 0.99, -0.5),
         answer("better", 2, 0.8, -0.9),
         answer("likelier", 2, 0.2, -0.4),
+        answer("", 2, 0.99, -0.1),  # a phrase with fewer words ("the <p> red </p>" for "the <p> red mug </p>")
     ]
 
     def branches_of(requests, rows, own, max_new_tokens, *, ungrounded):

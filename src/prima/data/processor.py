@@ -310,7 +310,8 @@ class PrimaProcessor:
         )
 
     # text ---------------------------------------------------------------------------------------------------------
-    def _encode(self, text: str) -> list[int]:
+    def encode_words(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens), as the LLM reads it."""
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def encode_prompt(self, question: str, num_images: int) -> list[int]:
@@ -319,7 +320,7 @@ class PrimaProcessor:
             raise PrimaError(f"got {num_images} images; this model takes 1..{self.max_images}")
         text = format_prompt(question, num_images, self.system_prompt)
         ids = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        ids += self._encode(text)
+        ids += self.encode_words(text)
         if ids.count(self.slot_id) != num_images:
             raise PrimaError("the prompt's image blocks did not tokenize as expected (check the tokenizer)")
         expanded: list[int] = []
@@ -330,7 +331,7 @@ class PrimaProcessor:
     def encode_answer(self, answer: str) -> list[int]:
         """Token ids of a (grounded) answer, in the model's `answer_order`, followed by EOS: what it learns to
         generate."""
-        return self._encode(to_model_order(answer, self.answer_order)) + [self.tokenizer.eos_token_id]
+        return self.encode_words(to_model_order(answer, self.answer_order)) + [self.tokenizer.eos_token_id]
 
     def encode_qformer_text(self, question: str) -> list[int]:
         """The question as the Q-Former reads it (its own tokenizer when it has one), cut to its max length."""

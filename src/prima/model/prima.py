@@ -116,6 +116,7 @@ class GenerationOutput:
     # the mean log-probability of the answer's tokens (</s> included) as the model scores them, before the greedy
     # loop's bans: an answer written around a ban the model wanted to break scores low
     mean_logprob: float = 0.0
+    logprob: float = 0.0  # ... and their sum: what one word the LLM is sure of costs where a branch replaces it
     # grounding.phrase_check: the answer the LLM wrote first, when the pixels showed none of its phrases and ``answer``
     # is the one written again without phrases, or when it had none and ``answer`` is one whose phrases they show;
     # model.image_prior_cells: or the answer before its first phrase was written again where the answer's cells are
@@ -1153,23 +1154,15 @@ class PrimaModel(nn.Module):
         self, requests: list[tuple[list[Any], str]], results: list[GenerationOutput], max_new_tokens: int
     ) -> list[GenerationOutput]:
         """``model.image_prior_cells``: an answer whose first mask holds less than ``image_prior_cells_below`` of
-        `AnswerCells`' distribution over its image is written again from branches at each word of its first phrase
-        (`_phrase_branches`), and among it and those whose first [SEG] is on the same image (and, with the phrase
-        check, whose first phrase the pixels show), the one with the highest `GenerationOutput.mean_logprob` +
+        `AnswerCells`' distribution over its image (and, with the phrase check, whose first phrase the pixels show:
+        one they do not is the phrase check's to turn down) is written again from branches at the words of its first
+        phrase (`_phrase_branches`), and among it and those whose first [SEG] is on the same image, whose first phrase
+        has as many words or more and is shown, the one with the highest `GenerationOutput.logprob` (summed: a
+        phrase word the LLM is sure of costs what it is sure by) +
         ``image_prior_cells_weight`` x log(`GenerationOutput.cells_share`) stands ("What is in image 3 but not in
         image 1?": "The brown laptop" -> "The purple mug"; docs/MODEL.md, "Where in the image: the answer's cells").
         It runs before the phrase check, which then checks the answer that stands."""
         c = self.config
-        rows = [
-            b
-            for b, r in enumerate(results)
-            if r.cells_share is not None and r.cells_share < c.image_prior_cells_below and self._phrase_branches(r)
-        ]
-        if not rows:
-            return results
-        branches = [self._phrase_branches(results[b]) for b in rows]
-        again = self._generate_branches(requests, rows, branches, max_new_tokens, ungrounded=False)
-
         g = c.grounding
         checked = g.phrase_check and g.phrase_check_threshold > 0
 
@@ -1177,16 +1170,42 @@ class PrimaModel(nn.Module):
             return not checked or (segment.support is not None and segment.support >= g.phrase_check_threshold)
 
         def score(r: GenerationOutput) -> float:
-            return r.mean_logprob + c.image_prior_cells_weight * math.log(max(r.cells_share or 0.0, SUPPORT_FLOOR))
+            return r.logprob + c.image_prior_cells_weight * math.log(max(r.cells_share or 0.0, SUPPORT_FLOOR))
 
+        asked = [self._word_forms(self.processor.encode_words(question)) for _, question in requests]
+        branches = {
+            b: self._phrase_branches(r, asked[b])
+            for b, r in enumerate(results)
+            if r.cells_share is not None and r.cells_share < c.image_prior_cells_below and shown(r.segments[0])
+        }
+        rows = [b for b, own in branches.items() if own]
+        if not rows:
+            return results
+        again = self._generate_branches(requests, rows, [branches[b] for b in rows], max_new_tokens, ungrounded=False)
         for b, written in zip(rows, again):
-            image = results[b].segments[0].image
-            same = [r for r in written if r.segments and r.segments[0].image == image and shown(r.segments[0])]
+            first = results[b].segments[0]
+            same = [
+                r
+                for r in written
+                if r.segments
+                and r.segments[0].image == first.image
+                and shown(r.segments[0])
+                and len(r.segments[0].phrase.split()) >= len(first.phrase.split())
+            ]
             best = max([results[b], *same], key=score)
             if best is not results[b]:
                 best.first_answer = results[b].first_answer or results[b].answer
                 results[b] = best
         return results
+
+    def _word_forms(self, ids: list[int]) -> set[str]:
+        """The words of token ``ids`` as the cells' rewrite compares them: lower case, without a possessive "'s" or a
+        plural "s" ("Chairs", "chair's" and "chair" are one word)."""
+        forms = set()
+        for word in self.processor.tokenizer.convert_ids_to_tokens(ids):
+            word = word.lower().removeprefix("ġ").removeprefix("▁").removesuffix("'s")
+            forms.add(word[:-1] if len(word) > 3 and word.endswith("s") else word)
+        return forms
 
     def _read_cells(self, result: GenerationOutput, cells: torch.Tensor, features: ImageFeatures) -> None:
         """Set ``result``'s `GenerationOutput.cells_share`, ``cells_nowhere`` and ``cells_words`` from `AnswerCells`'
@@ -1206,29 +1225,24 @@ class PrimaModel(nn.Module):
         read[self._structure_token_ids()] = float("-inf")
         result.cells_words = read.topk(CELL_WORDS).indices.tolist()
 
-    def _phrase_branches(self, result: GenerationOutput) -> list[tuple[list[int], int]]:
+    def _phrase_branches(self, result: GenerationOutput, asked: set[str]) -> list[tuple[list[int], int]]:
         """(prefix, rank) pairs at each of the first `BRANCH_POSITIONS` words of the answer's first phrase: its
         tokens up to the word, then the rank-th likeliest token instead of it, rank 1..`PHRASE_BRANCH_RANKS`; and for
         each of the words read where the answer's cells are (`GenerationOutput.cells_words`) that the phrase lacks,
-        that word as the phrase's first word, and as its second (then greedily on: rank 0)."""
+        that word as the phrase's first word, and as its second (then greedily on: rank 0). A word of the phrase the
+        question has (``asked``: its `_word_forms`) stays: "How many chairs are there?" is not answered by another
+        object."""
         t = self.config.tokens
         ids = result.token_ids
         if t.phrase_start_id not in ids:
             return []
         start = ids.index(t.phrase_start_id) + 1
         end = next((j for j in range(start, len(ids)) if ids[j] == t.phrase_end_id), len(ids))
-        ranked = [
-            (ids[:p], rank)
-            for p in range(start, min(end, start + BRANCH_POSITIONS))
-            for rank in range(1, PHRASE_BRANCH_RANKS + 1)
-        ]
+        phrase = range(start, min(end, start + BRANCH_POSITIONS))
+        free = [p for p in phrase if not self._word_forms([ids[p]]) & asked]
+        ranked = [(ids[:p], rank) for p in free for rank in range(1, PHRASE_BRANCH_RANKS + 1)]
         own = set(ids[start:end])
-        read = [
-            ([*ids[:p], word], 0)
-            for word in result.cells_words
-            if word not in own
-            for p in range(start, min(end, start + 2))
-        ]
+        read = [([*ids[:p], word], 0) for word in result.cells_words if word not in own for p in free if p < start + 2]
         return ranked + read
 
     def _branches(self, answer_ids: list[int]) -> list[tuple[list[int], int]]:
@@ -1429,7 +1443,7 @@ class PrimaModel(nn.Module):
                 queries = list(torch.cat([torch.stack(queries), phrase], dim=-1))
             segments, grounded = self._segments(answer_ids, queries, own, own_features, pil[b], n)
             mean_logp = logp[b] / max(1, len(generated[b]))
-            result = GenerationOutput(proc.decode(answer_ids), segments, answer_ids, grounded, mean_logp)
+            result = GenerationOutput(proc.decode(answer_ids), segments, answer_ids, grounded, mean_logp, logp[b])
             if cells is not None and segments:
                 self._read_cells(result, cells[offset + segments[0].image - 1], own_features)
             results.append(result)
