@@ -1090,7 +1090,6 @@ def test_image_prior_places_learn_where_the_answers_masks_show_the_questions_wor
     """model.image_prior_places: each question word's place in each image (an attention over its cells), taught by
     the GT mask of every answer phrase that has the word, on that phrase's image; the pairs of places then score the
     images, but their gates start at zero, so an untrained prior scores exactly as one without them."""
-    import dataclasses
 
     with pytest.raises(Exception, match="image_prior: true"):
         small_model("image_prior_places=true")
@@ -1225,7 +1224,6 @@ def test_image_prior_cells_say_where_the_answers_first_object_is_without_changin
 def test_training_the_prior_alone_runs_only_the_prior_with_the_same_losses_and_gradients(monkeypatch):
     """With every other group frozen (configs/tiny-prior.yaml) training runs the prior alone: its losses and gradients
     are those of the whole forward, the LLM and the decoder do not run, and evaluation still runs everything."""
-    import dataclasses
 
     model = small_model("image_prior=true", "image_prior_places=true", "grounding.phrase_tokens=4")
     for name, p in model.named_parameters():
@@ -1394,8 +1392,8 @@ def test_answer_cells_rewrite_the_first_phrase_where_it_holds_too_little_of_them
 
 def test_generation_reads_the_answer_cells_under_the_first_mask(monkeypatch):
     """With model.image_prior_cells_weight the first [SEG]'s result carries the share of the cells' distribution on
-    its image under its mask, their "nowhere", and the words the phrase check reads where the cells are; the rewrite
-    then runs."""
+    its image under its mask (where on the image: "nowhere" left out) and the words the phrase check reads where the
+    cells are; the rewrite then runs."""
     import prima.model.prima as prima_module
 
     model = small_model("image_prior=true", "image_prior_cells=true", *CHECK).eval()
@@ -1416,7 +1414,6 @@ def test_generation_reads_the_answer_cells_under_the_first_mask(monkeypatch):
             .cells[1]
             .exp()
         )
-    assert first.cells_nowhere == pytest.approx(float(cells[-1]), abs=1e-6)
     where = cells[:-1] / cells[:-1].sum()  # where on the image, if anywhere
     grid = int(where.shape[0] ** 0.5)
     cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(first.segments[0].mask)[None, None], grid)
@@ -1429,25 +1426,6 @@ def test_generation_reads_the_answer_cells_under_the_first_mask(monkeypatch):
     model.language.forward.step = 0
     model.generate_batch([(images, "Where?")])
     assert rewritten == [[0]]
-
-
-def test_answer_cells_nowhere_turns_a_grounded_answer_down(monkeypatch):
-    """model.image_prior_cells_nowhere (with the phrase check): an answer whose first image the cells say grounds
-    nothing is written again without phrases, and that answer stands even where the LLM finds it less likely."""
-    model = small_model("image_prior=true", "image_prior_cells=true", *CHECK)
-    model.config.grounding.phrase_check_threshold = 0.5
-    seg = GeneratedSegment("chair", 1, np.zeros((4, 4), np.float32), 1.0, support=0.9)  # shown by the pixels
-    first = GenerationOutput("The chair.", [seg], [1, 2], mean_logprob=-0.2, cells_nowhere=0.8)
-    nothing = GenerationOutput("Nothing.", [], [3], mean_logprob=-1.0)
-    monkeypatch.setattr(model, "_generate", lambda *a, **k: [dataclasses.replace(first)])
-    monkeypatch.setattr(model, "_generate_branches", lambda *a, **k: [[dataclasses.replace(nothing)]])
-    for threshold, answer in ((0.0, "The chair."), (0.9, "The chair."), (0.5, "Nothing.")):
-        model.config.image_prior_cells_nowhere = threshold
-        out = model.generate_batch([(random_images(1), "What?")])[0]
-        assert out.answer == answer, threshold
-    assert out.first_answer == "The chair."
-    with pytest.raises(PrimaError, match=r"image_prior_cells_nowhere must be in \[0, 1\]"):
-        load_model_config("tiny", ["image_prior_cells_nowhere=1.5"])
 
 
 class TiedNumbers(ScriptedLogits):

@@ -391,12 +391,6 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
     assert (
         PrimaPredictor.from_pretrained(cells, image_prior_cells_weight=2.0).model.config.image_prior_cells_weight == 2
     )
-    with pytest.raises(PrimaError, match="has no answer cells"):
-        PrimaPredictor.from_pretrained(path, image_prior_cells_nowhere=0.5)
-    nowhere = PrimaPredictor.from_pretrained(cells, image_prior_cells_nowhere=0.5).model.config
-    assert nowhere.image_prior_cells_nowhere == 0.5
-    with pytest.raises(PrimaError, match="must be >= 0 and <= 1"):
-        PrimaPredictor.from_pretrained(cells, image_prior_cells_nowhere=1.5)
 
 
 def test_repeat_images_override_sets_distinct_images(tiny_checkpoint):

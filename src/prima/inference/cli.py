@@ -30,11 +30,6 @@ IMAGE_PRIOR_CELLS_HELP = (
     "the share of their distribution under the first phrase's mask, when branches of that phrase compete (default: "
     "the checkpoint's model.image_prior_cells_weight; 0: off; docs/MODEL.md, \"Where in the image: the answer's cells\")"
 )
-IMAGE_PRIOR_NOWHERE_HELP = (
-    "with a checkpoint whose image prior has the answer's cells and the phrase check: an answer whose first image they "
-    'give at least this probability of "grounds nothing here" is written again without phrases (default: the '
-    "checkpoint's model.image_prior_cells_nowhere; 0: off)"
-)
 MASK_THRESHOLD_HELP = (
     "a pixel is in a mask when the decoder's probability reaches this (default: the checkpoint's "
     "grounding.mask_threshold)"
@@ -73,7 +68,6 @@ def add_readout_options(p: argparse.ArgumentParser) -> None:
         "--image-prior-after-phrase", type=float, default=None, metavar="W", help=IMAGE_PRIOR_AFTER_PHRASE_HELP
     )
     p.add_argument("--image-prior-cells-weight", type=float, default=None, metavar="W", help=IMAGE_PRIOR_CELLS_HELP)
-    p.add_argument("--image-prior-cells-nowhere", type=float, default=None, metavar="P", help=IMAGE_PRIOR_NOWHERE_HELP)
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     p.add_argument("--llm-words", action="store_true", help=LLM_WORDS_HELP)
     p.add_argument("--phrase-check", type=float, default=None, metavar="P", help=PHRASE_CHECK_HELP)
@@ -89,7 +83,6 @@ def readout_options(args: argparse.Namespace) -> dict:
         "image_prior_weight": args.image_prior_weight,
         "image_prior_after_phrase": args.image_prior_after_phrase,
         "image_prior_cells_weight": args.image_prior_cells_weight,
-        "image_prior_cells_nowhere": args.image_prior_cells_nowhere,
         "distinct_images": False if args.repeat_images else None,
         "word_readout": False if args.llm_words else None,
         "phrase_check": args.phrase_check,

@@ -129,7 +129,6 @@ class PrimaPredictor:
         image_prior_weight: float | None = None,
         image_prior_after_phrase: float | None = None,
         image_prior_cells_weight: float | None = None,
-        image_prior_cells_nowhere: float | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
         """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
@@ -141,8 +140,7 @@ class PrimaPredictor:
         image choice), ``image_prior_weight`` its ``model.image_prior_weight`` (0: the LLM alone names the answer's
         first image), ``image_prior_after_phrase`` its ``model.image_prior_after_phrase`` (0: not once a phrase is
         written), ``image_prior_cells_weight`` its ``model.image_prior_cells_weight`` (0: the answer's cells do not
-        re-rank its first phrase), ``image_prior_cells_nowhere`` its ``model.image_prior_cells_nowhere`` (0: their
-        "nowhere" turns no answer down)."""
+        re-rank its first phrase)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
@@ -182,17 +180,16 @@ class PrimaPredictor:
             ("image_prior_weight", image_prior_weight),
             ("image_prior_after_phrase", image_prior_after_phrase),
             ("image_prior_cells_weight", image_prior_cells_weight),
-            ("image_prior_cells_nowhere", image_prior_cells_nowhere),
         ):
             if value is None:
                 continue
             flag = "--" + option.replace("_", "-")
             if value and model.image_prior is None:
                 raise PrimaError(f"{flag}: {path} has no image prior (model.image_prior is off)")
-            if value and option.startswith("image_prior_cells") and model.image_prior.cells is None:
+            if value and option == "image_prior_cells_weight" and model.image_prior.cells is None:
                 raise PrimaError(f"{flag}: {path}'s image prior has no answer cells (model.image_prior_cells is off)")
-            if not value >= 0 or (option == "image_prior_cells_nowhere" and value > 1):
-                raise PrimaError(f"{flag} must be >= 0{' and <= 1' if option.endswith('nowhere') else ''}, got {value}")
+            if not value >= 0:
+                raise PrimaError(f"{flag} must be >= 0, got {value}")
             setattr(model.config, option, float(value))
         model.eval()
         return cls(model, **kwargs)

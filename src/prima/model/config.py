@@ -388,9 +388,6 @@ class ModelConfig:
     image_prior_cells: bool = False
     image_prior_cells_weight: float = 0.0
     image_prior_cells_below: float = 0.5
-    # ... and with the phrase check, an answer whose first image the cells give at least this probability of "the
-    # answer grounds nothing here" is written again without phrases and that answer stands (0: off)
-    image_prior_cells_nowhere: float = 0.0
     # training only (train mode): in the first this-many optimizer steps the LLM is shown zeros in place of its visual
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
     # question (docs/MODEL.md, "The visual-words loss switched on late")
@@ -440,10 +437,6 @@ class ModelConfig:
             raise ConfigError("model.image_prior_cells is part of the image prior: set model.image_prior: true")
         if self.image_prior_cells_weight < 0:
             raise ConfigError(f"model.image_prior_cells_weight must be >= 0, got {self.image_prior_cells_weight}")
-        if not 0.0 <= self.image_prior_cells_nowhere <= 1.0:
-            raise ConfigError(
-                f"model.image_prior_cells_nowhere must be in [0, 1], got {self.image_prior_cells_nowhere}"
-            )
         if not 0.0 <= self.image_prior_cells_below <= 1.0:
             raise ConfigError(f"model.image_prior_cells_below must be in [0, 1], got {self.image_prior_cells_below}")
         if self.image_prior_layers < 1:

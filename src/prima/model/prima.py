@@ -124,8 +124,6 @@ class GenerationOutput:
     # model.image_prior_cells: the share of `AnswerCells`' distribution over the first [SEG]'s image that lies under
     # its mask (None without the cells or a [SEG])
     cells_share: float | None = None
-    # ... their probability that the answer grounds nothing on that image
-    cells_nowhere: float | None = None
     # ... and the words the phrase check reads where those cells are (their distribution as the mask), likeliest first
     cells_words: list[int] = field(default_factory=list)
 
@@ -1104,24 +1102,14 @@ class PrimaModel(nn.Module):
         answer whose every phrase is shown replaces it ("There are three lamps: ..."). Both rewrites are written from
         branches of the first answer (`_branches`: its first words kept, then another likely word). The replaced
         answer is kept as `GenerationOutput.first_answer`. With the image prior's answer cells, their rewrite of the
-        first phrase comes first (`_rewrite_where_cells_disagree`), and where they say the answer grounds nothing on
-        its first image (``model.image_prior_cells_nowhere``) it is written again without phrases, as one none of whose
-        phrases is shown."""
+        first phrase comes first (`_rewrite_where_cells_disagree`)."""
         results = self._generate(requests, max_new_tokens, [False] * len(requests))
         results = self._rewrite_where_cells_disagree(requests, results, max_new_tokens)
         g = self.config.grounding
         if not g.phrase_check or g.phrase_check_threshold <= 0:
             return results
         shown = g.phrase_check_threshold
-        # model.image_prior_cells_nowhere: where the answer's cells say it grounds nothing on its first image, it is
-        # written again without phrases as below, and that answer stands however likely the LLM finds it
-        nowhere = self.config.image_prior_cells_nowhere
-        told = {
-            b for b, r in enumerate(results) if nowhere and r.cells_nowhere is not None and r.cells_nowhere >= nowhere
-        }
-        unshown = [
-            b for b, r in enumerate(results) if r.segments and (b in told or all(s.support < shown for s in r.segments))
-        ]
+        unshown = [b for b, r in enumerate(results) if r.segments and all(s.support < shown for s in r.segments)]
         ungrounded = [b for b, r in enumerate(results) if not r.segments]
         if unshown:
             # greedy with the bans alone would keep the LLM's grounded sentence ("You could sit on the ...") and run
@@ -1133,7 +1121,7 @@ class PrimaModel(nn.Module):
             again = self._generate_branches(requests, unshown, branches, max_new_tokens, ungrounded=True)
             for b, written in zip(unshown, again):
                 best = max(written, key=lambda r: r.mean_logprob)
-                if best.mean_logprob >= results[b].mean_logprob or b in told:
+                if best.mean_logprob >= results[b].mean_logprob:
                     best.first_answer = results[b].first_answer or results[b].answer
                     results[b] = best
         if ungrounded:
@@ -1208,12 +1196,10 @@ class PrimaModel(nn.Module):
         return forms
 
     def _read_cells(self, result: GenerationOutput, cells: torch.Tensor, features: ImageFeatures) -> None:
-        """Set ``result``'s `GenerationOutput.cells_share`, ``cells_nowhere`` and ``cells_words`` from `AnswerCells`'
-        log-probabilities ``cells`` (g * g + 1,) on its first [SEG]'s image (``features``: its sample's images)."""
+        """Set ``result``'s `GenerationOutput.cells_share` and ``cells_words`` from `AnswerCells`' log-probabilities
+        ``cells`` (g * g + 1,) on its first [SEG]'s image (``features``: its sample's images)."""
         first = result.segments[0]
-        probs = cells.float().exp()
-        result.cells_nowhere = float(probs[-1])
-        probs = probs[:-1] / probs[:-1].sum()  # where on the image, if anywhere
+        probs = cells[:-1].float().softmax(-1)  # where on the image, if anywhere
         grid = int(probs.shape[-1] ** 0.5)
         cover = F.adaptive_avg_pool2d(torch.from_numpy(first.mask)[None, None], grid).flatten().to(probs.device)
         result.cells_share = float((probs * cover).sum())
@@ -1314,11 +1300,10 @@ class PrimaModel(nn.Module):
         cells = None  # model.image_prior_cells: (N, g * g) log-probabilities of where in each image it starts
         c = self.config
         weighs_image = c.image_prior_weight or c.image_prior_after_phrase
-        reads_cells = c.image_prior_cells_weight or c.image_prior_cells_nowhere
-        if self.image_prior is not None and (weighs_image or reads_cells):
+        if self.image_prior is not None and (weighs_image or c.image_prior_cells_weight):
             reading = self.image_prior.read(features[self.vision.token_index], sample_index, qids, qmask)
             prior = reading.logits.log_softmax(-1) if weighs_image else None
-            cells = reading.cells if reads_cells else None
+            cells = reading.cells if c.image_prior_cells_weight else None
         ids, attention = _pad(
             [proc.encode_prompt(q, n) for (_, q), n in zip(requests, counts)], t.pad_token_id, dev, left=True
         )
