@@ -283,13 +283,16 @@ def test_hiding_images_from_a_frozen_llm_is_a_config_error():
 
 
 def test_the_prior_stage_trains_the_prior_alone_over_stage_two():
-    """configs/tiny-prior.yaml (stage 3): stage 2's model and read-out, + the image prior with its word places and
-    contrast (and its read-out after a phrase), every other group frozen; stage 2 itself no longer trains a prior."""
+    """configs/tiny-prior.yaml (stage 3): stage 2's model and read-out, + the image prior with its word places,
+    contrast and answer cells (and their read-outs), every other group frozen; stage 2 itself no longer trains a
+    prior."""
     stage2, stage3 = load_run_config("tiny-masks"), load_run_config("tiny-prior")
     assert not stage2.model.image_prior
     assert stage3.model.image_prior and stage3.model.image_prior_places and stage3.model.image_prior_contrast
     assert stage3.model.image_prior_after_phrase == 1.0 and stage2.model.image_prior_after_phrase == 0.0
     assert stage3.model.image_prior_after_phrase_floor == 0.05
+    assert stage3.model.image_prior_cells and not stage2.model.image_prior_cells
+    assert (stage3.model.image_prior_cells_weight, stage3.model.image_prior_cells_below) == (1.0, 0.1)
     assert set(stage3.train.freeze) == {"language", "query_module", "square", "projector", "grounding"}
     assert stage3.model.grounding == stage2.model.grounding
     assert [d.path for d in stage3.data.train] == [
