@@ -381,10 +381,11 @@ class ModelConfig:
     image_prior_contrast: bool = False
     # + where in its image the answer's first object is (`prior.AnswerCells`: a distribution over the image's cells
     # from each cell's token, the image's reading of the question and how well the cell is matched in the other
-    # images; loss.image_prior_cells); at generation, where less than image_prior_cells_below of it lies under the
-    # first phrase's mask, the phrase is written again from branches at its words and the branch with the highest
-    # mean token log-probability + image_prior_cells_weight x log(its share under the branch's first mask) stands
-    # (docs/MODEL.md, "Where in the image: the answer's cells")
+    # images, and "nowhere"; loss.image_prior_cells); at generation (weight > 0), where less than
+    # image_prior_cells_below of it lies under a shown first phrase's mask, the phrase is written again from branches
+    # at its words and the branch with the highest summed token log-probability + image_prior_cells_weight x log(its
+    # share under the branch's first mask) stands (`PrimaModel._rewrite_where_cells_disagree`; docs/MODEL.md, "Where
+    # in the image: the answer's cells")
     image_prior_cells: bool = False
     image_prior_cells_weight: float = 0.0
     image_prior_cells_below: float = 0.5

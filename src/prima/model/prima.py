@@ -1147,8 +1147,8 @@ class PrimaModel(nn.Module):
         phrase (`_phrase_branches`), and among it and those whose first [SEG] is on the same image, whose first phrase
         has as many words or more and is shown, the one with the highest `GenerationOutput.logprob` (summed: a
         phrase word the LLM is sure of costs what it is sure by) +
-        ``image_prior_cells_weight`` x log(`GenerationOutput.cells_share`) stands ("What is in image 3 but not in
-        image 1?": "The brown laptop" -> "The purple mug"; docs/MODEL.md, "Where in the image: the answer's cells").
+        ``image_prior_cells_weight`` x log(`GenerationOutput.cells_share`) stands ("What is in image 2 but not in
+        image 3?": "The brown chair" -> "The red mug"; docs/MODEL.md, "Where in the image: the answer's cells").
         It runs before the phrase check, which then checks the answer that stands."""
         c = self.config
         g = c.grounding
