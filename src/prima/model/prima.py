@@ -1151,6 +1151,8 @@ class PrimaModel(nn.Module):
         image 3?": "The brown chair" -> "The red mug"; docs/MODEL.md, "Where in the image: the answer's cells").
         It runs before the phrase check, which then checks the answer that stands."""
         c = self.config
+        if not c.image_prior_cells_weight:
+            return results
         g = c.grounding
         checked = g.phrase_check and g.phrase_check_threshold > 0
 
@@ -1297,7 +1299,7 @@ class PrimaModel(nn.Module):
         qids, qmask = _pad(qrows, (proc.qformer_tokenizer or proc.tokenizer).pad_token_id, dev, left=False)
         visual = self.visual_tokens(features, sample_index, qids, qmask)
         prior = None  # model.image_prior: (B, K) log-probabilities of the image each row's answer starts in
-        cells = None  # model.image_prior_cells: (N, g * g) log-probabilities of where in each image it starts
+        cells = None  # model.image_prior_cells: (N, g * g + 1) log-probabilities of where in each image it starts
         c = self.config
         weighs_image = c.image_prior_weight or c.image_prior_after_phrase
         if self.image_prior is not None and (weighs_image or c.image_prior_cells_weight):

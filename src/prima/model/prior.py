@@ -8,9 +8,9 @@ self-attention layer then compares the images' summaries (an odd one out is only
 gets a logit; with ``relations`` (`model.image_prior_places`) `WordPlaces` adds a score from where the question's
 words are in each image relative to each other, and with ``contrast`` (`model.image_prior_contrast`) `WordContrast`
 one from how each image differs from the others at those places. With ``cells`` (`model.image_prior_cells`)
-`AnswerCells` also says where in each image the answer's first object is. It reads the frozen encoder's features and the
-question's ids (as the Q-Former reads them), nothing the LLM computes, so it trains beside the mask decoder with its
-own loss and its own gradient clip, or alone (configs/tiny-prior.yaml). At generation `PrimaModel` re-weighs the
+`AnswerCells` also says where in each image the answer's first object is. It reads the frozen encoder's features and
+the question's ids (as the Q-Former reads them), nothing the LLM computes, so it trains beside the mask decoder with
+its own loss and its own gradient clip, or alone (configs/tiny-prior.yaml). At generation `PrimaModel` re-weighs the
 answer's first image reference by it (docs/MODEL.md, "Which image first: the image prior"; after a phrase with
 `model.image_prior_after_phrase`).
 """
@@ -229,7 +229,8 @@ class AnswerCells(nn.Module):
     compares against: "image 1" above), and the least, greatest and mean of them. One more outcome per image, "the
     answer grounds nothing here" (an MLP of the reading and of those statistics' least and mean over the cells), is
     what an answer without a [SEG] ("Nothing: everything in image 3 is also in image 1.") teaches on every image of
-    its sample. It reads the prior's tokens and readings without training them (the prior's image choice trains as
+    its sample; it learnt "not this image" rather than "nothing here" (measured), so nothing reads it at generation,
+    and the distribution over the cells is renormalised without it there. It reads the prior's tokens and readings without training them (the prior's image choice trains as
     without it), and is trained by `model.loss.image_prior_cells`; at generation it re-ranks branches of the answer's
     first phrase by how much of it lies under that phrase's mask (docs/MODEL.md, "Where in the image: the answer's
     cells").
