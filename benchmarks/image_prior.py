@@ -54,9 +54,9 @@ def main() -> None:
                 batch["qformer_input_ids"],
                 batch["qformer_attention_mask"],
             )
-            per_sample = torch.bincount(batch["image_sample_index"])
-            starts = (per_sample.cumsum(0) - per_sample).tolist()
-            for s, row, start, n in zip(chunk, reading.logits, starts, per_sample.tolist()):
+            images = batch["num_images"]
+            starts = (images.cumsum(0) - images).tolist()
+            for s, row, start, n in zip(chunk, reading.logits, starts, images.tolist()):
                 c = counts[s.family or "-"]
                 if not s.segments:
                     c[5] += 1

@@ -951,8 +951,7 @@ class PrimaModel(nn.Module):
         assert self.image_prior is not None
         terms = []
         if targets is not None and rows.numel():
-            first = torch.ones_like(rows, dtype=torch.bool)
-            first[1:] = rows[1:] != rows[:-1]
+            first = _first_per_sample(rows)
             grid = int(round((cells.shape[-1] - 1) ** 0.5))
             where = F.adaptive_avg_pool2d(targets[first].unsqueeze(1).float(), grid).flatten(1)
             mass = where.sum(-1, keepdim=True)
@@ -964,10 +963,8 @@ class PrimaModel(nn.Module):
         unground = ~grounded[x.image_sample_index]
         if bool(unground.any()):
             nowhere = -cells[unground, -1]
-            samples = x.image_sample_index[unground]
-            per_sample = torch.zeros_like(grounded, dtype=nowhere.dtype).index_add(0, samples, nowhere)
-            counts = torch.bincount(samples, minlength=grounded.shape[0])
-            terms.append(per_sample[counts > 0] / counts[counts > 0])
+            per_sample = nowhere.new_zeros(grounded.shape).index_add(0, x.image_sample_index[unground], nowhere)
+            terms.append(per_sample[~grounded] / x.num_images[~grounded])
         if not terms or not sum(t.numel() for t in terms):
             return _unused_loss(self.image_prior.parameters(), self.device)
         return torch.cat(terms).mean()
@@ -978,8 +975,7 @@ class PrimaModel(nn.Module):
         assert self.image_prior is not None
         if not rows.numel():  # no [SEG] in the batch: keep the prior in the graph, as the mask branch
             return _unused_loss(self.image_prior.parameters(), self.device)
-        first = torch.ones_like(rows, dtype=torch.bool)
-        first[1:] = rows[1:] != rows[:-1]
+        first = _first_per_sample(rows)
         return F.cross_entropy(logits[rows[first]], local[first])
 
     def point_tags(
@@ -1856,6 +1852,14 @@ def swap_words(words: torch.Tensor, p: float) -> torch.Tensor:
     donors = words.gather(0, torch.randint(words.shape[0], words.shape, device=words.device))
     swap = (torch.rand(words.shape, device=words.device) < p) & (words >= 0) & (donors >= 0)
     return torch.where(swap, donors, words)
+
+
+def _first_per_sample(rows: torch.Tensor) -> torch.Tensor:
+    """Which of the [SEG]s whose samples are ``rows`` (in order) is its sample's first: [0, 0, 2, 2, 2] -> [T, F, T, F,
+    F]."""
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]
+    return first
 
 
 def _candidates(offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
