@@ -10,7 +10,7 @@ import pytest
 from phrase_vectors import bag_of_words
 from prima.data.masks import encode_rle
 from prima.errors import PrimaError, SampleError
-from prima.evaluation.metrics import METRIC_KEYS
+from prima.evaluation.metrics import METRIC_KEYS, PER_SAMPLE_KEY
 from prima.evaluation.scorer import read_predictions, score_predictions
 
 
@@ -80,7 +80,7 @@ def test_scores_a_tiny_pair_and_writes_metrics_report_and_plots(pair, tmp_path):
     out = tmp_path / "out"
     result = score_predictions(pred, gt, out, embed=bag_of_words, wordnet="none")
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved == json.loads(json.dumps(result))
+    assert saved == json.loads(json.dumps({k: v for k, v in result.items() if k != PER_SAMPLE_KEY}))
     for key in (*METRIC_KEYS, "num_samples", "by_category", "by_num_images", "by_family"):
         assert key in saved
     # a: chair IoU 50/100 and cup/mug IoU 1 -> 0.75; c: nothing predicted -> 0. b has no GT masks.
@@ -110,6 +110,17 @@ def test_scores_a_tiny_pair_and_writes_metrics_report_and_plots(pair, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in report
     assert (out / "missing_predictions.txt").read_text().split() == ["c"]
+
+    # scores.jsonl: each sample's own numbers, in GT order, which the overall ones average
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert rows == result[PER_SAMPLE_KEY]
+    assert [r["id"] for r in rows] == ["a", "b", "c"]
+    assert [r["miou"] for r in rows] == [pytest.approx(0.75), None, 0.0]
+    assert [r["no_mask_correct"] for r in rows] == [None, True, None]
+    assert [r["missing"] for r in rows] == [False, False, True]
+    assert rows[0]["family"] == "common" and rows[2]["family"] is None and rows[0]["num_pred"] == 2
+    assert rows[0]["ss"] == pytest.approx(0.5) and rows[2]["ss"] == 0.0
+    assert [(r["intersection"], r["union"]) for r in rows] == [(150, 200), (0, 0), (0, 200)]
 
 
 def test_perfect_predictions_score_one(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prima.errors import PrimaError
-from prima.evaluation.metrics import METRIC_KEYS
+from prima.evaluation.metrics import METRIC_KEYS, PER_SAMPLE_KEY
 
 METRIC_LABELS = {
     "miou": "mIoU",
@@ -37,19 +37,32 @@ DEVIATIONS = """\
   merged); a sample with no mask on either side scores gIoU 1, as LISA's code does."""
 
 
+SCORES_FILE = "scores.jsonl"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def percent(value: Any) -> str:
     """A metric in [0, 1] as a percentage with two decimals, as the paper reports; '–' when undefined."""
     return "–" if value is None else f"{100 * value:.2f}"
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """metrics.json, report.md, missing_predictions.txt (if any) and the PNG plots; returns the paths."""
+    """metrics.json, scores.jsonl (one line per sample, when ``result`` has them), report.md,
+    missing_predictions.txt (if any) and the PNG plots; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    rows = result.get(PER_SAMPLE_KEY)
+    result = {k: v for k, v in result.items() if k != PER_SAMPLE_KEY}
     written = [out / "metrics.json"]
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, written[0])
+    _write_atomic(written[0], json.dumps(result, indent=2) + "\n")
+    if rows is not None:
+        written.append(out / SCORES_FILE)
+        _write_atomic(written[-1], "".join(json.dumps(r) + "\n" for r in rows))
     if result.get("missing_prediction_ids"):
         path = out / "missing_predictions.txt"
         path.write_text("\n".join(result["missing_prediction_ids"]) + "\n", encoding="utf-8")

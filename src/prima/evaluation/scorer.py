@@ -213,7 +213,8 @@ class M4SegEvaluator:
         ]
 
     def evaluate(self) -> dict[str, Any]:
-        """metrics.json's content: overall metrics, `by_category`, `by_num_images`, `by_family`, provenance."""
+        """metrics.json's content: overall metrics, `by_category`, `by_num_images`, `by_family`, provenance; and under
+        `metrics.PER_SAMPLE_KEY` each sample's own numbers (`metrics.sample_row`), which `write_outputs` puts in scores.jsonl."""
         scores = self.sample_scores()
         result = metrics.aggregate(scores)
         result["by_category"] = metrics.aggregate_by(scores, lambda s: s.category)
@@ -223,6 +224,7 @@ class M4SegEvaluator:
         result["missing_prediction_ids"] = [s.id for s in scores if s.missing]
         result["phrase_model"] = self.phrase_model_name
         result["meteor_resources"] = self.meteor_resources.description
+        result[metrics.PER_SAMPLE_KEY] = [metrics.sample_row(s) for s in scores]
         return result
 
 
