@@ -9,7 +9,10 @@ load average (on a shared machine intra-op threads wait on each other: compare t
 
 ``--checkpoint DIR`` times a trained model instead of a fresh one (trained weights can hold denormal floats,
 which a CPU multiplies many times slower); ``--flush-denormal`` sets `torch.set_flush_denormal(True)` first,
-as the trainer does on a CPU.
+as the trainer does on a CPU; ``--config FILE`` builds the fresh model from a run config's model section (e.g.
+configs/tiny.yaml, stage 1) instead of the `tiny` preset. ``--profile`` then runs the same steps once more under
+`torch.profiler` and prints the operators that took the most time, by their input shapes (where a step goes).
+The first line says how many of the LLM's positions are padding (each batch is padded to its longest sample).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from prima.data.collate import collate_samples
 from prima.data.schema import read_samples
 from prima.model import PrimaModel, create_model, load_model_config
+from prima.train.config import load_run_config
 
 
 def step_times(model: torch.nn.Module, batches: list[dict], optimizer: torch.optim.Optimizer) -> list[float]:
@@ -49,6 +53,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--checkpoint", default=None, help="time this trained model (default: a fresh tiny one)")
     parser.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) first")
+    parser.add_argument("--config", default=None, help="a run config whose model section builds the fresh model")
+    parser.add_argument("--profile", action="store_true", help="then profile the same steps: the top operators")
     args = parser.parse_args()
     if args.flush_denormal:
         torch.set_flush_denormal(True)
@@ -58,7 +64,8 @@ def main() -> None:
     if args.checkpoint:
         model = PrimaModel.from_pretrained(args.checkpoint)
     else:
-        model = create_model(load_model_config("tiny"), [t for s in samples for t in (s.question, s.answer)])
+        cfg = load_run_config(args.config).model if args.config else load_model_config("tiny")
+        model = create_model(cfg, [t for s in samples for t in (s.question, s.answer)])
     root = Path(args.data).parent
     batches = []
     for i in range(0, len(samples), args.batch):
@@ -66,9 +73,12 @@ def main() -> None:
         with torch.no_grad():
             batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
         batches.append(batch)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    positions = sum(b["attention_mask"].numel() for b in batches)
     print(
-        f"{args.checkpoint or 'fresh tiny'}, flush_denormal {args.flush_denormal}, batch {args.batch}, {tokens:.0f} LLM tokens per batch on average, load {os.getloadavg()[0]:.1f}"
+        f"{args.checkpoint or args.config or 'fresh tiny'}, flush_denormal {args.flush_denormal}, batch {args.batch}, "
+        f"{tokens / len(batches):.0f} LLM tokens per batch on average in {positions / len(batches):.0f} positions "
+        f"({100 * (1 - tokens / positions):.1f} % padding), load {os.getloadavg()[0]:.1f}"
     )
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -78,6 +88,17 @@ def main() -> None:
             f"threads {threads}: median step {statistics.median(times):.2f} s "
             f"(all: {', '.join(f'{t:.2f}' for t in times)}), load {os.getloadavg()[0]:.1f}"
         )
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            step_times(model, batches, optimizer)
+        for by_shape in (False, True):
+            table = prof.key_averages(group_by_input_shape=by_shape).table(
+                sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40, max_shapes_column_width=60
+            )
+            print(f"{len(batches)} steps under torch.profiler, by operator{' and input shapes' * by_shape}:\n{table}")
 
 
 if __name__ == "__main__":
