@@ -11,7 +11,7 @@ load average (on a shared machine intra-op threads wait on each other: compare t
 which a CPU multiplies many times slower); ``--flush-denormal`` sets `torch.set_flush_denormal(True)` first,
 as the trainer does on a CPU; ``--config FILE`` builds the fresh model from a run config's model section (e.g.
 configs/tiny.yaml, stage 1) instead of the `tiny` preset. ``--profile`` then runs the same steps once more under
-`torch.profiler` and prints the operators that took the most time, by their input shapes (where a step goes).
+`torch.profiler` and prints the operators that took the most time, by name and by input shapes (where a step goes).
 The first line says how many of the LLM's positions are padding (each batch is padded to its longest sample).
 """
 

@@ -214,7 +214,8 @@ class M4SegEvaluator:
 
     def evaluate(self) -> dict[str, Any]:
         """metrics.json's content: overall metrics, `by_category`, `by_num_images`, `by_family`, provenance; and under
-        `metrics.PER_SAMPLE_KEY` each sample's own numbers (`metrics.sample_row`), which `write_outputs` puts in scores.jsonl."""
+        `metrics.PER_SAMPLE_KEY` each sample's own numbers (`metrics.sample_row`), which `write_outputs` writes to
+        scores.jsonl instead."""
         scores = self.sample_scores()
         result = metrics.aggregate(scores)
         result["by_category"] = metrics.aggregate_by(scores, lambda s: s.category)
