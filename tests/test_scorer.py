@@ -106,6 +106,7 @@ def test_scores_a_tiny_pair_and_writes_metrics_report_and_plots(pair, tmp_path):
     assert "1 GT sample(s) had no prediction" in report and "`c`" in report
     assert "exact + Porter-stem matching" in report  # METEOR resources are stated
     assert "| mIoU | 37.50 |" in report
+    assert "`scores.jsonl`" in report
     for name in ("by_category.png", "by_num_images.png", "by_family.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in report

@@ -69,12 +69,14 @@ def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
         written.append(path)
     plots = write_plots(result, out)
     report = out / "report.md"
-    report.write_text(markdown_report(result, [p.name for p in plots]), encoding="utf-8")
+    per_sample = SCORES_FILE if rows is not None else None
+    report.write_text(markdown_report(result, [p.name for p in plots], per_sample), encoding="utf-8")
     return [*written, report, *plots]
 
 
-def markdown_report(result: dict[str, Any], plot_names: Sequence[str] = ()) -> str:
-    """The human-readable report: provenance, overall table, one table per grouping, plots, deviations."""
+def markdown_report(result: dict[str, Any], plot_names: Sequence[str] = (), per_sample: str | None = None) -> str:
+    """The human-readable report: provenance, overall table, one table per grouping, plots, deviations; with
+    ``per_sample`` (a file name) it says where each sample's own numbers are."""
     lines = ["# M4Seg evaluation", ""]
     if "checkpoint" in result:
         lines.append(f"- Checkpoint: `{result['checkpoint']}`")
@@ -98,6 +100,8 @@ def markdown_report(result: dict[str, Any], plot_names: Sequence[str] = ()) -> s
         lines.append(f"- **{len(missing)} GT sample(s) had no prediction** and were scored as empty: {shown}{more}")
     else:
         lines.append("- Every GT sample had a prediction.")
+    if per_sample:
+        lines.append(f"- Each sample's own numbers: `{per_sample}` (one JSON line per GT sample).")
     lines += ["", "All numbers are percentages; – means no sample in the group qualifies for that metric.", ""]
     lines += ["## Overall", "", "| metric | value |", "|---|---:|"]
     lines += [f"| {METRIC_LABELS[k]} | {percent(result.get(k))} |" for k in METRIC_KEYS]
