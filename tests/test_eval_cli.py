@@ -246,6 +246,71 @@ def test_compare_by_family_puts_one_metric_per_run_in_each_familys_row(tmp_path,
     assert "unknown grouping 'colour'; choose one of category, num_images, family" in capsys.readouterr().err
 
 
+def test_compare_changed_lists_the_samples_whose_own_metric_moved(tmp_path, capsys):
+    def row(sid, family, miou, tp, gt, neg=None):
+        return {
+            "id": sid,
+            "family": family,
+            "category": "c",
+            "num_images": 2,
+            "num_gt": gt,
+            "num_pred": gt,
+            "miou": miou,
+            "true_positives": tp,
+            "ss": miou,
+            "siou": miou,
+            "i_ss": miou,
+            "i_siou": miou,
+            "meteor": 0.5,
+            "intersection": 1,
+            "union": 2,
+            "no_mask_correct": neg,
+            "missing": False,
+        }
+
+    runs = {
+        "before": [
+            row("a", "common", 0.5, 1, 1),
+            row("b", "spatial", 0.25, 0, 2),
+            row("n", "existence", None, 0, 0, False),
+        ],
+        "after": [
+            row("a", "common", 0.5, 1, 1),
+            row("b", "spatial", 0.75000001, 2, 2),
+            row("n", "existence", None, 0, 0, True),
+        ],
+    }
+    for name, rows in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before, after = str(tmp_path / "before"), str(tmp_path / "after")
+
+    assert main(["compare", before, after, "--changed"]) == 0  # mIoU: only b moved (a is equal, n has none)
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("| ")] == [
+        "| sample | family | before | after | change |",
+        "| b | spatial | 25.00 | 75.00 | +50.00 |",
+    ]
+    assert "1 of 3 samples differ, 1 up and 0 down" in out
+    assert main(["compare", before, after, "--changed", "--metric", "no_mask_acc"]) == 0
+    assert "| n | existence | 0.00 | 100.00 | +100.00 |" in capsys.readouterr().out
+    assert main(["compare", before, after, "--changed", "--metric", "recall"]) == 0
+    assert "| b | spatial | 0.00 | 100.00 | +100.00 |" in capsys.readouterr().out
+
+    assert main(["compare", before, "--changed"]) == 2
+    assert "exactly two runs, got 1" in capsys.readouterr().err
+    assert main(["compare", before, after, "--changed", "--metric", "ciou"]) == 2
+    assert "no sample has one of its own" in capsys.readouterr().err
+    (tmp_path / "old").mkdir()
+    assert main(["compare", before, str(tmp_path / "old"), "--changed"]) == 2
+    err = capsys.readouterr().err
+    assert "no scores.jsonl in" in err and "score it again: prima score --pred" in err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "scores.jsonl").write_text(json.dumps(row("z", "common", 0.5, 1, 1)) + "\n")
+    assert main(["compare", before, str(tmp_path / "other"), "--changed"]) == 2
+    assert "scored different samples" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_eval_command_end_to_end_with_a_real_random_checkpoint(
     dataset, tmp_path, tmp_path_factory, monkeypatch, capsys

@@ -67,7 +67,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="family, category or num_images: a row per group of metrics.json's by_<BY>, a column per run "
         "(default: a row per run)",
     )
-    p.add_argument("--metric", default="miou", help="with --by: the metric in the cells (default: %(default)s)")
+    p.add_argument(
+        "--metric", default="miou", help="with --by or --changed: the metric in the cells (default: %(default)s)"
+    )
+    p.add_argument(
+        "--changed",
+        action="store_true",
+        help="two runs of the same ground truth: a row per sample whose own --metric differs (from scores.jsonl)",
+    )
     p.set_defaults(func=_compare)
 
 
@@ -110,7 +117,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from prima.evaluation.report import compare_runs
+    from prima.errors import PrimaError
+    from prima.evaluation.report import changed_samples, compare_runs
 
-    print(compare_runs(args.runs, args.out, by=args.by, metric=args.metric), end="")
+    if args.changed:
+        if args.by:
+            raise PrimaError("--changed lists samples; it does not take --by")
+        print(changed_samples(args.runs, args.metric, args.out), end="")
+    else:
+        print(compare_runs(args.runs, args.out, by=args.by, metric=args.metric), end="")
     return 0

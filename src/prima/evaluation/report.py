@@ -38,6 +38,7 @@ DEVIATIONS = """\
 
 
 SCORES_FILE = "scores.jsonl"
+CHANGE_FLOOR = 1e-4  # `changed_samples`: smaller differences (under 0.01 percentage points) are float noise
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -228,6 +229,79 @@ def compare_runs(
         note = f"{METRIC_LABELS[metric]} in percent by {titles[key]} (`prima compare --by {by}`); – means "
         note += "undefined for that run or group."
     table = "\n".join(rows) + f"\n\n{note}\n"
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(table, encoding="utf-8")
+    return table
+
+
+def load_run_scores(run: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """scores.jsonl of a run folder by sample id; a PrimaError naming the path if absent (runs scored before it
+    existed: score them again) or broken."""
+    path = Path(run)
+    path = path / SCORES_FILE if path.is_dir() else path.parent / SCORES_FILE
+    if not path.is_file():
+        folder = path.parent
+        raise PrimaError(
+            f"no {SCORES_FILE} in {folder} (scored before prima wrote one?); score it again: "
+            f"prima score --pred {folder / 'predictions.jsonl'} --gt GT.jsonl --out {folder}"
+        )
+    rows = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PrimaError(f"{path}, line {n}: invalid JSON: {e.msg}") from None
+        rows[str(row["id"])] = row
+    return rows
+
+
+def sample_value(row: dict[str, Any], metric: str) -> float | None:
+    """One sample's own value of ``metric`` from its scores.jsonl row (None where the metric does not apply to it)."""
+    if metric == "recall":
+        return row["true_positives"] / row["num_gt"] if row["num_gt"] else None
+    if metric == "giou":
+        return row["intersection"] / row["union"] if row["union"] else 1.0
+    if metric == "no_mask_acc":
+        return None if row["no_mask_correct"] is None else float(row["no_mask_correct"])
+    if metric == "ciou":
+        raise PrimaError("cIoU pools pixels over samples, so no sample has one of its own; choose another --metric")
+    return row[metric]
+
+
+def changed_samples(
+    runs: Sequence[str | os.PathLike], metric: str = "miou", out: str | os.PathLike | None = None
+) -> str:
+    """A Markdown table of the samples whose own ``metric`` differs (by `CHANGE_FLOOR` or more) between two runs of the
+    same ground truth (from their scores.jsonl), the largest losses first; written to ``out`` if given."""
+    if len(runs) != 2:
+        raise PrimaError(f"--changed compares exactly two runs, got {len(runs)}")
+    if metric not in METRIC_LABELS:
+        raise PrimaError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_LABELS)}")
+    (name_a, a), (name_b, b) = [(_run_name(run), load_run_scores(run)) for run in runs]
+    if a.keys() != b.keys():
+        only = sorted(a.keys() ^ b.keys())
+        raise PrimaError(
+            f"{name_a} and {name_b} scored different samples ({len(only)} in one only, e.g. {only[0]!r}): "
+            "compare runs of the same ground truth"
+        )
+    rows = []
+    for sid, row in a.items():
+        va, vb = sample_value(row, metric), sample_value(b[sid], metric)
+        if va != vb and not (va is not None and vb is not None and abs(va - vb) < CHANGE_FLOOR):
+            rows.append((sid, row.get("family") or row.get("category") or "", va, vb))
+    rows.sort(key=lambda r: ((r[3] or 0.0) - (r[2] or 0.0), r[0]))
+    up = sum((vb or 0.0) > (va or 0.0) for _, _, va, vb in rows)
+    label = METRIC_LABELS[metric]
+    lines = [f"| sample | family | {name_a} | {name_b} | change |", "|---|---|---:|---:|---:|"]
+    for sid, family, va, vb in rows:
+        change = "–" if va is None or vb is None else f"{100 * (vb - va):+.2f}"
+        lines.append(f"| {sid} | {family} | {percent(va)} | {percent(vb)} | {change} |")
+    note = (
+        f"{label} per sample in percent (`prima compare --changed`): {len(rows)} of {len(a)} samples differ, "
+        f"{up} up and {len(rows) - up} down; – means undefined for that sample."
+    )
+    table = "\n".join(lines) + f"\n\n{note}\n"
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(table, encoding="utf-8")
