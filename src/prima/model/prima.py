@@ -124,7 +124,8 @@ class GenerationOutput:
     # model.image_prior_cells: the share of `AnswerCells`' distribution over the first [SEG]'s image that lies under
     # its mask (None without the cells or a [SEG])
     cells_share: float | None = None
-    # ... and the words the phrase check reads where those cells are (their distribution as the mask), likeliest first
+    # ... and, where that share is under image_prior_cells_below, the words the phrase check reads where those cells
+    # are (their distribution as the mask), likeliest first
     cells_words: list[int] = field(default_factory=list)
 
 
@@ -1194,15 +1195,19 @@ class PrimaModel(nn.Module):
         return forms
 
     def _read_cells(self, result: GenerationOutput, cells: torch.Tensor, features: ImageFeatures) -> None:
-        """Set ``result``'s `GenerationOutput.cells_share` and ``cells_words`` from `AnswerCells`' log-probabilities
-        ``cells`` (g * g + 1,) on its first [SEG]'s image (``features``: its sample's images)."""
+        """Set ``result``'s `GenerationOutput.cells_share` and, where it is below ``image_prior_cells_below``,
+        ``cells_words`` from `AnswerCells`' log-probabilities ``cells`` (g * g + 1,) on its first [SEG]'s image
+        (``features``: its sample's images)."""
         first = result.segments[0]
         probs = cells[:-1].float().softmax(-1)  # where on the image, if anywhere
         grid = int(probs.shape[-1] ** 0.5)
         cover = F.adaptive_avg_pool2d(torch.from_numpy(first.mask)[None, None], grid).flatten().to(probs.device)
         result.cells_share = float((probs * cover).sum())
-        if getattr(self.grounding, "checker", None) is None:
-            return
+        if (
+            result.cells_share >= self.config.image_prior_cells_below
+            or getattr(self.grounding, "checker", None) is None
+        ):
+            return  # only an answer the rewrite reaches needs the words (`_rewrite_where_cells_disagree`)
         region = (probs / probs.max()).view(1, grid, grid)
         image = torch.tensor([first.image - 1], device=region.device)
         read = self.check_phrases(region, image, features)[0].float()
