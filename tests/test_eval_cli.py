@@ -309,6 +309,13 @@ def test_compare_changed_lists_the_samples_whose_own_metric_moved(tmp_path, caps
     (tmp_path / "other" / "scores.jsonl").write_text(json.dumps(row("z", "common", 0.5, 1, 1)) + "\n")
     assert main(["compare", before, str(tmp_path / "other"), "--changed"]) == 2
     assert "scored different samples" in capsys.readouterr().err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "scores.jsonl").write_text('{"id": "a"}\n')
+    assert main(["compare", before, str(tmp_path / "broken"), "--changed"]) == 2
+    err = capsys.readouterr().err
+    assert "broken/scores.jsonl, line 1: not a scores.jsonl row (no field 'category')" in err and "Traceback" not in err
+    assert main(["compare", before, after, "--changed", "--metric", "accuracy"]) == 2
+    assert "unknown metric 'accuracy'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

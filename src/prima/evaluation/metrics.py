@@ -404,30 +404,7 @@ def finish_sample(
     )
 
 
-PER_SAMPLE_KEY = "per_sample"  # the key of evaluate()'s per-sample rows: scores.jsonl, not metrics.json
-
-
-def sample_row(score: SampleScore) -> dict[str, Any]:
-    """One line of scores.jsonl: the sample's metrics (in [0, 1]; None where undefined for it) and counts."""
-    return {
-        "id": score.id,
-        "family": score.family,
-        "category": score.category,
-        "num_images": score.num_images,
-        "num_gt": score.num_gt,
-        "num_pred": score.num_pred,
-        "miou": score.miou,
-        "true_positives": score.true_positives,
-        "ss": score.ss,
-        "siou": score.siou,
-        "i_ss": score.i_ss,
-        "i_siou": score.i_siou,
-        "meteor": score.meteor,
-        "intersection": score.intersection,
-        "union": score.union,
-        "no_mask_correct": score.no_mask_correct,
-        "missing": score.missing,
-    }
+PER_SAMPLE_KEY = "per_sample"  # the key of evaluate()'s per-sample rows (`SampleScore` as a dict): scores.jsonl
 
 
 def aggregate(scores: Iterable[SampleScore]) -> dict[str, Any]:

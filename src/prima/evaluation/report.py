@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from prima.errors import PrimaError
-from prima.evaluation.metrics import METRIC_KEYS, PER_SAMPLE_KEY
+from prima.evaluation.metrics import METRIC_KEYS, PER_SAMPLE_KEY, SampleScore, giou_of
 
 METRIC_LABELS = {
     "miou": "mIoU",
@@ -38,6 +39,7 @@ DEVIATIONS = """\
 
 
 SCORES_FILE = "scores.jsonl"
+SCORE_FIELDS = tuple(f.name for f in fields(SampleScore))  # a scores.jsonl row's keys
 CHANGE_FLOOR = 1e-4  # `changed_samples`: smaller differences (under 0.01 percentage points) are float noise
 
 
@@ -198,8 +200,7 @@ def compare_runs(
     """
     if not runs:
         raise PrimaError("name at least one run folder to compare")
-    if metric not in METRIC_LABELS:
-        raise PrimaError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_LABELS)}")
+    _check_metric(metric)
     results = [(_run_name(run), load_run_metrics(run)) for run in runs]
     if by is None:
         header = "| run | N | " + " | ".join(METRIC_LABELS[k] for k in METRIC_KEYS) + " |"
@@ -228,6 +229,16 @@ def compare_runs(
             rows.append(f"| {label} | {'/'.join(map(str, counts))} | " + " | ".join(values) + " |")
         note = f"{METRIC_LABELS[metric]} in percent by {titles[key]} (`prima compare --by {by}`); – means "
         note += "undefined for that run or group."
+    return _table(rows, note, out)
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRIC_LABELS:
+        raise PrimaError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_LABELS)}")
+
+
+def _table(rows: list[str], note: str, out: str | os.PathLike | None) -> str:
+    """Markdown table ``rows`` and a ``note`` under them, written to ``out`` if given."""
     table = "\n".join(rows) + f"\n\n{note}\n"
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +263,9 @@ def load_run_scores(run: str | os.PathLike) -> dict[str, dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise PrimaError(f"{path}, line {n}: invalid JSON: {e.msg}") from None
+        missing = [f for f in SCORE_FIELDS if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise PrimaError(f"{path}, line {n}: not a scores.jsonl row (no field {missing[0]!r})")
         rows[str(row["id"])] = row
     return rows
 
@@ -261,7 +275,7 @@ def sample_value(row: dict[str, Any], metric: str) -> float | None:
     if metric == "recall":
         return row["true_positives"] / row["num_gt"] if row["num_gt"] else None
     if metric == "giou":
-        return row["intersection"] / row["union"] if row["union"] else 1.0
+        return giou_of(row["intersection"], row["union"])
     if metric == "no_mask_acc":
         return None if row["no_mask_correct"] is None else float(row["no_mask_correct"])
     if metric == "ciou":
@@ -276,8 +290,7 @@ def changed_samples(
     same ground truth (from their scores.jsonl), the largest losses first; written to ``out`` if given."""
     if len(runs) != 2:
         raise PrimaError(f"--changed compares exactly two runs, got {len(runs)}")
-    if metric not in METRIC_LABELS:
-        raise PrimaError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_LABELS)}")
+    _check_metric(metric)
     (name_a, a), (name_b, b) = [(_run_name(run), load_run_scores(run)) for run in runs]
     if a.keys() != b.keys():
         only = sorted(a.keys() ^ b.keys())
@@ -301,11 +314,7 @@ def changed_samples(
         f"{label} per sample in percent (`prima compare --changed`): {len(rows)} of {len(a)} samples differ, "
         f"{up} up and {len(rows) - up} down; – means undefined for that sample."
     )
-    table = "\n".join(lines) + f"\n\n{note}\n"
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(table, encoding="utf-8")
-    return table
+    return _table(lines, note, out)
 
 
 def _run_name(run: str | os.PathLike) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,7 @@ class M4SegEvaluator:
 
     def evaluate(self) -> dict[str, Any]:
         """metrics.json's content: overall metrics, `by_category`, `by_num_images`, `by_family`, provenance; and under
-        `metrics.PER_SAMPLE_KEY` each sample's own numbers (`metrics.sample_row`), which `write_outputs` writes to
+        `metrics.PER_SAMPLE_KEY` each sample's `SampleScore` as a dict, which `write_outputs` writes to
         scores.jsonl instead."""
         scores = self.sample_scores()
         result = metrics.aggregate(scores)
@@ -225,7 +225,7 @@ class M4SegEvaluator:
         result["missing_prediction_ids"] = [s.id for s in scores if s.missing]
         result["phrase_model"] = self.phrase_model_name
         result["meteor_resources"] = self.meteor_resources.description
-        result[metrics.PER_SAMPLE_KEY] = [metrics.sample_row(s) for s in scores]
+        result[metrics.PER_SAMPLE_KEY] = [asdict(s) for s in scores]
         return result
 
 
