@@ -92,6 +92,26 @@ def test_feature_cache_reuses_and_never_serves_stale_features(tmp_path):
     assert len(calls) == 4
 
 
+def test_feature_cache_recomputes_an_entry_cut_short(tmp_path):
+    img = _image(tmp_path / "a.png", (255, 0, 0))
+    calls = []
+
+    def compute(paths):
+        calls.append(list(paths))
+        return [[torch.full((2, 3), 7.0)] for _ in paths]
+
+    cache = FeatureCache(tmp_path / "cache", "enc@128", "weights")
+    assert not cache.has(img)
+    cache.features([img], compute)
+    entry = cache._file(img)
+    assert cache.has(img) and entry.is_file()
+    entry.write_bytes(entry.read_bytes()[:20])  # a crash mid-write of an older version (writes are atomic now)
+    assert cache.has(img)  # fill_cache does not read entries: the one that is needed first is checked then
+    again = cache.features([img], compute)
+    assert len(calls) == 2 and torch.equal(again[0][0], torch.full((2, 3), 7.0))
+    assert cache.get(img) is not None  # written again whole
+
+
 def test_plot_writes_a_png(tmp_path):
     rows = [{"step": s, "split": "train", "loss": 1 / s, "loss_ce": 0.5 / s, "lr": 1e-3, "samples_per_s": 9.0}
             for s in range(1, 6)]  # fmt: skip

@@ -126,6 +126,11 @@ class FeatureCache:
         key = hashlib.sha256(f"{self.prefix}:{digest}".encode()).hexdigest()
         return self.folder / self.prefix / key[:2] / f"{key}.safetensors"
 
+    def has(self, image_path: str) -> bool:
+        """Whether the image has a cache entry (not read: a file cut short by a crash is recomputed when `features`
+        first needs it)."""
+        return self._file(image_path).is_file()
+
     def get(self, image_path: str) -> list[torch.Tensor] | None:
         from safetensors.torch import load_file
 

@@ -129,7 +129,7 @@ def fill_cache(collator: TrainCollator, samples: Sequence[Sample], accelerator: 
 
     assert collator.cache is not None
     paths = sorted({p for s in samples for p in s.images})[accelerator.process_index :: accelerator.num_processes]
-    todo = [p for p in paths if collator.cache.get(p) is None]
+    todo = [p for p in paths if not collator.cache.has(p)]
     bar = tqdm(total=len(todo), desc="cache features", unit="img", disable=not accelerator.is_main_process)
     for i in range(0, len(todo), batch):
         chunk = todo[i : i + batch]
