@@ -1240,6 +1240,17 @@ def test_training_the_prior_alone_runs_only_the_prior_with_the_same_losses_and_g
 
     fast, fast_grads = run()
     assert fast.loss_ce is None and fast.loss_bce is None and fast.logits is None  # nothing else ran
+    levels = model.feature_levels()  # what a training batch from the feature cache need hold
+    assert levels == [model.vision.token_index]
+    with torch.no_grad():
+        features = model.encode_images(batch["pixel_values"])
+    one_level = {k: v for k, v in batch.items() if k != "pixel_values"}
+    one_level["image_features"] = [f if i in levels else f[:0].flatten() for i, f in enumerate(features)]
+    model.zero_grad()
+    read = model(one_level)
+    read.loss.backward()
+    assert torch.equal(read.loss, fast.loss)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.image_prior.parameters(), fast_grads))
     monkeypatch.setattr(model, "_trains_only_the_prior", lambda: False)
     full, full_grads = run()
     assert full.loss_bce is not None
@@ -1249,6 +1260,7 @@ def test_training_the_prior_alone_runs_only_the_prior_with_the_same_losses_and_g
     monkeypatch.undo()
     with torch.no_grad():
         assert model.eval()(batch).loss_bce is not None  # validation reports every loss
+        assert model.feature_levels() is None  # ... from every level
     model.image_prior.requires_grad_(False)
     model.grounding.requires_grad_(True)
     assert model.train()(batch).loss_bce is not None  # another group trains: the whole forward

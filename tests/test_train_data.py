@@ -112,6 +112,17 @@ def test_feature_cache_recomputes_an_entry_cut_short(tmp_path):
     assert cache.get(img) is not None  # written again whole
 
 
+def test_feature_cache_reads_only_the_levels_asked_for(tmp_path):
+    img, new = _image(tmp_path / "a.png", (255, 0, 0)), _image(tmp_path / "b.png", (0, 0, 255))
+    cache = FeatureCache(tmp_path / "cache", "enc@128", "weights")
+    levels = [torch.arange(6.0).view(2, 3), torch.ones(4), torch.full((2, 2), 3.0)]
+    cache.features([img], lambda paths: [levels for _ in paths])
+    for found in cache.features([img, new], lambda paths: [levels for _ in paths], levels=[1]):  # cached, computed
+        assert torch.equal(found[1], torch.ones(4)) and found[1].dtype == torch.float32
+        assert found[0].numel() == 0 and found[2].numel() == 0
+    assert all(torch.equal(a, b) for a, b in zip(cache.features([new], None)[0], levels))  # stored whole
+
+
 def test_plot_writes_a_png(tmp_path):
     rows = [{"step": s, "split": "train", "loss": 1 / s, "loss_ce": 0.5 / s, "lr": 1e-3, "samples_per_s": 9.0}
             for s in range(1, 6)]  # fmt: skip

@@ -835,6 +835,12 @@ class PrimaModel(nn.Module):
             image_prior_logits=prior_logits,
         )
 
+    def feature_levels(self) -> list[int] | None:
+        """The levels of the encoder's features that `forward` reads now (None: all): only the token level while the
+        image prior trains alone (`_trains_only_the_prior`), so a training batch from cached features need hold no
+        more (`prima.train.run.TrainCollator`)."""
+        return [self.vision.token_index] if self._trains_only_the_prior() else None
+
     def _trains_only_the_prior(self) -> bool:
         """Training with every weight but the image prior's frozen (configs/tiny-prior.yaml): the prior reads only
         the encoder's features, the question and the answer's [SEG] tags and masks, so nothing else need run."""

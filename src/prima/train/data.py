@@ -131,17 +131,22 @@ class FeatureCache:
         first needs it)."""
         return self._file(image_path).is_file()
 
-    def get(self, image_path: str) -> list[torch.Tensor] | None:
-        from safetensors.torch import load_file
+    def get(self, image_path: str, levels: Sequence[int] | None = None) -> list[torch.Tensor] | None:
+        """The image's cached features, or None; with ``levels``, only those are read from the file and the others
+        are empty tensors."""
+        from safetensors import safe_open
 
         path = self._file(image_path)
         if not path.is_file():
             return None
         try:
-            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                count = len(f.keys())
+                wanted = range(count) if levels is None else levels
+                read = {i: f.get_tensor(str(i)) for i in wanted}
         except Exception:  # a file cut short by a crash: recompute it
             return None
-        return [tensors[str(i)] for i in range(len(tensors))]
+        return [read.get(i, torch.empty(0, dtype=torch.float16)) for i in range(count)]
 
     def put(self, image_path: str, features: Sequence[torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -153,10 +158,14 @@ class FeatureCache:
         os.replace(tmp, path)  # atomic: concurrent processes writing the same entry are harmless
 
     def features(
-        self, image_paths: Sequence[str], compute: Callable[[list[str]], list[list[torch.Tensor]]]
+        self,
+        image_paths: Sequence[str],
+        compute: Callable[[list[str]], list[list[torch.Tensor]]],
+        levels: Sequence[int] | None = None,
     ) -> list[list[torch.Tensor]]:
-        """Every image's features (fp32), computing the missing ones in one call to ``compute``."""
-        found = [self.get(p) for p in image_paths]
+        """Every image's features (fp32), computing the missing ones in one call to ``compute``; with ``levels``,
+        the other levels are empty tensors (`PrimaModel.feature_levels`: what the model's forward reads)."""
+        found = [self.get(p, levels) for p in image_paths]
         missing = [p for p, f in zip(image_paths, found) if f is None]
         self.hits += len(image_paths) - len(missing)
         self.misses += len(missing)
@@ -167,4 +176,6 @@ class FeatureCache:
             found = [
                 f if f is not None else [t.to(torch.float16) for t in computed[p]] for p, f in zip(image_paths, found)
             ]
+            if levels is not None:
+                found = [[t if i in levels else t[:0].flatten() for i, t in enumerate(f)] for f in found]  # type: ignore[arg-type]
         return [[t.float() for t in f] for f in found]  # type: ignore[union-attr]

@@ -78,7 +78,8 @@ class TrainCollator:
         batch = collate_samples(samples, None, self.processor, self.cfg, include_pixels=self.cache is None)
         if self.cache is not None:
             paths = [p for s in samples for p in s.images]
-            batch["image_features"] = stack_image_features(self.cache.features(paths, self.encode))
+            levels = self.model.feature_levels()  # training the image prior alone: one level of several
+            batch["image_features"] = stack_image_features(self.cache.features(paths, self.encode, levels))
         return batch
 
     def _queries(self, sample: Sample) -> torch.Tensor:
