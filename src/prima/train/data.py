@@ -106,6 +106,9 @@ def module_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+_UNREAD = torch.empty(0, dtype=torch.float16)  # a level `FeatureCache.features` was not asked for
+
+
 class FeatureCache:
     """Per-image frozen-encoder features on disk (fp16 safetensors, one file per image and encoder).
 
@@ -146,7 +149,7 @@ class FeatureCache:
                 read = {i: f.get_tensor(str(i)) for i in wanted}
         except Exception:  # a file cut short by a crash: recompute it
             return None
-        return [read.get(i, torch.empty(0, dtype=torch.float16)) for i in range(count)]
+        return [read.get(i, _UNREAD) for i in range(count)]
 
     def put(self, image_path: str, features: Sequence[torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -177,5 +180,5 @@ class FeatureCache:
                 f if f is not None else [t.to(torch.float16) for t in computed[p]] for p, f in zip(image_paths, found)
             ]
             if levels is not None:
-                found = [[t if i in levels else t[:0].flatten() for i, t in enumerate(f)] for f in found]  # type: ignore[arg-type]
+                found = [[t if i in levels else _UNREAD for i, t in enumerate(f)] for f in found]  # type: ignore[arg-type]
         return [[t.float() for t in f] for f in found]  # type: ignore[union-attr]
