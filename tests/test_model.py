@@ -1440,6 +1440,96 @@ def test_generation_reads_the_answer_cells_under_the_first_mask(monkeypatch):
     assert rewritten == [[0]]
 
 
+def test_nothing_there_reads_each_image_against_the_one_the_question_compares_and_trains_apart():
+    """model.image_prior_nowhere: `NothingThere`'s log-probabilities over each image's cells and "nowhere", trained
+    as the answer cells are; the image choice and the cells train as without it, each clipped apart; an image is read
+    against each other image and the readings mixed by which one the question compares against."""
+    from prima.model.prior import NothingThere
+
+    with pytest.raises(Exception, match="image_prior: true"):
+        small_model("image_prior_nowhere=true")
+    with pytest.raises(PrimaError, match=r"image_prior_nowhere_below must be in \[0, 1\]"):
+        load_model_config("tiny", ["image_prior_nowhere_below=2"])
+    model = small_model("image_prior=true", "image_prior_cells=true", "image_prior_nowhere=true")
+    plain = small_model("image_prior=true", "image_prior_cells=true")
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in plain.named_parameters())
+    batch = make_batch(model, [grounded_sample(), negative_sample(), grounded_sample("s3", n_images=2)])
+    out, without = model(batch), plain(batch)
+    assert torch.equal(out.image_prior_logits, without.image_prior_logits)
+    assert torch.equal(out.loss_cells, without.loss_cells) and without.loss_nowhere is None
+    reading = model.image_prior_reading(batch, model._inputs(batch))
+    expected = model.image_prior_cells_loss(reading.nowhere, model._inputs(batch), *_first_segs(model, batch))
+    assert torch.allclose(out.loss_nowhere, expected)
+    model.zero_grad()
+    out.loss_nowhere.backward()
+    prior = dict(model.image_prior.named_parameters())
+    assert all(prior[n].grad is not None for n in prior if n.startswith("nowhere."))
+    assert all(prior[n].grad is None for n in prior if not n.startswith("nowhere."))
+    groups = model.separately_clipped_groups()
+    assert list(model.image_prior.nowhere.parameters()) in groups
+    assert list(model.image_prior.cells.parameters()) in groups
+
+    # by hand: image 0 is read against each other image and the two readings mixed by the reference weights; where
+    # they all but pick image 2, image 0 reads as in a sample of images 0 and 2 alone
+    torch.manual_seed(0)
+    head = NothingThere(channels=6, dim=8)
+    raw, readings = torch.randn(3, 4, 6), torch.randn(3, 8)
+    readings[:, 0] = torch.tensor([0.0, 0.0, 1.0])
+    with torch.no_grad():
+        head.reference.weight.zero_()
+        head.reference.weight[0, 0] = 100.0
+        three = head(raw, readings, torch.tensor([0, 0, 0]))
+        two = head(raw[[0, 2]], readings[[0, 2]], torch.tensor([0, 0]))
+        one = head(raw[:1], readings[:1], torch.tensor([0]))  # nothing to compare with: still a distribution
+    assert torch.allclose(three[0], two[0], atol=1e-5) and not torch.allclose(three[1], two[1], atol=1e-3)
+    assert torch.allclose(three.exp().sum(-1), torch.ones(3)) and torch.allclose(one.exp().sum(-1), torch.ones(1))
+
+
+def _first_segs(model: PrimaModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The [SEG] rows, their batch images and the GT masks, as `PrimaModel._prior_losses` passes them on."""
+    x = model._inputs(batch)
+    positions, seg_images = model.seg_targets(x.input_ids, x.image_offsets, x.num_images, x.labels)
+    return positions[0], seg_images, batch["masks"].float()
+
+
+def test_nothing_there_lets_the_cells_rewrite_an_answer_the_phrase_check_would_turn_down(monkeypatch):
+    """model.image_prior_nowhere_below: an answer whose first phrase the pixels do not show is written again by the
+    cells' rewrite only where `NothingThere` finds its image empty with a probability under the threshold (0: never,
+    as without it); a shown phrase is the cells' share's to decide, as before. Generation records that probability
+    for the first [SEG]'s image."""
+    model = small_model("image_prior=true", "image_prior_cells=true", "image_prior_nowhere=true", *CHECK).eval()
+    model.config.image_prior_cells_weight = 1.0
+    model.config.image_prior_cells_below = 0.1
+
+    def answer(support: float, share: float, nowhere: float | None) -> GenerationOutput:
+        seg = GeneratedSegment("chair", 2, np.zeros((4, 4), np.float32), 1.0, support)
+        return GenerationOutput("", [seg], cells_share=share, nowhere=nowhere)
+
+    unshown, shown = 0.01, 0.9
+    assert not model._cells_reach(answer(unshown, 0.9, 0.01))  # threshold 0: off
+    model.config.image_prior_nowhere_below = 0.05
+    assert model._cells_reach(answer(unshown, 0.9, 0.01)) and model._cells_reach(answer(unshown, 0.01, 0.04))
+    assert not model._cells_reach(answer(unshown, 0.01, 0.2)) and not model._cells_reach(answer(unshown, 0.01, None))
+    assert model._cells_reach(answer(shown, 0.05, 0.9)) and not model._cells_reach(answer(shown, 0.5, 0.01))
+    assert not model._cells_reach(GenerationOutput("", []))
+
+    images = random_images(3)
+    script = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", ".", "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    proc = model.processor
+    with torch.no_grad():
+        first = model._generate([(images, "Where?")], 16, [False])[0]
+        features = model.encode_images(proc.preprocess_images(images))
+        qids = torch.tensor([proc.encode_qformer_text("Where?")])
+        index = torch.zeros(3, dtype=torch.long)
+        reading = model.image_prior.read(features[model.vision.token_index], index, qids, torch.ones_like(qids))
+    assert first.nowhere == pytest.approx(float(reading.nowhere[1, -1].exp()), abs=1e-6)
+    model.config.image_prior_nowhere_below = 0.0  # off: not even read
+    model.language.forward.step = 0
+    with torch.no_grad():
+        assert model._generate([(images, "Where?")], 16, [False])[0].nowhere is None
+
+
 class TiedNumbers(ScriptedLogits):
     """`ScriptedLogits` where a None in the script makes every image number equally likely (and nothing else)."""
 

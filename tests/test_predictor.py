@@ -391,6 +391,19 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
     assert (
         PrimaPredictor.from_pretrained(cells, image_prior_cells_weight=2.0).model.config.image_prior_cells_weight == 2
     )
+    # `NothingThere` is read only where the prior has it (model.image_prior_nowhere)
+    with pytest.raises(PrimaError, match="has no `NothingThere`"):
+        PrimaPredictor.from_pretrained(cells, image_prior_nowhere_below=0.05)
+    nowhere = tmp_path / "with-nowhere"
+    create_model(
+        load_model_config("tiny", [*SMALL, "image_prior=true", "image_prior_cells=true", "image_prior_nowhere=true"]),
+        TINY_TEXTS,
+    ).save_pretrained(nowhere)
+    assert PrimaPredictor.from_pretrained(nowhere).model.config.image_prior_nowhere_below == 0.0
+    read = PrimaPredictor.from_pretrained(nowhere, image_prior_nowhere_below=0.05).model.config
+    assert read.image_prior_nowhere_below == 0.05
+    with pytest.raises(PrimaError, match="between 0 and 1"):
+        PrimaPredictor.from_pretrained(nowhere, image_prior_nowhere_below=2.0)
 
 
 def test_repeat_images_override_sets_distinct_images(tiny_checkpoint):

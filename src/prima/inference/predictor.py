@@ -129,6 +129,7 @@ class PrimaPredictor:
         image_prior_weight: float | None = None,
         image_prior_after_phrase: float | None = None,
         image_prior_cells_weight: float | None = None,
+        image_prior_nowhere_below: float | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
         """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
@@ -140,7 +141,8 @@ class PrimaPredictor:
         image choice), ``image_prior_weight`` its ``model.image_prior_weight`` (0: the LLM alone names the answer's
         first image), ``image_prior_after_phrase`` its ``model.image_prior_after_phrase`` (0: not once a phrase is
         written), ``image_prior_cells_weight`` its ``model.image_prior_cells_weight`` (0: the answer's cells do not
-        re-rank its first phrase)."""
+        re-rank its first phrase), ``image_prior_nowhere_below`` its ``model.image_prior_nowhere_below`` (0: nothing
+        reads whether the answer grounds anything in its image)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
@@ -191,6 +193,15 @@ class PrimaPredictor:
             if not value >= 0:
                 raise PrimaError(f"{flag} must be >= 0, got {value}")
             setattr(model.config, option, float(value))
+        if image_prior_nowhere_below is not None:
+            flag = "--image-prior-nowhere"
+            if image_prior_nowhere_below and getattr(model.image_prior, "nowhere", None) is None:
+                raise PrimaError(
+                    f"{flag}: {path}'s image prior has no `NothingThere` (model.image_prior_nowhere is off)"
+                )
+            if not 0.0 <= image_prior_nowhere_below <= 1.0:
+                raise PrimaError(f"{flag} must be between 0 and 1, got {image_prior_nowhere_below}")
+            model.config.image_prior_nowhere_below = float(image_prior_nowhere_below)
         model.eval()
         return cls(model, **kwargs)
 

@@ -278,6 +278,8 @@ class LossConfig:
     # with model.image_prior_cells: cross-entropy of where in its image the answer's first object is (`AnswerCells`'
     # distribution over the image's cells) against its GT mask pooled to the cells (the prior's own group and clip)
     image_prior_cells: float = 1.0
+    # with model.image_prior_nowhere: the same cross-entropy for `NothingThere`'s distribution (its own clip)
+    image_prior_nowhere: float = 1.0
 
     def validate(self) -> None:
         if self.visual_words_from_step < 0:
@@ -389,6 +391,13 @@ class ModelConfig:
     image_prior_cells: bool = False
     image_prior_cells_weight: float = 0.0
     image_prior_cells_below: float = 0.5
+    # + whether the answer grounds anything in an image at all, from what the image has that the image the question
+    # compares against lacks (`prior.NothingThere`; loss.image_prior_nowhere); at generation (below > 0) an answer
+    # whose first phrase the phrase check would turn down is first written again by the cells' rewrite where its
+    # image is empty with a probability under image_prior_nowhere_below (docs/MODEL.md, "Nothing there"; off in
+    # the bundled recipe)
+    image_prior_nowhere: bool = False
+    image_prior_nowhere_below: float = 0.0
     # training only (train mode): in the first this-many optimizer steps the LLM is shown zeros in place of its visual
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
     # question (docs/MODEL.md, "The visual-words loss switched on late")
@@ -436,6 +445,12 @@ class ModelConfig:
             raise ConfigError("model.image_prior_contrast reads the word places: set model.image_prior_places: true")
         if self.image_prior_cells and not self.image_prior:
             raise ConfigError("model.image_prior_cells is part of the image prior: set model.image_prior: true")
+        if self.image_prior_nowhere and not self.image_prior:
+            raise ConfigError("model.image_prior_nowhere is part of the image prior: set model.image_prior: true")
+        if not 0.0 <= self.image_prior_nowhere_below <= 1.0:
+            raise ConfigError(
+                f"model.image_prior_nowhere_below must be in [0, 1], got {self.image_prior_nowhere_below}"
+            )
         if self.image_prior_cells_weight < 0:
             raise ConfigError(f"model.image_prior_cells_weight must be >= 0, got {self.image_prior_cells_weight}")
         if not 0.0 <= self.image_prior_cells_below <= 1.0:

@@ -71,6 +71,7 @@ class PrimaOutput:
     loss_prior: torch.Tensor | None = None  # the image prior's loss (only with ``model.image_prior``)
     loss_places: torch.Tensor | None = None  # its places' loss (only with ``model.image_prior_places``)
     loss_cells: torch.Tensor | None = None  # its answer cells' loss (only with ``model.image_prior_cells``)
+    loss_nowhere: torch.Tensor | None = None  # its `NothingThere`'s loss (only with ``model.image_prior_nowhere``)
     # model.image_prior: (B, K) its logits over each sample's images (-inf past its count)
     image_prior_logits: torch.Tensor | None = None
 
@@ -127,6 +128,9 @@ class GenerationOutput:
     # ... and, where that share is under image_prior_cells_below, the words the phrase check reads where those cells
     # are (their distribution as the mask), likeliest first
     cells_words: list[int] = field(default_factory=list)
+    # model.image_prior_nowhere: `NothingThere`'s probability that the answer grounds nothing in its first [SEG]'s
+    # image (None without it or a [SEG])
+    nowhere: float | None = None
 
 
 class VisualCopy(nn.Module):
@@ -277,6 +281,7 @@ class PrimaModel(nn.Module):
                     relations=cfg.image_prior_places,
                     contrast=cfg.image_prior_contrast,
                     cells=cfg.image_prior_cells,
+                    nowhere=cfg.image_prior_nowhere,
                 )
             if cfg.image_prior_places and cfg.tokens.qformer_vocab_size not in (None, cfg.tokens.vocab_size):
                 # its places learn where the answer's phrases have the question's words: one vocabulary for both
@@ -352,15 +357,15 @@ class PrimaModel(nn.Module):
         trainer clips each group's gradient norm on its own, so switching them on leaves every other update as it
         was."""
         heads = [getattr(self.grounding, name, None) for name in ("reader", "checker")] + [self.image_prior]
-        cells = getattr(self.image_prior, "cells", None)
-        apart = {id(p) for p in cells.parameters()} if cells is not None else set()
+        own = [getattr(self.image_prior, name, None) for name in ("cells", "nowhere")]  # each clipped apart
+        own = [head for head in own if head is not None]
+        apart = {id(p) for head in own for p in head.parameters()}
         groups = [
             [p for p in head.parameters() if p.requires_grad and id(p) not in apart]
             for head in heads
             if head is not None
         ]
-        if cells is not None:
-            groups.append([p for p in cells.parameters() if p.requires_grad])
+        groups += [[p for p in head.parameters() if p.requires_grad] for head in own]
         return [g for g in groups if g]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -787,11 +792,9 @@ class PrimaModel(nn.Module):
             else:  # no [SEG]: keep the choice path in the graph, as the mask branch above
                 loss_image = _unused_loss(self.grounding.choice_parameters(), self.device)
             loss = loss + w.image_choice * loss_image
-        prior_logits = loss_prior = loss_places = loss_cells = None
+        prior_logits, prior_losses = None, {}
         if self.image_prior is not None:
-            prior_logits, loss_prior, loss_places, loss_cells, weighted = self._prior_losses(
-                batch, x, positions, seg_images, targets
-            )
+            prior_logits, prior_losses, weighted = self._prior_losses(batch, x, positions, seg_images, targets)
             if weighted is not None:
                 loss = loss + weighted
         loss_words = loss_position = None
@@ -829,10 +832,8 @@ class PrimaModel(nn.Module):
             loss_check=loss_check,
             loss_position=loss_position,
             loss_diversity=loss_diversity,
-            loss_prior=loss_prior,
-            loss_places=loss_places,
-            loss_cells=loss_cells,
             image_prior_logits=prior_logits,
+            **prior_losses,
         )
 
     def feature_levels(self) -> list[int] | None:
@@ -855,7 +856,7 @@ class PrimaModel(nn.Module):
         forward gives it, without running the LLM or the decoder, whose frozen losses are then not reported."""
         targets = batch.get("masks")
         targets = targets.to(self.device, torch.float32) if targets is not None else None
-        logits, loss_prior, loss_places, loss_cells, loss = self._prior_losses(batch, x, positions, seg_images, targets)
+        logits, losses, loss = self._prior_losses(batch, x, positions, seg_images, targets)
         return PrimaOutput(
             loss=loss,
             loss_ce=None,
@@ -864,10 +865,8 @@ class PrimaModel(nn.Module):
             loss_score=None,
             logits=None,
             seg_image_index=seg_images,
-            loss_prior=loss_prior,
-            loss_places=loss_places,
-            loss_cells=loss_cells,
             image_prior_logits=logits,
+            **losses,
         )
 
     def _prior_losses(
@@ -877,22 +876,34 @@ class PrimaModel(nn.Module):
         positions: torch.Tensor,
         seg_images: torch.Tensor,
         targets: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """The prior's logits, its loss, its places' loss (None without image_prior_places), its cells' loss (None
-        without image_prior_cells) and their weighted sum; the losses are None without labels."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """The prior's logits, its losses by `PrimaOutput` field (``loss_prior``, and ``loss_places`` /
+        ``loss_cells`` / ``loss_nowhere`` where the prior has those parts; none without labels) and their weighted
+        sum (None without labels)."""
         w = self.config.loss
         reading = self.image_prior_reading(batch, x)
         if x.labels is None:
-            return reading.logits, None, None, None, None
-        loss_prior = self.image_prior_loss(reading.logits, positions[0], seg_images - x.image_offsets[positions[0]])
-        loss, loss_places, loss_cells = w.image_prior * loss_prior, None, None
+            return reading.logits, {}, None
+        losses = {
+            "loss_prior": self.image_prior_loss(
+                reading.logits, positions[0], seg_images - x.image_offsets[positions[0]]
+            )
+        }
+        loss = w.image_prior * losses["loss_prior"]
         if reading.places is not None:
-            loss_places = self.image_prior_places_loss(reading.places, batch, x, positions, seg_images, targets)
-            loss = loss + w.image_prior_places * loss_places
-        if reading.cells is not None:
-            loss_cells = self.image_prior_cells_loss(reading.cells, x, positions[0], seg_images, targets)
-            loss = loss + w.image_prior_cells * loss_cells
-        return reading.logits, loss_prior, loss_places, loss_cells, loss
+            losses["loss_places"] = self.image_prior_places_loss(
+                reading.places, batch, x, positions, seg_images, targets
+            )
+            loss = loss + w.image_prior_places * losses["loss_places"]
+        # the cells and `NothingThere` learn the same outcomes, each with its own weight
+        for name, found, weight in (
+            ("loss_cells", reading.cells, w.image_prior_cells),
+            ("loss_nowhere", reading.nowhere, w.image_prior_nowhere),
+        ):
+            if found is not None:
+                losses[name] = self.image_prior_cells_loss(found, x, positions[0], seg_images, targets)
+                loss = loss + weight * losses[name]
+        return reading.logits, losses, loss
 
     def image_prior_reading(self, batch: dict[str, Any], x: _Inputs) -> PriorReading:
         """The `ImagePrior`'s reading of a batch's samples from its encoder features and its questions' Q-Former ids:
@@ -1156,21 +1167,13 @@ class PrimaModel(nn.Module):
         c = self.config
         if not c.image_prior_cells_weight:
             return results
-        g = c.grounding
-        checked = g.phrase_check and g.phrase_check_threshold > 0
-
-        def shown(segment: GeneratedSegment) -> bool:
-            return not checked or (segment.support is not None and segment.support >= g.phrase_check_threshold)
+        shown = self._shown
 
         def score(r: GenerationOutput) -> float:
             return r.logprob + c.image_prior_cells_weight * math.log(max(r.cells_share or 0.0, SUPPORT_FLOOR))
 
         asked = [self._word_forms(self.processor.encode_words(question)) for _, question in requests]
-        branches = {
-            b: self._phrase_branches(r, asked[b])
-            for b, r in enumerate(results)
-            if r.cells_share is not None and r.cells_share < c.image_prior_cells_below and shown(r.segments[0])
-        }
+        branches = {b: self._phrase_branches(r, asked[b]) for b, r in enumerate(results) if self._cells_reach(r)}
         rows = [b for b, own in branches.items() if own]
         if not rows:
             return results
@@ -1191,6 +1194,26 @@ class PrimaModel(nn.Module):
                 results[b] = best
         return results
 
+    def _shown(self, segment: GeneratedSegment) -> bool:
+        """Whether the phrase check finds ``segment``'s phrase in its pixels (always, without the check)."""
+        g = self.config.grounding
+        if not g.phrase_check or g.phrase_check_threshold <= 0:
+            return True
+        return segment.support is not None and segment.support >= g.phrase_check_threshold
+
+    def _cells_reach(self, result: GenerationOutput) -> bool:
+        """Whether the cells' rewrite (`_rewrite_where_cells_disagree`) writes ``result``'s first phrase again: where
+        less than ``image_prior_cells_below`` of the cells lies under its shown first phrase's mask, or, with
+        ``model.image_prior_nowhere``, where the phrase check would turn the phrase down but `NothingThere` finds
+        something in its image (the LLM named an object that image lacks, not one it has: "What is in image 1 but
+        not in image 2?" with the object image 2 lacks misnamed)."""
+        c = self.config
+        if result.cells_share is None:
+            return False
+        if self._shown(result.segments[0]):
+            return result.cells_share < c.image_prior_cells_below
+        return result.nowhere is not None and result.nowhere < c.image_prior_nowhere_below
+
     def _word_forms(self, ids: list[int]) -> set[str]:
         """The words of token ``ids`` as the cells' rewrite compares them: lower case, without a possessive "'s" or a
         plural "s" ("Chairs", "chair's" and "chair" are one word)."""
@@ -1209,10 +1232,7 @@ class PrimaModel(nn.Module):
         grid = int(probs.shape[-1] ** 0.5)
         cover = F.adaptive_avg_pool2d(torch.from_numpy(first.mask)[None, None], grid).flatten().to(probs.device)
         result.cells_share = float((probs * cover).sum())
-        if (
-            result.cells_share >= self.config.image_prior_cells_below
-            or getattr(self.grounding, "checker", None) is None
-        ):
+        if not self._cells_reach(result) or getattr(self.grounding, "checker", None) is None:
             return  # only an answer the rewrite reaches needs the words (`_rewrite_where_cells_disagree`)
         region = (probs / probs.max()).view(1, grid, grid)
         image = torch.tensor([first.image - 1], device=region.device)
@@ -1307,12 +1327,15 @@ class PrimaModel(nn.Module):
         visual = self.visual_tokens(features, sample_index, qids, qmask)
         prior = None  # model.image_prior: (B, K) log-probabilities of the image each row's answer starts in
         cells = None  # model.image_prior_cells: (N, g * g + 1) log-probabilities of where in each image it starts
+        nowhere = None  # model.image_prior_nowhere: (N,) the probability that it grounds nothing in each image
         c = self.config
         weighs_image = c.image_prior_weight or c.image_prior_after_phrase
-        if self.image_prior is not None and (weighs_image or c.image_prior_cells_weight):
+        reads_nowhere = c.image_prior_nowhere and c.image_prior_nowhere_below > 0
+        if self.image_prior is not None and (weighs_image or c.image_prior_cells_weight or reads_nowhere):
             reading = self.image_prior.read(features[self.vision.token_index], sample_index, qids, qmask)
             prior = reading.logits.log_softmax(-1) if weighs_image else None
             cells = reading.cells if c.image_prior_cells_weight else None
+            nowhere = reading.nowhere[:, -1].exp() if reads_nowhere and reading.nowhere is not None else None
         ids, attention = _pad(
             [proc.encode_prompt(q, n) for (_, q), n in zip(requests, counts)], t.pad_token_id, dev, left=True
         )
@@ -1438,6 +1461,8 @@ class PrimaModel(nn.Module):
             segments, grounded = self._segments(answer_ids, queries, own, own_features, pil[b], n)
             mean_logp = logp[b] / max(1, len(generated[b]))
             result = GenerationOutput(proc.decode(answer_ids), segments, answer_ids, grounded, mean_logp, logp[b])
+            if nowhere is not None and segments:
+                result.nowhere = float(nowhere[offset + segments[0].image - 1])
             if cells is not None and segments:
                 self._read_cells(result, cells[offset + segments[0].image - 1], own_features)
             results.append(result)

@@ -34,6 +34,7 @@ class PriorReading:
     logits: torch.Tensor  # (B, K) over each sample's images, -inf past its count
     places: torch.Tensor | None  # (N, L', g * g) each of the first L' question words' attention over each image's cells
     cells: torch.Tensor | None  # (N, g * g + 1) `AnswerCells`' log-probabilities over each image's cells and "nowhere"
+    nowhere: torch.Tensor | None = None  # (N, g * g + 1) `NothingThere`'s, the same outcomes
 
 
 class ImagePrior(nn.Module):
@@ -52,6 +53,7 @@ class ImagePrior(nn.Module):
         relations: bool = False,
         contrast: bool = False,
         cells: bool = False,
+        nowhere: bool = False,
     ):
         super().__init__()
         self.max_words = max_words
@@ -75,6 +77,7 @@ class ImagePrior(nn.Module):
             raise ValueError("the image prior's contrast reads the word places: it needs relations=True")
         self.contrast = WordContrast(channels, dim) if contrast else None
         self.cells = AnswerCells(dim) if cells else None
+        self.nowhere = NothingThere(channels, dim) if nowhere else None
 
     def forward(
         self,
@@ -128,11 +131,14 @@ class ImagePrior(nn.Module):
                 related = related + self.contrast(places.detach(), cells, image_sample_index, words, present)
             logits = logits + logits.new_zeros(b, k).index_put((image_sample_index, slot), related.float())
         logits = logits.masked_fill(absent, float("-inf"))
-        cells = None
+        cells = nowhere = None
+        raw = features.flatten(2).transpose(1, 2)
+        readings = compared[image_sample_index, slot].detach()
         if self.cells is not None:
-            raw = features.flatten(2).transpose(1, 2)
-            cells = self.cells(raw, tokens.detach(), compared[image_sample_index, slot].detach(), image_sample_index)
-        return PriorReading(logits, places, cells)
+            cells = self.cells(raw, tokens.detach(), readings, image_sample_index)
+        if self.nowhere is not None:
+            nowhere = self.nowhere(raw, readings, image_sample_index)
+        return PriorReading(logits, places, cells, nowhere)
 
 
 class WordPlaces(nn.Module):
@@ -271,3 +277,57 @@ class AnswerCells(nn.Module):
         h = torch.cat([tokens, readings[:, None].expand(-1, g, -1), stats], dim=-1)
         nowhere = self.nowhere(torch.cat([readings, stats.amin(1), stats.mean(1)], dim=-1))
         return torch.cat([self.score(h).squeeze(-1), nowhere], dim=-1).float().log_softmax(-1)
+
+
+class NothingThere(nn.Module):
+    """Whether the answer grounds anything in an image at all, from what the image has that another image lacks.
+
+    `AnswerCells`' "nowhere" learnt "not this image": it cannot tell "What is in image 3 but not in image 1?" answered
+    by an object from the same question answered "Nothing", both start in image 3. Here image a is read against each
+    other image b of its sample on its own: each cell of a is scored from its encoder features, those of its best
+    match in b and that similarity (an MLP whose hidden layer the reading of the question of image a scales), and
+    "nowhere" from the reading alone; the softmax over a's cells and "nowhere" against b is then mixed over b with
+    weights from b's reading (which image the question compares against). Against the right b an object a alone has
+    takes the mass, and where every cell is matched it stays on "nowhere". Trained as the cells are (the first
+    [SEG]'s mask on its image, "nowhere" on every image of an answer without one; `model.loss.image_prior_nowhere`),
+    reading the prior's readings detached, clipped on its own; at generation `model.image_prior_nowhere_below` reads
+    it (docs/MODEL.md, "Nothing there").
+    """
+
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.reference = nn.Linear(dim, 1)
+        width = 2 * channels + 1
+        self.cell = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim), nn.GELU())
+        self.scale = nn.Linear(dim, dim)  # the question's say in how a cell is read
+        self.score = nn.Linear(dim, 1)
+        self.nowhere = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+
+    def forward(self, cells: torch.Tensor, readings: torch.Tensor, image_sample_index: torch.Tensor) -> torch.Tensor:
+        """``cells`` (N, G, C) the encoder's features, ``readings`` (N, D) each image's reading of the question:
+        (N, G + 1) log-probabilities, the last column "nothing in this image"."""
+        normed = F.normalize(cells.float(), dim=-1).to(readings.dtype)
+        n, g, _ = normed.shape
+        nowhere = self.nowhere(readings)  # (N, 1)
+        scale = 1 + self.scale(readings)  # (N, D)
+        reference = self.reference(readings).squeeze(-1).float()
+        out = normed.new_zeros(n, g + 1, dtype=torch.float32)
+        for sample in torch.unique(image_sample_index).tolist():
+            rows = (image_sample_index == sample).nonzero(as_tuple=True)[0]
+            k = rows.numel()
+            own = normed[rows]  # (k, G, C)
+            if k < 2:  # nothing to compare with: a cell is read as if matched nowhere
+                x = torch.cat([own, torch.zeros_like(own), own.new_zeros(k, g, 1)], dim=-1)[:, None]
+                weights = own.new_ones(k, 1)
+            else:
+                best, where = torch.einsum("agc,bhc->abgh", own, own).max(-1)  # (k, k, G): a's cell g matched in b
+                found = own[torch.arange(k, device=own.device)[None, :, None], where]  # (k, k, G, C)
+                other = ~torch.eye(k, dtype=torch.bool, device=own.device)
+                x = torch.cat([own[:, None].expand(-1, k, -1, -1), found, best[..., None]], dim=-1)[other]
+                x = x.view(k, k - 1, g, -1)
+                weights = reference[rows][None, :].expand(k, k)[other].view(k, k - 1).softmax(-1)
+            h = self.cell(x) * scale[rows][:, None, None]  # (k, k', G, D)
+            against = torch.cat([self.score(h).squeeze(-1), nowhere[rows][:, None].expand(-1, x.shape[1], -1)], -1)
+            mixed = against.float().log_softmax(-1) + weights.float().clamp_min(1e-30).log()[..., None]
+            out[rows] = mixed.logsumexp(1)
+        return out
