@@ -285,7 +285,8 @@ class NothingThere(nn.Module):
     `AnswerCells`' "nowhere" learnt "not this image": it cannot tell "What is in image 3 but not in image 1?" answered
     by an object from the same question answered "Nothing", both start in image 3. Here image a is read against each
     other image b of its sample on its own: each cell of a is scored from its encoder features, those of its best
-    match in b and that similarity (an MLP whose hidden layer the reading of the question of image a scales), and
+    match in b and that similarity (the cosine of learnt projections of the two: raw features match an object placed
+    elsewhere poorly; by an MLP whose hidden layer the reading of the question of image a scales), and
     "nowhere" from the reading alone; the softmax over a's cells and "nowhere" against b is then mixed over b with
     weights from b's reading (which image the question compares against). Against the right b an object a alone has
     takes the mass, and where every cell is matched it stays on "nowhere". Trained as the cells are (the first
@@ -297,6 +298,7 @@ class NothingThere(nn.Module):
     def __init__(self, channels: int, dim: int):
         super().__init__()
         self.reference = nn.Linear(dim, 1)
+        self.match = nn.Linear(channels, dim)  # cells are matched by the cosine of these projections (learnt)
         width = 2 * channels + 1
         self.cell = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim), nn.GELU())
         self.scale = nn.Linear(dim, dim)  # the question's say in how a cell is read
@@ -307,6 +309,7 @@ class NothingThere(nn.Module):
         """``cells`` (N, G, C) the encoder's features, ``readings`` (N, D) each image's reading of the question:
         (N, G + 1) log-probabilities, the last column "nothing in this image"."""
         normed = F.normalize(cells.float(), dim=-1).to(readings.dtype)
+        keys = F.normalize(self.match(normed), dim=-1)
         n, g, _ = normed.shape
         nowhere = self.nowhere(readings)  # (N, 1)
         scale = 1 + self.scale(readings)  # (N, D)
@@ -315,12 +318,12 @@ class NothingThere(nn.Module):
         for sample in torch.unique(image_sample_index).tolist():
             rows = (image_sample_index == sample).nonzero(as_tuple=True)[0]
             k = rows.numel()
-            own = normed[rows]  # (k, G, C)
+            own, key = normed[rows], keys[rows]  # (k, G, C), (k, G, D)
             if k < 2:  # nothing to compare with: a cell is read as if matched nowhere
                 x = torch.cat([own, torch.zeros_like(own), own.new_zeros(k, g, 1)], dim=-1)[:, None]
                 weights = own.new_ones(k, 1)
             else:
-                best, where = torch.einsum("agc,bhc->abgh", own, own).max(-1)  # (k, k, G): a's cell g matched in b
+                best, where = torch.einsum("agc,bhc->abgh", key, key).max(-1)  # (k, k, G): a's cell g matched in b
                 found = own[torch.arange(k, device=own.device)[None, :, None], where]  # (k, k, G, C)
                 other = ~torch.eye(k, dtype=torch.bool, device=own.device)
                 x = torch.cat([own[:, None].expand(-1, k, -1, -1), found, best[..., None]], dim=-1)[other]
