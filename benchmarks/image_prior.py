@@ -47,13 +47,7 @@ def main() -> None:
     counts: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0, 0, 0.0, 0, 0.0])
     with torch.no_grad():
         for chunk, batch in teacher_forced.batches(teacher_forced.samples(args), args.batch, collate):
-            teacher_forced.image_features(model, batch)
-            reading = model.image_prior.read(
-                batch["image_features"][model.vision.token_index],
-                batch["image_sample_index"],
-                batch["qformer_input_ids"],
-                batch["qformer_attention_mask"],
-            )
+            reading = teacher_forced.prior_reading(model, batch)
             images = batch["num_images"]
             starts = (images.cumsum(0) - images).tolist()
             for s, row, start, n in zip(chunk, reading.logits, starts, images.tolist()):

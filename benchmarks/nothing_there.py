@@ -44,13 +44,7 @@ def main() -> None:
     odds: dict[bool, list[float]] = {True: [], False: []}  # log(likeliest cell / nowhere) on A, by "has a [SEG]"
     with torch.no_grad():
         for chunk, batch in teacher_forced.batches(chosen, args.batch, collate):
-            teacher_forced.image_features(model, batch)
-            reading = model.image_prior.read(
-                batch["image_features"][model.vision.token_index],
-                batch["image_sample_index"],
-                batch["qformer_input_ids"],
-                batch["qformer_attention_mask"],
-            )
+            reading = teacher_forced.prior_reading(model, batch)
             images = batch["num_images"]
             starts = (images.cumsum(0) - images).tolist()
             for s, start, n in zip(chunk, starts, images.tolist()):

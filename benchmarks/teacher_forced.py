@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from prima.data.masks import decode_rle
 from prima.data.schema import Sample
 from prima.model import PrimaModel
+from prima.model.prior import PriorReading
 from prima.train.data import load_samples
 from prima.train.run import TrainCollator, make_feature_cache
 
@@ -103,6 +104,16 @@ def image_features(model: PrimaModel, batch: dict[str, Any]) -> list[torch.Tenso
     if "image_features" not in batch:
         batch["image_features"] = model.encode_images(batch.pop("pixel_values"))
     return batch["image_features"]
+
+
+def prior_reading(model: PrimaModel, batch: dict[str, Any]) -> PriorReading:
+    """The image prior's reading of the batch from its questions and frozen-encoder features, as generation reads it."""
+    return model.image_prior.read(
+        image_features(model, batch)[model.vision.token_index],
+        batch["image_sample_index"],
+        batch["qformer_input_ids"],
+        batch["qformer_attention_mask"],
+    )
 
 
 def visual_tokens(model: PrimaModel, batch: dict[str, Any]) -> torch.Tensor:

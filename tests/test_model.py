@@ -1414,18 +1414,8 @@ def test_generation_reads_the_answer_cells_under_the_first_mask(monkeypatch):
     images = random_images(3)
     script = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", ".", "</s>"]
     monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
-    proc = model.processor
-    with torch.no_grad():
-        first = model._generate([(images, "Where?")], 16, [False])[0]
-        features = model.encode_images(proc.preprocess_images(images))
-        qids = torch.tensor([proc.encode_qformer_text("Where?")])
-        cells = (
-            model.image_prior.read(
-                features[model.vision.token_index], torch.zeros(3, dtype=torch.long), qids, torch.ones_like(qids)
-            )
-            .cells[1]
-            .exp()
-        )
+    first, reading = _generate_and_read_prior(model, images, "Where?")
+    cells = reading.cells[1].exp()
     where = cells[:-1] / cells[:-1].sum()  # where on the image, if anywhere
     grid = int(where.shape[0] ** 0.5)
     cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(first.segments[0].mask)[None, None], grid)
@@ -1516,18 +1506,23 @@ def test_nothing_there_lets_the_cells_rewrite_an_answer_the_phrase_check_would_t
     images = random_images(3)
     script = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", ".", "</s>"]
     monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
-    proc = model.processor
-    with torch.no_grad():
-        first = model._generate([(images, "Where?")], 16, [False])[0]
-        features = model.encode_images(proc.preprocess_images(images))
-        qids = torch.tensor([proc.encode_qformer_text("Where?")])
-        index = torch.zeros(3, dtype=torch.long)
-        reading = model.image_prior.read(features[model.vision.token_index], index, qids, torch.ones_like(qids))
+    first, reading = _generate_and_read_prior(model, images, "Where?")
     assert first.nowhere == pytest.approx(float(reading.nowhere[1, -1].exp()), abs=1e-6)
     model.config.image_prior_nowhere_below = 0.0  # off: not even read
     model.language.forward.step = 0
     with torch.no_grad():
         assert model._generate([(images, "Where?")], 16, [False])[0].nowhere is None
+
+
+def _generate_and_read_prior(model: PrimaModel, images: list, question: str) -> tuple[GenerationOutput, PriorReading]:
+    """The first answer `PrimaModel._generate` writes for one sample, and the image prior's reading of that sample."""
+    proc = model.processor
+    with torch.no_grad():
+        first = model._generate([(images, question)], 16, [False])[0]
+        features = model.encode_images(proc.preprocess_images(images))
+        qids = torch.tensor([proc.encode_qformer_text(question)])
+        index = torch.zeros(len(images), dtype=torch.long)
+        return first, model.image_prior.read(features[model.vision.token_index], index, qids, torch.ones_like(qids))
 
 
 class TiedNumbers(ScriptedLogits):
