@@ -1157,7 +1157,8 @@ class PrimaModel(nn.Module):
     ) -> list[GenerationOutput]:
         """``model.image_prior_cells``: an answer whose first mask holds less than ``image_prior_cells_below`` of
         `AnswerCells`' distribution over its image (and, with the phrase check, whose first phrase the pixels show:
-        one they do not is the phrase check's to turn down) is written again from branches at the words of its first
+        one they do not is the phrase check's to turn down, unless `NothingThere` finds something in its image;
+        `_cells_reach`) is written again from branches at the words of its first
         phrase (`_phrase_branches`), and among it and those whose first [SEG] is on the same image, whose first phrase
         has as many words or more and is shown, the one with the highest `GenerationOutput.logprob` (summed: a
         phrase word the LLM is sure of costs what it is sure by) +
