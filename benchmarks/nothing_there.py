@@ -15,13 +15,11 @@ and images alone (what generation reads before a word is written):
 
 from __future__ import annotations
 
-import re
 import statistics
 
 import teacher_forced
 import torch
-
-QUESTION = re.compile(r"What is in image (\d) but not in image (\d)\?")
+from difference_probe import QUESTION
 
 
 def auc(high: list[float], low: list[float]) -> float:

@@ -1122,8 +1122,7 @@ class PrimaModel(nn.Module):
         g = self.config.grounding
         if not g.phrase_check or g.phrase_check_threshold <= 0:
             return results
-        shown = g.phrase_check_threshold
-        unshown = [b for b, r in enumerate(results) if r.segments and all(s.support < shown for s in r.segments)]
+        unshown = [b for b, r in enumerate(results) if r.segments and not any(map(self._shown, r.segments))]
         ungrounded = [b for b, r in enumerate(results) if not r.segments]
         if unshown:
             # greedy with the bans alone would keep the LLM's grounded sentence ("You could sit on the ...") and run
@@ -1145,7 +1144,7 @@ class PrimaModel(nn.Module):
             branches = [self._branches(results[b].token_ids) for b in ungrounded]
             again = self._generate_branches(requests, ungrounded, branches, max_new_tokens, ungrounded=False)
             for b, written in zip(ungrounded, again):
-                found = [r for r in written if r.segments and all(s.phrase and s.support >= shown for s in r.segments)]
+                found = [r for r in written if r.segments and all(s.phrase and self._shown(s) for s in r.segments)]
                 if found:
                     best = max(found, key=lambda r: r.mean_logprob)
                     best.first_answer = results[b].first_answer or results[b].answer

@@ -132,12 +132,13 @@ class ImagePrior(nn.Module):
             logits = logits + logits.new_zeros(b, k).index_put((image_sample_index, slot), related.float())
         logits = logits.masked_fill(absent, float("-inf"))
         cells = nowhere = None
-        raw = features.flatten(2).transpose(1, 2)
-        readings = compared[image_sample_index, slot].detach()
-        if self.cells is not None:
-            cells = self.cells(raw, tokens.detach(), readings, image_sample_index)
-        if self.nowhere is not None:
-            nowhere = self.nowhere(raw, readings, image_sample_index)
+        if self.cells is not None or self.nowhere is not None:  # both read each image's question reading, detached
+            raw = features.flatten(2).transpose(1, 2)
+            readings = compared[image_sample_index, slot].detach()
+            if self.cells is not None:
+                cells = self.cells(raw, tokens.detach(), readings, image_sample_index)
+            if self.nowhere is not None:
+                nowhere = self.nowhere(raw, readings, image_sample_index)
         return PriorReading(logits, places, cells, nowhere)
 
 
