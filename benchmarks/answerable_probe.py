@@ -38,11 +38,10 @@ def readings(model, collate, samples, size: int) -> tuple[torch.Tensor, torch.Te
             top = compared.masked_fill(~present[..., None], float("-inf")).amax(1)
             nowhere, likeliest = reading.cells[:, -1], reading.cells[:, :-1].softmax(-1).amax(-1)
             choice = reading.logits.softmax(-1).amax(-1)
-            stats = [
-                torch.stack([f(nowhere[index == b]) for f in (torch.mean, torch.amin, torch.amax)]
-                            + [likeliest[index == b].mean(), likeliest[index == b].amax(), choice[b]])
-                for b in range(len(chunk))
-            ]  # fmt: skip
+            stats = []
+            for b in range(len(chunk)):
+                own, sure = nowhere[index == b], likeliest[index == b]
+                stats.append(torch.stack([own.mean(), own.amin(), own.amax(), sure.mean(), sure.amax(), choice[b]]))
             rows.append(torch.cat([mean, top, torch.stack(stats)], dim=1))
             empty += [float(not s.segments) for s in chunk]
             families += [s.family for s in chunk]
