@@ -357,8 +357,9 @@ def test_image_support_weight_override_is_checked_and_set(tiny_checkpoint, tmp_p
 
 
 def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_path):
-    """`--image-prior-weight`, `--image-prior-after-phrase` and `--image-prior-cells-weight` (prima predict / prima
-    eval): only with the image prior (the last with its answer cells); 0 is always fine."""
+    """`--image-prior-weight`, `--image-prior-after-phrase`, `--image-prior-cells-weight`, `--image-prior-cells-below`
+    and `--image-prior-nowhere` (prima predict / prima eval): only with the image prior (the last three with its
+    heads); 0 is always fine."""
     import torch
 
     from prima.model import create_model, load_model_config
@@ -391,6 +392,14 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
     assert (
         PrimaPredictor.from_pretrained(cells, image_prior_cells_weight=2.0).model.config.image_prior_cells_weight == 2
     )
+    # where the cells' rewrite reaches (`--image-prior-cells-below`): a share, so 0..1, and only with the cells
+    assert (
+        PrimaPredictor.from_pretrained(cells, image_prior_cells_below=0.3).model.config.image_prior_cells_below == 0.3
+    )
+    with pytest.raises(PrimaError, match="between 0 and 1"):
+        PrimaPredictor.from_pretrained(cells, image_prior_cells_below=1.5)
+    with pytest.raises(PrimaError, match="--image-prior-cells-below: .* has no answer cells"):
+        PrimaPredictor.from_pretrained(path, image_prior_cells_below=0.3)
     # `NothingThere` is read only where the prior has it (model.image_prior_nowhere)
     with pytest.raises(PrimaError, match="has no `NothingThere`"):
         PrimaPredictor.from_pretrained(cells, image_prior_nowhere_below=0.05)

@@ -28,6 +28,11 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 BUNDLED_CHECKPOINT = REPO_ROOT / "checkpoints" / "prima-tiny-synth"
 MAX_QUESTION_CHARS = 1000  # far above any benchmark question; keeps the prompt inside the model's context
 MASK_THRESHOLD = 0.5  # a pixel is in the mask when the probability reaches this (models without their own)
+# the image prior's heads a read-out option needs, as its error names them
+PRIOR_HEADS = {
+    "cells": "answer cells (model.image_prior_cells is off)",
+    "nowhere": "`NothingThere` (model.image_prior_nowhere is off)",
+}
 
 
 @dataclass
@@ -129,6 +134,7 @@ class PrimaPredictor:
         image_prior_weight: float | None = None,
         image_prior_after_phrase: float | None = None,
         image_prior_cells_weight: float | None = None,
+        image_prior_cells_below: float | None = None,
         image_prior_nowhere_below: float | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
@@ -141,7 +147,8 @@ class PrimaPredictor:
         image choice), ``image_prior_weight`` its ``model.image_prior_weight`` (0: the LLM alone names the answer's
         first image), ``image_prior_after_phrase`` its ``model.image_prior_after_phrase`` (0: not once a phrase is
         written), ``image_prior_cells_weight`` its ``model.image_prior_cells_weight`` (0: the answer's cells do not
-        re-rank its first phrase), ``image_prior_nowhere_below`` its ``model.image_prior_nowhere_below`` (0: nothing
+        re-rank its first phrase), ``image_prior_cells_below`` its ``model.image_prior_cells_below`` (0: no first
+        phrase is written again), ``image_prior_nowhere_below`` its ``model.image_prior_nowhere_below`` (0: nothing
         reads whether the answer grounds anything in its image)."""
         path = resolve_checkpoint(path)
         _check_device(device)
@@ -189,19 +196,21 @@ class PrimaPredictor:
             if value and model.image_prior is None:
                 raise PrimaError(f"{flag}: {path} has no image prior (model.image_prior is off)")
             if value and option == "image_prior_cells_weight" and model.image_prior.cells is None:
-                raise PrimaError(f"{flag}: {path}'s image prior has no answer cells (model.image_prior_cells is off)")
+                raise PrimaError(f"{flag}: {path}'s image prior has no {PRIOR_HEADS['cells']}")
             if not value >= 0:
                 raise PrimaError(f"{flag} must be >= 0, got {value}")
             setattr(model.config, option, float(value))
-        if image_prior_nowhere_below is not None:
-            flag = "--image-prior-nowhere"
-            if image_prior_nowhere_below and getattr(model.image_prior, "nowhere", None) is None:
-                raise PrimaError(
-                    f"{flag}: {path}'s image prior has no `NothingThere` (model.image_prior_nowhere is off)"
-                )
-            if not 0.0 <= image_prior_nowhere_below <= 1.0:
-                raise PrimaError(f"{flag} must be between 0 and 1, got {image_prior_nowhere_below}")
-            model.config.image_prior_nowhere_below = float(image_prior_nowhere_below)
+        for option, flag, head, value in (
+            ("image_prior_cells_below", "--image-prior-cells-below", "cells", image_prior_cells_below),
+            ("image_prior_nowhere_below", "--image-prior-nowhere", "nowhere", image_prior_nowhere_below),
+        ):  # a share or a probability: 0..1, read from a head of the image prior
+            if value is None:
+                continue
+            if value and getattr(model.image_prior, head, None) is None:
+                raise PrimaError(f"{flag}: {path}'s image prior has no {PRIOR_HEADS[head]}")
+            if not 0.0 <= value <= 1.0:
+                raise PrimaError(f"{flag} must be between 0 and 1, got {value}")
+            setattr(model.config, option, float(value))
         model.eval()
         return cls(model, **kwargs)
 
