@@ -26,7 +26,7 @@ from prima.train.data import load_samples
 def readings(model, collate, samples, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
     """(features (S, 2 D + 6), whether each answer has no [SEG] (S,), each sample's family)."""
     summaries = {}
-    model.image_prior.compare.register_forward_hook(lambda _m, _i, out: summaries.update(out=out))
+    hook = model.image_prior.compare.register_forward_hook(lambda _m, _i, out: summaries.update(out=out))
     rows, empty, families = [], [], []
     with torch.no_grad():
         for chunk, batch in teacher_forced.batches(samples, size, collate):
@@ -45,6 +45,7 @@ def readings(model, collate, samples, size: int) -> tuple[torch.Tensor, torch.Te
             rows.append(torch.cat([mean, top, torch.stack(stats)], dim=1))
             empty += [float(not s.segments) for s in chunk]
             families += [s.family for s in chunk]
+    hook.remove()  # a second call adds its own
     return torch.cat(rows), torch.tensor(empty), families
 
 

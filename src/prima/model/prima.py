@@ -1157,10 +1157,10 @@ class PrimaModel(nn.Module):
         """``model.image_prior_cells``: an answer whose first mask holds less than ``image_prior_cells_below`` of
         `AnswerCells`' distribution over its image (and, with the phrase check, whose first phrase the pixels show:
         one they do not is the phrase check's to turn down, unless `NothingThere` finds something in its image;
-        `_cells_reach`) is written again from branches at the words of its first
-        phrase (`_phrase_branches`), and among it and those whose first [SEG] is on the same image, whose first phrase
-        has as many words or more and is shown, the one with the highest `GenerationOutput.logprob` (summed: a
-        phrase word the LLM is sure of costs what it is sure by) +
+        `_cells_reach`) is written again from branches at the words of its first phrase (`_phrase_branches`), and
+        among it and those whose first [SEG] is on the same image, whose first phrase has as many words or more and
+        is shown, the one with the highest `GenerationOutput.logprob` (summed: a phrase word the LLM is sure of costs
+        what it is sure by) +
         ``image_prior_cells_weight`` x log(`GenerationOutput.cells_share`) stands ("What is in image 2 but not in
         image 3?": "The brown chair" -> "The red mug"; docs/MODEL.md, "Where in the image: the answer's cells").
         It runs before the phrase check, which then checks the answer that stands."""
