@@ -1165,6 +1165,10 @@ def test_image_prior_cells_say_where_the_answers_first_object_is_without_changin
         load_model_config("tiny", ["image_prior_cells_weight=-1"])
     with pytest.raises(PrimaError, match=r"image_prior_cells_below must be in \[0, 1\]"):
         load_model_config("tiny", ["image_prior_cells_below=2"])
+    with pytest.raises(PrimaError, match="image_prior_cells_temperature must be > 0"):
+        load_model_config("tiny", ["image_prior_cells_temperature=0"])
+    with pytest.raises(PrimaError, match="image_prior_cells_match is part of the answer cells"):
+        load_model_config("tiny", ["image_prior=true", "image_prior_cells_match=true"])
     model = small_model("image_prior=true", "image_prior_cells=true")
     plain = small_model("image_prior=true")
     assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in plain.named_parameters())
@@ -1219,6 +1223,22 @@ def test_image_prior_cells_say_where_the_answers_first_object_is_without_changin
     assert scores.shape == (3, 5) and int(scores[0, :4].argmin()) == 3
     assert torch.allclose(seen[0][0, :3, -4:], torch.ones(3, 4), atol=1e-5)  # the others are matched exactly
     assert float(seen[0][2, :, -4:].detach().abs().sum()) == 0.0  # a sample of one image has nothing to match against
+
+    # model.image_prior_cells_match: the four statistics again from learnt projections, which the cells' loss trains
+    head = AnswerCells(dim=8, channels=6)
+    seen.clear()
+    head.score = MatchesOnly()
+    scores = head(raw, tokens, readings, index)
+    assert seen[0].shape[-1] == 2 * 8 + 8 and scores.shape == (3, 5)
+    assert torch.allclose(seen[0][0, :3, -8:], torch.ones(3, 8), atol=1e-5)  # matched exactly in both spaces
+    scores[0, 3].backward()
+    assert head.match.weight.grad is not None and float(head.match.weight.grad.abs().sum()) > 0
+    model = small_model("image_prior=true", "image_prior_cells=true", "image_prior_cells_match=true")
+    batch = make_batch(model, [grounded_sample(), negative_sample(), grounded_sample("s3", n_images=2)])
+    out = model(batch)
+    assert torch.equal(out.image_prior_logits, plain(batch).image_prior_logits)  # the image choice as without it
+    out.loss_cells.backward()
+    assert model.image_prior.cells.match.weight.grad is not None
 
 
 def test_training_the_prior_alone_runs_only_the_prior_with_the_same_losses_and_gradients(monkeypatch):
@@ -1421,6 +1441,13 @@ def test_generation_reads_the_answer_cells_under_the_first_mask(monkeypatch):
     cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(first.segments[0].mask)[None, None], grid)
     assert first.cells_share == pytest.approx(float((where * cover.flatten()).sum()), abs=1e-5)
     assert 0.0 < first.cells_share < 1.0
+    model.config.image_prior_cells_temperature = 0.25  # the distribution sharpened before the share is taken
+    model.language.forward.step = 0
+    sharp = reading.cells[1, :-1].div(0.25).softmax(-1)
+    sharpened, _ = _generate_and_read_prior(model, images, "Where?")
+    assert sharpened.cells_share == pytest.approx(float((sharp * cover.flatten()).sum()), abs=1e-5)
+    assert sharpened.cells_share != pytest.approx(first.cells_share, abs=1e-4)
+    model.config.image_prior_cells_temperature = 1.0
     assert len(first.cells_words) == prima_module.CELL_WORDS
     assert not set(first.cells_words) & set(model._structure_token_ids())
     rewritten = []

@@ -357,9 +357,9 @@ def test_image_support_weight_override_is_checked_and_set(tiny_checkpoint, tmp_p
 
 
 def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_path):
-    """`--image-prior-weight`, `--image-prior-after-phrase`, `--image-prior-cells-weight`, `--image-prior-cells-below`
-    and `--image-prior-nowhere` (prima predict / prima eval): only with the image prior (the last three with its
-    heads); 0 is always fine."""
+    """`--image-prior-weight`, `--image-prior-after-phrase`, `--image-prior-cells-weight`, `--image-prior-cells-below`,
+    `--image-prior-cells-temperature` and `--image-prior-nowhere` (prima predict / prima eval): only with the image
+    prior (the last four with its heads); 0 is always fine but for the temperature."""
     import torch
 
     from prima.model import create_model, load_model_config
@@ -400,6 +400,14 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
         PrimaPredictor.from_pretrained(cells, image_prior_cells_below=1.5)
     with pytest.raises(PrimaError, match="--image-prior-cells-below: .* has no answer cells"):
         PrimaPredictor.from_pretrained(path, image_prior_cells_below=0.3)
+    # how sharp the cells are read (`--image-prior-cells-temperature`): > 0, only with the cells
+    sharp = PrimaPredictor.from_pretrained(cells, image_prior_cells_temperature=0.25).model.config
+    assert sharp.image_prior_cells_temperature == 0.25
+    assert PrimaPredictor.from_pretrained(cells).model.config.image_prior_cells_temperature == 1.0  # the checkpoint's
+    with pytest.raises(PrimaError, match="--image-prior-cells-temperature must be > 0"):
+        PrimaPredictor.from_pretrained(cells, image_prior_cells_temperature=0.0)
+    with pytest.raises(PrimaError, match="--image-prior-cells-temperature: .* has no answer cells"):
+        PrimaPredictor.from_pretrained(path, image_prior_cells_temperature=0.5)
     # `NothingThere` is read only where the prior has it (model.image_prior_nowhere)
     with pytest.raises(PrimaError, match="has no `NothingThere`"):
         PrimaPredictor.from_pretrained(cells, image_prior_nowhere_below=0.05)

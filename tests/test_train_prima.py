@@ -220,14 +220,38 @@ def test_the_image_prior_trains_beside_stage_two_without_changing_it(synth, tmp_
     halfway = load_file(str(list_checkpoints(runs["with"])[0][1] / "model.safetensors"))
     assert any(not torch.equal(halfway[k], with_prior[k]) for k in prior)  # it did train
 
+    # train.train_only / train.reinit with a module path: the answer cells trained alone over the prior as it is
+    cells_args = [
+        *overrides(synth, tmp_path, init_from=runs["with"] / "final", val_generate=0, best_metric="val_loss"),
+        "train.cache_seg_queries=true",
+        "model.grounding.phrase_tokens=4",
+        "model.grounding.image_choice=true",
+        "model.images_from_step=0",
+        "model.image_prior=true",
+        "model.image_prior_cells=true",
+        "train.train_only=[image_prior.cells]",
+        "train.reinit=[image_prior.cells]",
+    ]
+    assert main(["train", "--config", "tiny", *cells_args, "--out", str(tmp_path / "cells")]) == 0
+    cells = load_file(str(tmp_path / "cells" / "final" / "model.safetensors"))
+    assert set(cells) - set(with_prior) and all(
+        k.startswith("image_prior.cells.") for k in set(cells) - set(with_prior)
+    )
+    assert all(torch.equal(cells[k], with_prior[k]) for k in with_prior)  # nothing else moved
+    first = load_file(str(list_checkpoints(tmp_path / "cells")[0][1] / "model.safetensors"))
+    assert any(not torch.equal(first[k], cells[k]) for k in set(cells) - set(with_prior))  # the cells did train
+
 
 def test_cache_seg_queries_needs_a_frozen_llm():
     from prima.config import ConfigError
     from prima.train.config import TrainConfig
 
-    with pytest.raises(ConfigError, match="cache_seg_queries needs train.freeze"):
+    with pytest.raises(ConfigError, match="cache_seg_queries needs .* frozen"):
         TrainConfig(cache_seg_queries=True, freeze=["language"]).validate()
     TrainConfig(cache_seg_queries=True, freeze=["language", "query_module", "square", "projector"]).validate()
+    TrainConfig(cache_seg_queries=True, train_only=["grounding", "image_prior.cells"]).validate()
+    with pytest.raises(ConfigError, match="cache_seg_queries needs .* frozen"):
+        TrainConfig(cache_seg_queries=True, train_only=["grounding", "square.x"]).validate()
 
 
 def test_init_from_and_freeze_errors_name_the_problem(synth, tmp_path):
@@ -243,6 +267,16 @@ def test_init_from_and_freeze_errors_name_the_problem(synth, tmp_path):
         run_training("tiny", [*overrides(synth, tmp_path), f"train.freeze=[{', '.join(FREEZABLE)}]"], tmp_path / "b")
     with pytest.raises(PrimaError, match="init_from.*model.safetensors not found"):
         run_training("tiny", overrides(synth, tmp_path, init_from=tmp_path / "none"), tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"train.train_only: unknown group\(s\) or module path\(s\).*'lm.head'"):
+        run_training("tiny", [*overrides(synth, tmp_path), "train.train_only=[lm.head]"], tmp_path / "e")
+    with pytest.raises(ConfigError, match="train.freeze and train.train_only"):
+        run_training(
+            "tiny",
+            [*overrides(synth, tmp_path), "train.freeze=[language]", "train.train_only=[grounding]"],
+            tmp_path / "f",
+        )
+    with pytest.raises(PrimaError, match="train.train_only: 'grounding.nothing' names no parameter of this model"):
+        run_training("tiny", [*overrides(synth, tmp_path), "train.train_only=[grounding.nothing]"], tmp_path / "g")
 
     from prima.config import load_config
     from prima.data.processor import PrimaProcessor, load_tokenizers

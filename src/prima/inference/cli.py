@@ -35,6 +35,11 @@ IMAGE_PRIOR_CELLS_BELOW_HELP = (
     "of their distribution on its image has its first phrase written again from branches (default: the checkpoint's "
     'model.image_prior_cells_below; 0: never; docs/MODEL.md, "Where in the image: the answer\'s cells")'
 )
+IMAGE_PRIOR_CELLS_TEMPERATURE_HELP = (
+    "with a checkpoint whose image prior has the answer's cells: their share under a mask is taken from their logits "
+    "divided by T (below 1: sharper, the likeliest cells weigh more; default: the checkpoint's "
+    'model.image_prior_cells_temperature; docs/MODEL.md, "The cells sharpened")'
+)
 IMAGE_PRIOR_NOWHERE_HELP = (
     "with a checkpoint whose image prior says whether an answer grounds anything in an image "
     "(model.image_prior_nowhere): an answer whose first phrase the phrase check would turn down is first written "
@@ -82,6 +87,13 @@ def add_readout_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image-prior-cells-below", type=float, default=None, metavar="P", help=IMAGE_PRIOR_CELLS_BELOW_HELP
     )
+    p.add_argument(
+        "--image-prior-cells-temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help=IMAGE_PRIOR_CELLS_TEMPERATURE_HELP,
+    )
     p.add_argument("--image-prior-nowhere", type=float, default=None, metavar="P", help=IMAGE_PRIOR_NOWHERE_HELP)
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     p.add_argument("--llm-words", action="store_true", help=LLM_WORDS_HELP)
@@ -99,6 +111,7 @@ def readout_options(args: argparse.Namespace) -> dict:
         "image_prior_after_phrase": args.image_prior_after_phrase,
         "image_prior_cells_weight": args.image_prior_cells_weight,
         "image_prior_cells_below": args.image_prior_cells_below,
+        "image_prior_cells_temperature": args.image_prior_cells_temperature,
         "image_prior_nowhere_below": args.image_prior_nowhere,
         "distinct_images": False if args.repeat_images else None,
         "word_readout": False if args.llm_words else None,

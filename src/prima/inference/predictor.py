@@ -135,6 +135,7 @@ class PrimaPredictor:
         image_prior_after_phrase: float | None = None,
         image_prior_cells_weight: float | None = None,
         image_prior_cells_below: float | None = None,
+        image_prior_cells_temperature: float | None = None,
         image_prior_nowhere_below: float | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
@@ -148,7 +149,8 @@ class PrimaPredictor:
         first image), ``image_prior_after_phrase`` its ``model.image_prior_after_phrase`` (0: not once a phrase is
         written), ``image_prior_cells_weight`` its ``model.image_prior_cells_weight`` (0: the answer's cells do not
         re-rank its first phrase), ``image_prior_cells_below`` its ``model.image_prior_cells_below`` (0: no first
-        phrase is written again), ``image_prior_nowhere_below`` its ``model.image_prior_nowhere_below`` (0: nothing
+        phrase is written again), ``image_prior_cells_temperature`` its ``model.image_prior_cells_temperature``
+        (> 0; below 1 the cells' likeliest cells weigh more), ``image_prior_nowhere_below`` its ``model.image_prior_nowhere_below`` (0: nothing
         reads whether the answer grounds anything in its image)."""
         path = resolve_checkpoint(path)
         _check_device(device)
@@ -211,6 +213,13 @@ class PrimaPredictor:
             if not 0.0 <= value <= 1.0:
                 raise PrimaError(f"{flag} must be between 0 and 1, got {value}")
             setattr(model.config, option, float(value))
+        if image_prior_cells_temperature is not None:
+            flag = "--image-prior-cells-temperature"
+            if getattr(model.image_prior, "cells", None) is None:
+                raise PrimaError(f"{flag}: {path}'s image prior has no {PRIOR_HEADS['cells']}")
+            if not image_prior_cells_temperature > 0:
+                raise PrimaError(f"{flag} must be > 0, got {image_prior_cells_temperature}")
+            model.config.image_prior_cells_temperature = float(image_prior_cells_temperature)
         model.eval()
         return cls(model, **kwargs)
 

@@ -389,8 +389,12 @@ class ModelConfig:
     # share under the branch's first mask) stands (`PrimaModel._rewrite_where_cells_disagree`; docs/MODEL.md, "Where
     # in the image: the answer's cells")
     image_prior_cells: bool = False
+    # ... + the same match statistics from the cosine of learnt projections of the features (session 34; not shipped)
+    image_prior_cells_match: bool = False
     image_prior_cells_weight: float = 0.0
     image_prior_cells_below: float = 0.5
+    # ... the share is taken from the cells' logits divided by this (below 1: sharper, the likeliest cells weigh more)
+    image_prior_cells_temperature: float = 1.0
     # + whether the answer grounds anything in an image at all, from what the image has that the image the question
     # compares against lacks (`prior.NothingThere`; loss.image_prior_nowhere); at generation (below > 0) an answer
     # whose first phrase the phrase check would turn down is first written again by the cells' rewrite where its
@@ -455,6 +459,12 @@ class ModelConfig:
             raise ConfigError(f"model.image_prior_cells_weight must be >= 0, got {self.image_prior_cells_weight}")
         if not 0.0 <= self.image_prior_cells_below <= 1.0:
             raise ConfigError(f"model.image_prior_cells_below must be in [0, 1], got {self.image_prior_cells_below}")
+        if self.image_prior_cells_temperature <= 0:
+            raise ConfigError(
+                f"model.image_prior_cells_temperature must be > 0, got {self.image_prior_cells_temperature}"
+            )
+        if self.image_prior_cells_match and not self.image_prior_cells:
+            raise ConfigError("model.image_prior_cells_match is part of the answer cells: set model.image_prior_cells")
         if self.image_prior_layers < 1:
             raise ConfigError(f"model.image_prior_layers must be >= 1, got {self.image_prior_layers}")
         if self.image_prior_after_phrase < 0:

@@ -122,8 +122,8 @@ class GenerationOutput:
     # is the one written again without phrases, or when it had none and ``answer`` is one whose phrases they show;
     # model.image_prior_cells: or the answer before its first phrase was written again where the answer's cells are
     first_answer: str | None = None
-    # model.image_prior_cells: the share of `AnswerCells`' distribution over the first [SEG]'s image that lies under
-    # its mask (None without the cells or a [SEG])
+    # model.image_prior_cells: the share of `AnswerCells`' distribution over the first [SEG]'s image (sharpened by
+    # image_prior_cells_temperature) that lies under its mask (None without the cells or a [SEG])
     cells_share: float | None = None
     # ... and, where that share is under image_prior_cells_below, the words the phrase check reads where those cells
     # are (their distribution as the mask), likeliest first
@@ -281,6 +281,7 @@ class PrimaModel(nn.Module):
                     relations=cfg.image_prior_places,
                     contrast=cfg.image_prior_contrast,
                     cells=cfg.image_prior_cells,
+                    cells_match=cfg.image_prior_cells_match,
                     nowhere=cfg.image_prior_nowhere,
                 )
             if cfg.image_prior_places and cfg.tokens.qformer_vocab_size not in (None, cfg.tokens.vocab_size):
@@ -1228,7 +1229,7 @@ class PrimaModel(nn.Module):
         ``cells_words`` from `AnswerCells`' log-probabilities ``cells`` (g * g + 1,) on its first [SEG]'s image
         (``features``: its sample's images)."""
         first = result.segments[0]
-        probs = cells[:-1].float().softmax(-1)  # where on the image, if anywhere
+        probs = (cells[:-1].float() / self.config.image_prior_cells_temperature).softmax(-1)  # where, if anywhere
         grid = int(probs.shape[-1] ** 0.5)
         cover = F.adaptive_avg_pool2d(torch.from_numpy(first.mask)[None, None], grid).flatten().to(probs.device)
         result.cells_share = float((probs * cover).sum())

@@ -53,6 +53,7 @@ class ImagePrior(nn.Module):
         relations: bool = False,
         contrast: bool = False,
         cells: bool = False,
+        cells_match: bool = False,
         nowhere: bool = False,
     ):
         super().__init__()
@@ -76,7 +77,7 @@ class ImagePrior(nn.Module):
         if contrast and not relations:
             raise ValueError("the image prior's contrast reads the word places: it needs relations=True")
         self.contrast = WordContrast(channels, dim) if contrast else None
-        self.cells = AnswerCells(dim) if cells else None
+        self.cells = AnswerCells(dim, channels if cells_match else None) if cells else None
         self.nowhere = NothingThere(channels, dim) if nowhere else None
 
     def forward(
@@ -245,11 +246,14 @@ class AnswerCells(nn.Module):
 
     STATS = 4  # the matches' reference-weighted mean, least, greatest and mean
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, channels: int | None = None):
         super().__init__()
+        stats = self.STATS * (2 if channels else 1)
         self.reference = nn.Linear(dim, 1)
-        self.score = nn.Sequential(nn.Linear(2 * dim + self.STATS, dim), nn.GELU(), nn.Linear(dim, 1))
-        self.nowhere = nn.Sequential(nn.Linear(dim + 2 * self.STATS, dim), nn.GELU(), nn.Linear(dim, 1))
+        self.score = nn.Sequential(nn.Linear(2 * dim + stats, dim), nn.GELU(), nn.Linear(dim, 1))
+        self.nowhere = nn.Sequential(nn.Linear(dim + 2 * stats, dim), nn.GELU(), nn.Linear(dim, 1))
+        # with ``channels``: the same statistics again from the cosine of learnt projections of the features
+        self.match = nn.Linear(channels, dim) if channels else None
 
     def forward(
         self, cells: torch.Tensor, tokens: torch.Tensor, readings: torch.Tensor, image_sample_index: torch.Tensor
@@ -260,20 +264,22 @@ class AnswerCells(nn.Module):
         normed = F.normalize(cells.float(), dim=-1)
         reference = self.reference(readings).squeeze(-1).float()
         n, g = cells.shape[:2]
-        stats = normed.new_zeros(n, g, self.STATS)  # zeros for a sample of one image: nothing to match against
+        spaces = [normed] if self.match is None else [normed, F.normalize(self.match(normed), dim=-1)]
+        stats = normed.new_zeros(n, g, self.STATS * len(spaces))  # zeros for a sample of one image: no match
         for sample in torch.unique(image_sample_index).tolist():
             rows = (image_sample_index == sample).nonzero(as_tuple=True)[0]
             k = rows.numel()
             if k < 2:
                 continue
-            own = normed[rows]  # (k, G, C)
-            best = torch.einsum("agc,bhc->abgh", own, own).amax(-1)  # (k, k, G): a's cell g best matched in b
             other = ~torch.eye(k, dtype=torch.bool, device=cells.device)
             weights = reference[rows][None, :].expand(k, k).masked_fill(~other, float("-inf")).softmax(-1)
-            others = best[other].view(k, k - 1, g)
-            stats[rows] = torch.stack(
-                [(weights[:, :, None] * best).sum(1), others.amin(1), others.amax(1), others.mean(1)], dim=-1
-            )
+            found = []
+            for space in spaces:
+                own = space[rows]  # (k, G, C)
+                best = torch.einsum("agc,bhc->abgh", own, own).amax(-1)  # (k, k, G): a's cell g best matched in b
+                others = best[other].view(k, k - 1, g)
+                found += [(weights[:, :, None] * best).sum(1), others.amin(1), others.amax(1), others.mean(1)]
+            stats[rows] = torch.stack(found, dim=-1)
         stats = stats.to(tokens.dtype)
         h = torch.cat([tokens, readings[:, None].expand(-1, g, -1), stats], dim=-1)
         nowhere = self.nowhere(torch.cat([readings, stats.amin(1), stats.mean(1)], dim=-1))

@@ -83,7 +83,12 @@ class TrainConfig:
     # parameter groups kept fixed (`PrimaModel.parameter_groups`: language, query_module, square, projector,
     # grounding, image_prior); e.g. everything but `grounding` to train a mask decoder under a trained LLM
     freeze: list[str] = field(default_factory=list)
-    reinit: list[str] = field(default_factory=list)  # groups NOT taken from init_from: they start fresh
+    # groups NOT taken from init_from: they start fresh; an entry may also be a module path inside a group
+    # ("image_prior.cells": the parameters whose names start with it)
+    reinit: list[str] = field(default_factory=list)
+    # instead of freeze: the only parameters that train, each a group or a module path inside one; all else is frozen
+    # (e.g. [image_prior.cells] trains a prior's answer cells over the prior as it is)
+    train_only: list[str] = field(default_factory=list)
     # with everything but `grounding` frozen, the decoder's [SEG] queries depend on the sample alone: compute every
     # training and validation sample's once (in eval mode, at the first batch) and reuse them, so the LLM does not
     # run in the steps; its text and visual-words losses are then not computed (their weights are frozen anyway)
@@ -105,17 +110,21 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers, got {self.betas}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        for key in ("freeze", "reinit"):
-            unknown = sorted(set(getattr(self, key)) - set(FREEZABLE))
+        for key in ("freeze", "reinit", "train_only"):
+            paths = key != "freeze"  # these may name a module inside a group too
+            unknown = sorted(e for e in getattr(self, key) if (e.split(".")[0] if paths else e) not in FREEZABLE)
             if unknown:
-                raise ConfigError(f"train.{key}: unknown group(s) {unknown}; known: {list(FREEZABLE)}")
+                what = "group(s) or module path(s) in one" if paths else "group(s)"
+                raise ConfigError(f"train.{key}: unknown {what} {unknown}; known groups: {list(FREEZABLE)}")
         if self.reinit and not self.init_from:
             raise ConfigError("train.reinit names groups not to take from train.init_from, which is not set")
+        if self.freeze and self.train_only:
+            raise ConfigError("train.freeze and train.train_only are two ways to say the same: set one of them")
         upstream = [g for g in FREEZABLE if g not in ("grounding", "image_prior")]  # what the LLM's pass reads
-        if self.cache_seg_queries and not set(upstream) <= set(self.freeze):
+        if self.cache_seg_queries and not set(upstream) <= set(self.frozen_groups()):
             raise ConfigError(
-                f"train.cache_seg_queries needs train.freeze to hold {upstream}: cached [SEG] queries must not "
-                f"change while training (train.freeze is {self.freeze})"
+                f"train.cache_seg_queries needs {upstream} frozen: cached [SEG] queries must not change while "
+                f"training (train.freeze is {self.freeze}, train.train_only {self.train_only})"
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -124,6 +133,18 @@ class TrainConfig:
             raise ConfigError("train.ema_decay is not supported with train.deepspeed; set train.ema_decay: 0")
         if set(FREEZABLE) <= set(self.freeze):
             raise ConfigError("train.freeze names every parameter group: nothing would be trained")
+
+    def frozen_groups(self) -> list[str]:
+        """The groups no parameter of which trains: ``freeze``, or those ``train_only`` does not reach into."""
+        if not self.train_only:
+            return list(self.freeze)
+        return [g for g in FREEZABLE if not any(e.split(".")[0] == g for e in self.train_only)]
+
+
+def covers(entries: list[str], name: str, group: str) -> bool:
+    """Whether one of ``entries`` (of `TrainConfig.reinit` / ``train_only``: a group, or a module path inside one)
+    covers the parameter ``name`` of ``group``."""
+    return any(e == group or name.startswith(e + ".") for e in entries)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from prima.config import save_config, to_dict
 from prima.data.schema import Sample, Segment
 from prima.errors import PrimaError
 from prima.train.checkpoint import list_checkpoints, load_model_weights
-from prima.train.config import RunConfig, load_run_config
+from prima.train.config import RunConfig, covers, load_run_config
 from prima.train.data import FeatureCache, SampleSet, load_samples, module_digest, sample_lengths
 from prima.train.ema import EMA_FILE
 from prima.train.trainer import Trainer, TrainResult, make_accelerator
@@ -263,10 +263,18 @@ def run_training(
     processor = PrimaProcessor.from_pretrained(processor_dir)  # every process: the one saved tokenizer
     set_seed(cfg.train.seed)
     model = PrimaModel(cfg.model, processor)
+    names = [n for n, _ in model.named_parameters()]
+    for key in ("reinit", "train_only"):  # a module path must name something: a typo would silently do nothing
+        for entry in getattr(cfg.train, key):
+            if not any(covers([entry], n, model.group_of(n)) for n in names):
+                raise PrimaError(f"train.{key}: {entry!r} names no parameter of this model")
     if init_from is not None:
-        reinit = set(cfg.train.reinit)
+        reinit = cfg.train.reinit
         fresh = load_model_weights(
-            model, init_from / "model.safetensors", allow_missing=True, skip=lambda k: model.group_of(k) in reinit
+            model,
+            init_from / "model.safetensors",
+            allow_missing=True,
+            skip=lambda k: covers(reinit, k, model.group_of(k)),
         )
         if accelerator.is_main_process:
             print(f"init_from {init_from}: {len(fresh)} weight(s) start fresh {fresh[:6]}", flush=True)
@@ -276,6 +284,10 @@ def run_training(
     for name in cfg.train.freeze:  # before the optimizer is made: it takes the parameters that still train
         for p in groups[name]:
             p.requires_grad_(False)
+    if cfg.train.train_only:
+        for name, p in model.named_parameters():
+            if not covers(cfg.train.train_only, name, model.group_of(name)):
+                p.requires_grad_(False)
 
     cache = make_feature_cache(model, cfg.data.feature_cache) if cfg.data.feature_cache else None
     collator = TrainCollator(model, cache, cache_queries=cfg.train.cache_seg_queries)
