@@ -83,8 +83,8 @@ class TrainConfig:
     # parameter groups kept fixed (`PrimaModel.parameter_groups`: language, query_module, square, projector,
     # grounding, image_prior); e.g. everything but `grounding` to train a mask decoder under a trained LLM
     freeze: list[str] = field(default_factory=list)
-    # groups NOT taken from init_from: they start fresh; an entry may also be a module path inside a group
-    # ("image_prior.cells": the parameters whose names start with it)
+    # groups NOT taken from init_from: they start fresh; an entry may also be a module path that starts with its
+    # group's name ("image_prior.cells", "grounding.checker": the parameters whose names start with it)
     reinit: list[str] = field(default_factory=list)
     # instead of freeze: the only parameters that train, each a group or a module path inside one; all else is frozen
     # (e.g. [image_prior.cells] trains a prior's answer cells over the prior as it is)
