@@ -1417,6 +1417,11 @@ def test_answer_cells_rewrite_the_first_phrase_where_it_holds_too_little_of_them
     assert out[0] is written[0] and out[1].answer == "better" and out[1].first_answer == "unsure"
     model.config.image_prior_cells_weight = 0.1  # the LLM's likelihood weighs more
     assert model._rewrite_where_cells_disagree([([], "q")] * 2, list(written), 8)[1].answer == "likelier"
+    # a branch that writes the same answer again (its first word read back) is no rewrite, however it scores
+    candidates[:] = [answer("unsure", 2, 0.1, -0.4)]
+    out = model._rewrite_where_cells_disagree([([], "q")] * 2, list(written), 8)
+    assert out[1] is written[1] and out[1].first_answer is None
+    candidates[:] = [answer("better", 2, 0.8, -0.9)]
     model.config.image_prior_cells_below = 0.05  # every answer holds enough
     asked.clear()
     assert model._rewrite_where_cells_disagree([([], "q")] * 2, list(written), 8) == written and not asked

@@ -1185,6 +1185,7 @@ class PrimaModel(nn.Module):
                 r
                 for r in written
                 if r.segments
+                and r.answer != results[b].answer  # a branch can end up writing the same answer: no rewrite
                 and r.segments[0].image == first.image
                 and shown(r.segments[0])
                 and len(r.segments[0].phrase.split()) >= len(first.phrase.split())
