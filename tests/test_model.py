@@ -1546,6 +1546,38 @@ def test_nothing_there_lets_the_cells_rewrite_an_answer_the_phrase_check_would_t
         assert model._generate([(images, "Where?")], 16, [False])[0].nowhere is None
 
 
+def test_nothing_there_can_be_read_as_the_answer_cells(monkeypatch):
+    """model.image_prior_cells_nowhere: `NothingThere`'s distribution over each image's cells weighs W in the cells'
+    read-out (geometric mixture, renormalised; 0 the cells' alone, 1 its alone), so the share under the first mask
+    comes from it; only with both heads, and 0..1."""
+    with pytest.raises(PrimaError, match=r"image_prior_cells_nowhere must be in \[0, 1\]"):
+        load_model_config("tiny", ["image_prior_cells_nowhere=1.5"])
+    with pytest.raises(PrimaError, match="set model.image_prior_cells and model.image_prior_nowhere"):
+        load_model_config("tiny", ["image_prior=true", "image_prior_cells=true", "image_prior_cells_nowhere=1"])
+    model = small_model("image_prior=true", "image_prior_cells=true", "image_prior_nowhere=true", *CHECK).eval()
+    model.config.image_prior_cells_weight = 1.0
+    images = random_images(3)
+    script = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", ".", "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    _, reading = _generate_and_read_prior(model, images, "Where?")
+    assert torch.equal(model._answer_cells(reading), reading.cells)  # 0: the cells' alone
+    shares = {}
+    for w in (0.5, 1.0):
+        model.config.image_prior_cells_nowhere = w
+        mixed = model._answer_cells(reading)
+        cells, nowhere = reading.cells[:, :-1].log_softmax(-1), reading.nowhere[:, :-1].log_softmax(-1)
+        expected = ((1 - w) * cells + w * nowhere).log_softmax(-1)
+        assert torch.allclose(mixed[:, :-1], expected, atol=1e-6) and torch.equal(mixed[:, -1], reading.cells[:, -1])
+        model.language.forward.step = 0
+        first, _ = _generate_and_read_prior(model, images, "Where?")
+        where = expected[1].div(model.config.image_prior_cells_temperature).softmax(-1)
+        grid = int(expected.shape[-1] ** 0.5)
+        cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(first.segments[0].mask)[None, None], grid)
+        assert first.cells_share == pytest.approx(float((where * cover.flatten()).sum()), abs=1e-5)
+        shares[w] = first.cells_share
+    assert shares[0.5] != pytest.approx(shares[1.0], abs=1e-6)
+
+
 def _generate_and_read_prior(model: PrimaModel, images: list, question: str) -> tuple[GenerationOutput, PriorReading]:
     """The first answer `PrimaModel._generate` writes for one sample, and the image prior's reading of that sample."""
     proc = model.processor

@@ -421,6 +421,12 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
     assert read.image_prior_nowhere_below == 0.05
     with pytest.raises(PrimaError, match="between 0 and 1"):
         PrimaPredictor.from_pretrained(nowhere, image_prior_nowhere_below=2.0)
+    # how much `NothingThere`'s cells weigh in the cells' read-out (`--image-prior-cells-nowhere`): 0..1, with it only
+    assert PrimaPredictor.from_pretrained(nowhere, image_prior_cells_nowhere=1.0).model.config.image_prior_cells_nowhere
+    with pytest.raises(PrimaError, match="--image-prior-cells-nowhere must be between 0 and 1"):
+        PrimaPredictor.from_pretrained(nowhere, image_prior_cells_nowhere=1.5)
+    with pytest.raises(PrimaError, match="--image-prior-cells-nowhere: .* has no `NothingThere`"):
+        PrimaPredictor.from_pretrained(cells, image_prior_cells_nowhere=0.5)
 
 
 def test_repeat_images_override_sets_distinct_images(tiny_checkpoint):

@@ -40,6 +40,11 @@ IMAGE_PRIOR_CELLS_TEMPERATURE_HELP = (
     "divided by T (below 1: sharper, the likeliest cells weigh more; default: the checkpoint's "
     'model.image_prior_cells_temperature; docs/MODEL.md, "The cells sharpened")'
 )
+IMAGE_PRIOR_CELLS_NOWHERE_HELP = (
+    "with a checkpoint whose image prior has the answer's cells and NothingThere (model.image_prior_nowhere): how much "
+    "NothingThere's distribution over each image's cells weighs in the cells' read-out, 0 to 1 (0: the cells' alone; "
+    'default: the checkpoint\'s model.image_prior_cells_nowhere; docs/MODEL.md, "Nothing there, read as the cells")'
+)
 IMAGE_PRIOR_NOWHERE_HELP = (
     "with a checkpoint whose image prior says whether an answer grounds anything in an image "
     "(model.image_prior_nowhere): an answer whose first phrase the phrase check would turn down is first written "
@@ -94,6 +99,9 @@ def add_readout_options(p: argparse.ArgumentParser) -> None:
         metavar="T",
         help=IMAGE_PRIOR_CELLS_TEMPERATURE_HELP,
     )
+    p.add_argument(
+        "--image-prior-cells-nowhere", type=float, default=None, metavar="W", help=IMAGE_PRIOR_CELLS_NOWHERE_HELP
+    )
     p.add_argument("--image-prior-nowhere", type=float, default=None, metavar="P", help=IMAGE_PRIOR_NOWHERE_HELP)
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     p.add_argument("--llm-words", action="store_true", help=LLM_WORDS_HELP)
@@ -112,6 +120,7 @@ def readout_options(args: argparse.Namespace) -> dict:
         "image_prior_cells_weight": args.image_prior_cells_weight,
         "image_prior_cells_below": args.image_prior_cells_below,
         "image_prior_cells_temperature": args.image_prior_cells_temperature,
+        "image_prior_cells_nowhere": args.image_prior_cells_nowhere,
         "image_prior_nowhere_below": args.image_prior_nowhere,
         "distinct_images": False if args.repeat_images else None,
         "word_readout": False if args.llm_words else None,

@@ -136,6 +136,7 @@ class PrimaPredictor:
         image_prior_cells_weight: float | None = None,
         image_prior_cells_below: float | None = None,
         image_prior_cells_temperature: float | None = None,
+        image_prior_cells_nowhere: float | None = None,
         image_prior_nowhere_below: float | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
@@ -150,7 +151,9 @@ class PrimaPredictor:
         written), ``image_prior_cells_weight`` its ``model.image_prior_cells_weight`` (0: the answer's cells do not
         re-rank its first phrase), ``image_prior_cells_below`` its ``model.image_prior_cells_below`` (0: no first
         phrase is written again), ``image_prior_cells_temperature`` its ``model.image_prior_cells_temperature``
-        (> 0; below 1 the cells' likeliest cells weigh more), ``image_prior_nowhere_below`` its ``model.image_prior_nowhere_below`` (0: nothing
+        (> 0; below 1 the cells' likeliest cells weigh more), ``image_prior_cells_nowhere`` its
+        ``model.image_prior_cells_nowhere`` (0..1: how much `NothingThere`'s cells weigh in the cells' read-out),
+        ``image_prior_nowhere_below`` its ``model.image_prior_nowhere_below`` (0: nothing
         reads whether the answer grounds anything in its image)."""
         path = resolve_checkpoint(path)
         _check_device(device)
@@ -205,7 +208,8 @@ class PrimaPredictor:
         for option, flag, head, value in (
             ("image_prior_cells_below", "--image-prior-cells-below", "cells", image_prior_cells_below),
             ("image_prior_nowhere_below", "--image-prior-nowhere", "nowhere", image_prior_nowhere_below),
-        ):  # a share or a probability: 0..1, read from a head of the image prior
+            ("image_prior_cells_nowhere", "--image-prior-cells-nowhere", "nowhere", image_prior_cells_nowhere),
+        ):  # a share, a probability or a mixing weight: 0..1, read from a head of the image prior
             if value is None:
                 continue
             if value and getattr(model.image_prior, head, None) is None:

@@ -402,6 +402,10 @@ class ModelConfig:
     # the bundled recipe)
     image_prior_nowhere: bool = False
     image_prior_nowhere_below: float = 0.0
+    # ... and its distribution over each image's cells weighs this much in the answer cells' read-out (a geometric
+    # mixture, renormalised: 0 the cells' alone, 1 `NothingThere`'s alone; docs/MODEL.md, "Nothing there, read as
+    # the cells", session 34)
+    image_prior_cells_nowhere: float = 0.0
     # training only (train mode): in the first this-many optimizer steps the LLM is shown zeros in place of its visual
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
     # question (docs/MODEL.md, "The visual-words loss switched on late")
@@ -462,6 +466,15 @@ class ModelConfig:
         if self.image_prior_cells_temperature <= 0:
             raise ConfigError(
                 f"model.image_prior_cells_temperature must be > 0, got {self.image_prior_cells_temperature}"
+            )
+        if not 0.0 <= self.image_prior_cells_nowhere <= 1.0:
+            raise ConfigError(
+                f"model.image_prior_cells_nowhere must be in [0, 1], got {self.image_prior_cells_nowhere}"
+            )
+        if self.image_prior_cells_nowhere and not (self.image_prior_cells and self.image_prior_nowhere):
+            raise ConfigError(
+                "model.image_prior_cells_nowhere mixes NothingThere into the answer cells: set model.image_prior_cells "
+                "and model.image_prior_nowhere"
             )
         if self.image_prior_cells_match and not self.image_prior_cells:
             raise ConfigError("model.image_prior_cells_match is part of the answer cells: set model.image_prior_cells")

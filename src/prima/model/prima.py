@@ -1225,6 +1225,17 @@ class PrimaModel(nn.Module):
             forms.add(word[:-1] if len(word) > 3 and word.endswith("s") else word)
         return forms
 
+    def _answer_cells(self, reading: PriorReading) -> torch.Tensor:
+        """The log-probabilities (N, g * g + 1) the cells' read-out uses: `AnswerCells`' over each image's cells, with
+        ``image_prior_cells_nowhere`` of `NothingThere`'s mixed in (geometric, renormalised; the last column, "nowhere",
+        stays the cells' and is not read)."""
+        w, cells = self.config.image_prior_cells_nowhere, reading.cells
+        assert cells is not None
+        if not w or reading.nowhere is None:
+            return cells
+        where = (1 - w) * cells[:, :-1].log_softmax(-1) + w * reading.nowhere[:, :-1].log_softmax(-1)
+        return torch.cat([where.log_softmax(-1), cells[:, -1:]], dim=-1)
+
     def _read_cells(self, result: GenerationOutput, cells: torch.Tensor, features: ImageFeatures) -> None:
         """Set ``result``'s `GenerationOutput.cells_share` and, where it is below ``image_prior_cells_below``,
         ``cells_words`` from `AnswerCells`' log-probabilities ``cells`` (g * g + 1,) on its first [SEG]'s image
@@ -1336,7 +1347,7 @@ class PrimaModel(nn.Module):
         if self.image_prior is not None and (weighs_image or c.image_prior_cells_weight or reads_nowhere):
             reading = self.image_prior.read(features[self.vision.token_index], sample_index, qids, qmask)
             prior = reading.logits.log_softmax(-1) if weighs_image else None
-            cells = reading.cells if c.image_prior_cells_weight else None
+            cells = self._answer_cells(reading) if c.image_prior_cells_weight else None
             nowhere = reading.nowhere[:, -1].exp() if reads_nowhere and reading.nowhere is not None else None
         ids, attention = _pad(
             [proc.encode_prompt(q, n) for (_, q), n in zip(requests, counts)], t.pad_token_id, dev, left=True
