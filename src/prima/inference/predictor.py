@@ -205,25 +205,26 @@ class PrimaPredictor:
             if not value >= 0:
                 raise PrimaError(f"{flag} must be >= 0, got {value}")
             setattr(model.config, option, float(value))
-        for option, flag, head, value in (
-            ("image_prior_cells_below", "--image-prior-cells-below", "cells", image_prior_cells_below),
-            ("image_prior_nowhere_below", "--image-prior-nowhere", "nowhere", image_prior_nowhere_below),
-            ("image_prior_cells_nowhere", "--image-prior-cells-nowhere", "nowhere", image_prior_cells_nowhere),
-        ):  # a share, a probability or a mixing weight: 0..1, read from a head of the image prior
+        unit, positive = (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"), (lambda v: v > 0, "> 0")
+        for option, flag, head, value, (valid, bounds) in (
+            ("image_prior_cells_below", "--image-prior-cells-below", "cells", image_prior_cells_below, unit),
+            ("image_prior_nowhere_below", "--image-prior-nowhere", "nowhere", image_prior_nowhere_below, unit),
+            ("image_prior_cells_nowhere", "--image-prior-cells-nowhere", "nowhere", image_prior_cells_nowhere, unit),
+            (
+                "image_prior_cells_temperature",
+                "--image-prior-cells-temperature",
+                "cells",
+                image_prior_cells_temperature,
+                positive,
+            ),
+        ):  # a share, a probability, a mixing weight or a temperature, read from a head of the image prior
             if value is None:
                 continue
             if value and getattr(model.image_prior, head, None) is None:
                 raise PrimaError(f"{flag}: {path}'s image prior has no {PRIOR_HEADS[head]}")
-            if not 0.0 <= value <= 1.0:
-                raise PrimaError(f"{flag} must be between 0 and 1, got {value}")
+            if not valid(value):
+                raise PrimaError(f"{flag} must be {bounds}, got {value}")
             setattr(model.config, option, float(value))
-        if image_prior_cells_temperature is not None:
-            flag = "--image-prior-cells-temperature"
-            if getattr(model.image_prior, "cells", None) is None:
-                raise PrimaError(f"{flag}: {path}'s image prior has no {PRIOR_HEADS['cells']}")
-            if not image_prior_cells_temperature > 0:
-                raise PrimaError(f"{flag} must be > 0, got {image_prior_cells_temperature}")
-            model.config.image_prior_cells_temperature = float(image_prior_cells_temperature)
         model.eval()
         return cls(model, **kwargs)
 

@@ -122,8 +122,9 @@ class GenerationOutput:
     # is the one written again without phrases, or when it had none and ``answer`` is one whose phrases they show;
     # model.image_prior_cells: or the answer before its first phrase was written again where the answer's cells are
     first_answer: str | None = None
-    # model.image_prior_cells: the share of `AnswerCells`' distribution over the first [SEG]'s image (sharpened by
-    # image_prior_cells_temperature) that lies under its mask (None without the cells or a [SEG])
+    # model.image_prior_cells: the share of the cells' distribution over the first [SEG]'s image (`AnswerCells`', with
+    # image_prior_cells_nowhere of `NothingThere`'s mixed in, sharpened by image_prior_cells_temperature) that lies
+    # under its mask (None without the cells or a [SEG])
     cells_share: float | None = None
     # ... and, where that share is under image_prior_cells_below, the words the phrase check reads where those cells
     # are (their distribution as the mask), likeliest first
@@ -1238,8 +1239,8 @@ class PrimaModel(nn.Module):
 
     def _read_cells(self, result: GenerationOutput, cells: torch.Tensor, features: ImageFeatures) -> None:
         """Set ``result``'s `GenerationOutput.cells_share` and, where it is below ``image_prior_cells_below``,
-        ``cells_words`` from `AnswerCells`' log-probabilities ``cells`` (g * g + 1,) on its first [SEG]'s image
-        (``features``: its sample's images)."""
+        ``cells_words`` from the cells' log-probabilities ``cells`` (g * g + 1,; `_answer_cells`) on its first [SEG]'s
+        image (``features``: its sample's images)."""
         first = result.segments[0]
         probs = (cells[:-1].float() / self.config.image_prior_cells_temperature).softmax(-1)  # where, if anywhere
         grid = int(probs.shape[-1] ** 0.5)
