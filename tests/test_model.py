@@ -1482,14 +1482,8 @@ def test_nothing_there_reads_each_image_against_the_one_the_question_compares_an
     reading = model.image_prior_reading(batch, model._inputs(batch))
     expected = model.image_prior_cells_loss(reading.nowhere, model._inputs(batch), *_first_segs(model, batch))
     assert torch.allclose(out.loss_nowhere, expected)
-    model.zero_grad()
-    out.loss_nowhere.backward()
-    prior = dict(model.image_prior.named_parameters())
-    assert all(prior[n].grad is not None for n in prior if n.startswith("nowhere."))
-    assert all(prior[n].grad is None for n in prior if not n.startswith("nowhere."))
-    groups = model.separately_clipped_groups()
-    assert list(model.image_prior.nowhere.parameters()) in groups
-    assert list(model.image_prior.cells.parameters()) in groups
+    _trains_alone(model, out.loss_nowhere, "nowhere")
+    assert list(model.image_prior.cells.parameters()) in model.separately_clipped_groups()
 
     # by hand: image 0 is read against each other image and the two readings mixed by the reference weights; where
     # they all but pick image 2, image 0 reads as in a sample of images 0 and 2 alone
@@ -1505,6 +1499,16 @@ def test_nothing_there_reads_each_image_against_the_one_the_question_compares_an
         one = head(raw[:1], readings[:1], torch.tensor([0]))  # nothing to compare with: still a distribution
     assert torch.allclose(three[0], two[0], atol=1e-5) and not torch.allclose(three[1], two[1], atol=1e-3)
     assert torch.allclose(three.exp().sum(-1), torch.ones(3)) and torch.allclose(one.exp().sum(-1), torch.ones(1))
+
+
+def _trains_alone(model: PrimaModel, loss: torch.Tensor, head: str) -> None:
+    """``loss`` reaches the image prior's ``head`` and nothing else of it, and that head is clipped on its own."""
+    model.zero_grad()
+    loss.backward()
+    prior = dict(model.image_prior.named_parameters())
+    assert all(prior[n].grad is not None for n in prior if n.startswith(head + "."))
+    assert all(prior[n].grad is None for n in prior if not n.startswith(head + "."))
+    assert list(getattr(model.image_prior, head).parameters()) in model.separately_clipped_groups()
 
 
 def _first_segs(model: PrimaModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1576,6 +1580,46 @@ def test_nothing_there_can_be_read_as_the_answer_cells(monkeypatch):
         assert first.cells_share == pytest.approx(float((where * cover.flatten()).sum()), abs=1e-5)
         shares[w] = first.cells_share
     assert shares[0.5] != pytest.approx(shares[1.0], abs=1e-6)
+
+
+def test_which_cells_weighs_the_two_distributions_image_by_image_and_trains_apart(monkeypatch):
+    """model.image_prior_cells_mix: `WhichCells` gives each image a weight in (0, 1) on `NothingThere`'s cells, the
+    read-out mixes the two by it (`prior.mix_cells`, in place of the fixed image_prior_cells_nowhere), and its loss
+    (the cells' loss of that mixture) trains it alone: both distributions and every other weight as without it."""
+    from prima.model.prior import mix_cells
+
+    with pytest.raises(PrimaError, match="set model.image_prior_cells and model.image_prior_nowhere"):
+        load_model_config("tiny", ["image_prior=true", "image_prior_cells=true", "image_prior_cells_mix=true"])
+    heads = ("image_prior=true", "image_prior_cells=true", "image_prior_nowhere=true")
+    model = small_model(*heads, "image_prior_cells_mix=true", *CHECK)
+    plain = small_model(*heads, *CHECK)
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in plain.named_parameters())
+    batch = make_batch(model, [grounded_sample(), negative_sample(), grounded_sample("s3", n_images=2)])
+    out, without = model(batch), plain(batch)
+    assert torch.equal(out.loss_nowhere, without.loss_nowhere) and without.loss_mix is None
+    reading = model.image_prior_reading(batch, model._inputs(batch))
+    assert reading.mix.shape == (reading.cells.shape[0],) and torch.allclose(
+        reading.mix, torch.full_like(reading.mix, 0.5)
+    )
+    expected = model.image_prior_cells_loss(
+        mix_cells(reading.cells, reading.nowhere, reading.mix), model._inputs(batch), *_first_segs(model, batch)
+    )
+    assert torch.allclose(out.loss_mix, expected)
+    _trains_alone(model, out.loss_mix, "mix")
+
+    # the read-out: the learnt weight, image by image, in place of the fixed one; off, the fixed one again
+    model.eval()
+    with torch.no_grad():
+        model.image_prior.mix.weigh[-1].bias.fill_(2.0)
+    images = random_images(3)
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, ["the", "<p>", "chair", "</p>", "</s>"]))
+    _, reading = _generate_and_read_prior(model, images, "Where?")
+    weight = torch.sigmoid(torch.tensor(2.0))
+    assert torch.allclose(reading.mix, weight.expand(3))
+    assert torch.allclose(model._answer_cells(reading), mix_cells(reading.cells, reading.nowhere, float(weight)))
+    assert not torch.allclose(model._answer_cells(reading), mix_cells(reading.cells, reading.nowhere, 0.5))
+    model.config.image_prior_cells_mix = False
+    assert torch.equal(model._answer_cells(reading), reading.cells)  # image_prior_cells_nowhere 0: the cells alone
 
 
 def _generate_and_read_prior(model: PrimaModel, images: list, question: str) -> tuple[GenerationOutput, PriorReading]:

@@ -427,6 +427,24 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
         PrimaPredictor.from_pretrained(nowhere, image_prior_cells_nowhere=1.5)
     with pytest.raises(PrimaError, match="--image-prior-cells-nowhere: .* has no `NothingThere`"):
         PrimaPredictor.from_pretrained(cells, image_prior_cells_nowhere=0.5)
+    # a checkpoint that learnt the weight image by image (model.image_prior_cells_mix) reads it, unless one is given
+    mixed = tmp_path / "with-mix"
+    create_model(
+        load_model_config(
+            "tiny",
+            [
+                *SMALL,
+                "image_prior=true",
+                "image_prior_cells=true",
+                "image_prior_nowhere=true",
+                "image_prior_cells_mix=true",
+            ],
+        ),
+        TINY_TEXTS,
+    ).save_pretrained(mixed)
+    assert PrimaPredictor.from_pretrained(mixed).model.config.image_prior_cells_mix
+    fixed = PrimaPredictor.from_pretrained(mixed, image_prior_cells_nowhere=0.5).model.config
+    assert not fixed.image_prior_cells_mix and fixed.image_prior_cells_nowhere == 0.5
 
 
 def test_repeat_images_override_sets_distinct_images(tiny_checkpoint):

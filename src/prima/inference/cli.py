@@ -42,8 +42,9 @@ IMAGE_PRIOR_CELLS_TEMPERATURE_HELP = (
 )
 IMAGE_PRIOR_CELLS_NOWHERE_HELP = (
     "with a checkpoint whose image prior has the answer's cells and NothingThere (model.image_prior_nowhere): how much "
-    "NothingThere's distribution over each image's cells weighs in the cells' read-out, 0 to 1 (0: the cells' alone; "
-    'default: the checkpoint\'s model.image_prior_cells_nowhere; docs/MODEL.md, "Nothing there, read as the cells")'
+    "NothingThere's distribution over each image's cells weighs in the cells' read-out, 0 to 1, the same for every image "
+    "(0: the cells' alone; given, it replaces the weight a checkpoint with model.image_prior_cells_mix learnt image by "
+    'image; default: the checkpoint\'s; docs/MODEL.md, "Nothing there, read as the cells")'
 )
 IMAGE_PRIOR_NOWHERE_HELP = (
     "with a checkpoint whose image prior says whether an answer grounds anything in an image "

@@ -152,7 +152,8 @@ class PrimaPredictor:
         re-rank its first phrase), ``image_prior_cells_below`` its ``model.image_prior_cells_below`` (0: no first
         phrase is written again), ``image_prior_cells_temperature`` its ``model.image_prior_cells_temperature``
         (> 0; below 1 the cells' likeliest cells weigh more), ``image_prior_cells_nowhere`` its
-        ``model.image_prior_cells_nowhere`` (0..1: how much `NothingThere`'s cells weigh in the cells' read-out),
+        ``model.image_prior_cells_nowhere`` (0..1: how much `NothingThere`'s cells weigh in the cells' read-out,
+        everywhere; in place of a learnt `WhichCells`' weight, ``model.image_prior_cells_mix``),
         ``image_prior_nowhere_below`` its ``model.image_prior_nowhere_below`` (0: nothing
         reads whether the answer grounds anything in its image)."""
         path = resolve_checkpoint(path)
@@ -225,6 +226,8 @@ class PrimaPredictor:
             if not valid(value):
                 raise PrimaError(f"{flag} must be {bounds}, got {value}")
             setattr(model.config, option, float(value))
+        if image_prior_cells_nowhere is not None:  # a fixed weight asked for: `WhichCells`' learnt one is not read
+            model.config.image_prior_cells_mix = False
         model.eval()
         return cls(model, **kwargs)
 

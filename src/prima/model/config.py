@@ -280,6 +280,8 @@ class LossConfig:
     image_prior_cells: float = 1.0
     # with model.image_prior_nowhere: the same cross-entropy for `NothingThere`'s distribution (its own clip)
     image_prior_nowhere: float = 1.0
+    # with model.image_prior_cells_mix: the same cross-entropy for the two mixed by `WhichCells`' weight (its own clip)
+    image_prior_cells_mix: float = 1.0
 
     def validate(self) -> None:
         if self.visual_words_from_step < 0:
@@ -406,6 +408,10 @@ class ModelConfig:
     # mixture, renormalised: 0 the cells' alone, 1 `NothingThere`'s alone; docs/MODEL.md, "Nothing there, read as
     # the cells", session 34)
     image_prior_cells_nowhere: float = 0.0
+    # ... or as much as `prior.WhichCells` weighs it image by image, from the image's reading of the question and how
+    # sure each distribution is (loss.image_prior_cells_mix; image_prior_cells_nowhere is then not read;
+    # docs/MODEL.md, "Which cells, question by question")
+    image_prior_cells_mix: bool = False
     # training only (train mode): in the first this-many optimizer steps the LLM is shown zeros in place of its visual
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
     # question (docs/MODEL.md, "The visual-words loss switched on late")
@@ -474,6 +480,11 @@ class ModelConfig:
         if self.image_prior_cells_nowhere and not (self.image_prior_cells and self.image_prior_nowhere):
             raise ConfigError(
                 "model.image_prior_cells_nowhere mixes NothingThere into the answer cells: set model.image_prior_cells "
+                "and model.image_prior_nowhere"
+            )
+        if self.image_prior_cells_mix and not (self.image_prior_cells and self.image_prior_nowhere):
+            raise ConfigError(
+                "model.image_prior_cells_mix weighs NothingThere against the answer cells: set model.image_prior_cells "
                 "and model.image_prior_nowhere"
             )
         if self.image_prior_cells_match and not self.image_prior_cells:

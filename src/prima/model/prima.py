@@ -25,7 +25,7 @@ from prima.model.config import ModelConfig, TokenIds, image_tokens_per_image, lo
 from prima.model.grounding import GroundingImages, build_grounding
 from prima.model.language import build_language_model, hidden_size
 from prima.model.losses import IGNORE_INDEX, mask_centres, mask_losses, score_loss, text_loss, text_loss_at
-from prima.model.prior import ImagePrior, PriorReading
+from prima.model.prior import ImagePrior, PriorReading, mix_cells
 from prima.model.square import ImageQueryModule
 from prima.model.vision import ImageFeatures, build_vision_encoder
 
@@ -72,6 +72,7 @@ class PrimaOutput:
     loss_places: torch.Tensor | None = None  # its places' loss (only with ``model.image_prior_places``)
     loss_cells: torch.Tensor | None = None  # its answer cells' loss (only with ``model.image_prior_cells``)
     loss_nowhere: torch.Tensor | None = None  # its `NothingThere`'s loss (only with ``model.image_prior_nowhere``)
+    loss_mix: torch.Tensor | None = None  # the cells' loss of the two mixed (only with ``model.image_prior_cells_mix``)
     # model.image_prior: (B, K) its logits over each sample's images (-inf past its count)
     image_prior_logits: torch.Tensor | None = None
 
@@ -284,6 +285,7 @@ class PrimaModel(nn.Module):
                     cells=cfg.image_prior_cells,
                     cells_match=cfg.image_prior_cells_match,
                     nowhere=cfg.image_prior_nowhere,
+                    cells_mix=cfg.image_prior_cells_mix,
                 )
             if cfg.image_prior_places and cfg.tokens.qformer_vocab_size not in (None, cfg.tokens.vocab_size):
                 # its places learn where the answer's phrases have the question's words: one vocabulary for both
@@ -355,11 +357,12 @@ class PrimaModel(nn.Module):
         """Groups of trainable parameters, each with a loss of its own that no other parameter's gradient shares: the
         word reader (``grounding.word_readout``) and the phrase check (``grounding.phrase_check``) read frozen
         features under GT and detached masks; the image prior (``model.image_prior``) reads frozen features and the
-        question's ids, and its answer cells (``model.image_prior_cells``) read its tokens and readings detached. The
+        question's ids, and its answer cells (``model.image_prior_cells``), `NothingThere` and their mix read its tokens,
+        readings and each other detached. The
         trainer clips each group's gradient norm on its own, so switching them on leaves every other update as it
         was."""
         heads = [getattr(self.grounding, name, None) for name in ("reader", "checker")] + [self.image_prior]
-        own = [getattr(self.image_prior, name, None) for name in ("cells", "nowhere")]  # each clipped apart
+        own = [getattr(self.image_prior, name, None) for name in ("cells", "nowhere", "mix")]  # each clipped apart
         own = [head for head in own if head is not None]
         apart = {id(p) for head in own for p in head.parameters()}
         groups = [
@@ -880,7 +883,7 @@ class PrimaModel(nn.Module):
         targets: torch.Tensor | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """The prior's logits, its losses by `PrimaOutput` field (``loss_prior``, and ``loss_places`` /
-        ``loss_cells`` / ``loss_nowhere`` where the prior has those parts; none without labels) and their weighted
+        ``loss_cells`` / ``loss_nowhere`` / ``loss_mix`` where the prior has those parts; none without labels) and their weighted
         sum (None without labels)."""
         w = self.config.loss
         reading = self.image_prior_reading(batch, x)
@@ -905,6 +908,11 @@ class PrimaModel(nn.Module):
             if found is not None:
                 losses[name] = self.image_prior_cells_loss(found, x, positions[0], seg_images, targets)
                 loss = loss + weight * losses[name]
+        if reading.mix is not None:  # the mixture the read-out reads, of the two heads' distributions as they are
+            assert reading.cells is not None and reading.nowhere is not None
+            mixed = mix_cells(reading.cells.detach(), reading.nowhere.detach(), reading.mix)
+            losses["loss_mix"] = self.image_prior_cells_loss(mixed, x, positions[0], seg_images, targets)
+            loss = loss + w.image_prior_cells_mix * losses["loss_mix"]
         return reading.logits, losses, loss
 
     def image_prior_reading(self, batch: dict[str, Any], x: _Inputs) -> PriorReading:
@@ -1228,14 +1236,15 @@ class PrimaModel(nn.Module):
 
     def _answer_cells(self, reading: PriorReading) -> torch.Tensor:
         """The log-probabilities (N, g * g + 1) the cells' read-out uses: `AnswerCells`' over each image's cells, with
-        ``image_prior_cells_nowhere`` of `NothingThere`'s mixed in (geometric, renormalised; the last column, "nowhere",
-        stays the cells' and is not read)."""
-        w, cells = self.config.image_prior_cells_nowhere, reading.cells
+        `NothingThere`'s mixed in (`prior.mix_cells`): as much as `WhichCells` weighs it image by image with
+        ``model.image_prior_cells_mix``, else ``image_prior_cells_nowhere`` everywhere."""
+        c, cells = self.config, reading.cells
         assert cells is not None
-        if not w or reading.nowhere is None:
+        if reading.nowhere is None:
             return cells
-        where = (1 - w) * cells[:, :-1].log_softmax(-1) + w * reading.nowhere[:, :-1].log_softmax(-1)
-        return torch.cat([where.log_softmax(-1), cells[:, -1:]], dim=-1)
+        if c.image_prior_cells_mix and reading.mix is not None:
+            return mix_cells(cells, reading.nowhere, reading.mix)
+        return mix_cells(cells, reading.nowhere, c.image_prior_cells_nowhere) if c.image_prior_cells_nowhere else cells
 
     def _read_cells(self, result: GenerationOutput, cells: torch.Tensor, features: ImageFeatures) -> None:
         """Set ``result``'s `GenerationOutput.cells_share` and, where it is below ``image_prior_cells_below``,

@@ -35,6 +35,7 @@ class PriorReading:
     places: torch.Tensor | None  # (N, L', g * g) each of the first L' question words' attention over each image's cells
     cells: torch.Tensor | None  # (N, g * g + 1) `AnswerCells`' log-probabilities over each image's cells and "nowhere"
     nowhere: torch.Tensor | None = None  # (N, g * g + 1) `NothingThere`'s, the same outcomes
+    mix: torch.Tensor | None = None  # (N,) `WhichCells`' weight on `NothingThere`'s cells, image by image
 
 
 class ImagePrior(nn.Module):
@@ -55,6 +56,7 @@ class ImagePrior(nn.Module):
         cells: bool = False,
         cells_match: bool = False,
         nowhere: bool = False,
+        cells_mix: bool = False,
     ):
         super().__init__()
         self.max_words = max_words
@@ -79,6 +81,9 @@ class ImagePrior(nn.Module):
         self.contrast = WordContrast(channels, dim) if contrast else None
         self.cells = AnswerCells(dim, channels if cells_match else None) if cells else None
         self.nowhere = NothingThere(channels, dim) if nowhere else None
+        if cells_mix and not (cells and nowhere):
+            raise ValueError("the image prior's cells mix weighs the answer cells against NothingThere: it needs both")
+        self.mix = WhichCells(dim) if cells_mix else None
 
     def forward(
         self,
@@ -132,7 +137,7 @@ class ImagePrior(nn.Module):
                 related = related + self.contrast(places.detach(), cells, image_sample_index, words, present)
             logits = logits + logits.new_zeros(b, k).index_put((image_sample_index, slot), related.float())
         logits = logits.masked_fill(absent, float("-inf"))
-        cells = nowhere = None
+        cells = nowhere = mix = None
         if self.cells is not None or self.nowhere is not None:  # both read each image's question reading, detached
             raw = features.flatten(2).transpose(1, 2)
             readings = compared[image_sample_index, slot].detach()
@@ -140,7 +145,10 @@ class ImagePrior(nn.Module):
                 cells = self.cells(raw, tokens.detach(), readings, image_sample_index)
             if self.nowhere is not None:
                 nowhere = self.nowhere(raw, readings, image_sample_index)
-        return PriorReading(logits, places, cells, nowhere)
+            if self.mix is not None:
+                assert cells is not None and nowhere is not None
+                mix = self.mix(readings, cells.detach(), nowhere.detach())
+        return PriorReading(logits, places, cells, nowhere, mix)
 
 
 class WordPlaces(nn.Module):
@@ -341,3 +349,46 @@ class NothingThere(nn.Module):
             mixed = against.float().log_softmax(-1) + weights.float().clamp_min(1e-30).log()[..., None]
             out[rows] = mixed.logsumexp(1)
         return out
+
+
+def mix_cells(cells: torch.Tensor, nowhere: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
+    """`AnswerCells`' and `NothingThere`'s log-probabilities (N, G + 1) mixed over each image's cells, geometrically
+    and renormalised: ``weight`` (a number, or (N,) one per image) of `NothingThere`'s, the rest the cells'. The last
+    column, "nowhere", stays the cells' (nothing reads it at generation)."""
+    if not torch.is_tensor(weight):
+        weight = cells.new_tensor(float(weight))
+    w = weight.to(cells.dtype).reshape(-1, 1)
+    where = (1 - w) * cells[:, :-1].log_softmax(-1) + w * nowhere[:, :-1].log_softmax(-1)
+    return torch.cat([where.log_softmax(-1), cells[:, -1:]], dim=-1)
+
+
+class WhichCells(nn.Module):
+    """How much of `NothingThere`'s distribution over an image's cells to read in place of `AnswerCells`', image by
+    image: a weight in (0, 1) from the image's reading of the question and how sure each distribution is.
+
+    `NothingThere` finds the object of a question that compares images ("What is in image 3 but not in image 1?")
+    far more often than the cells, and the cells that of one that does not ("What could you sit on?") a little more
+    often; one fixed weight for every question trades between them (docs/MODEL.md, "Which cells, question by
+    question"). Trained by the cells' loss of the mixture (`mix_cells`; `model.loss.image_prior_cells_mix`), reading
+    both distributions and the readings detached, clipped on its own.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weigh = nn.Sequential(nn.Linear(dim + 5, dim), nn.GELU(), nn.Linear(dim, 1))
+        nn.init.zeros_(self.weigh[-1].weight)  # half of each until it has learnt which to trust
+        nn.init.zeros_(self.weigh[-1].bias)
+
+    def forward(self, readings: torch.Tensor, cells: torch.Tensor, nowhere: torch.Tensor) -> torch.Tensor:
+        """``readings`` (N, D) each image's reading of the question, ``cells`` / ``nowhere`` (N, G + 1) the two heads'
+        log-probabilities: (N,) the weight on `NothingThere`'s."""
+        p, q = cells[:, :-1].float().softmax(-1), nowhere[:, :-1].float().softmax(-1)
+        sure = [
+            p.amax(-1),
+            q.amax(-1),
+            -(p * p.clamp_min(1e-12).log()).sum(-1),
+            -(q * q.clamp_min(1e-12).log()).sum(-1),
+        ]
+        agree = (p * q).sqrt().sum(-1)  # their overlap (the Bhattacharyya coefficient)
+        x = torch.cat([readings.float(), torch.stack([*sure, agree], dim=-1)], dim=-1).to(readings.dtype)
+        return torch.sigmoid(self.weigh(x).squeeze(-1).float())
