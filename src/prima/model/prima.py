@@ -357,10 +357,9 @@ class PrimaModel(nn.Module):
         """Groups of trainable parameters, each with a loss of its own that no other parameter's gradient shares: the
         word reader (``grounding.word_readout``) and the phrase check (``grounding.phrase_check``) read frozen
         features under GT and detached masks; the image prior (``model.image_prior``) reads frozen features and the
-        question's ids, and its answer cells (``model.image_prior_cells``), `NothingThere` and their mix read its tokens,
-        readings and each other detached. The
-        trainer clips each group's gradient norm on its own, so switching them on leaves every other update as it
-        was."""
+        question's ids, and its answer cells (``model.image_prior_cells``), `NothingThere` and `WhichCells` read its
+        tokens, its readings and each other detached. The trainer clips each group's gradient norm on its own, so
+        switching them on leaves every other update as it was."""
         heads = [getattr(self.grounding, name, None) for name in ("reader", "checker")] + [self.image_prior]
         own = [getattr(self.image_prior, name, None) for name in ("cells", "nowhere", "mix")]  # each clipped apart
         own = [head for head in own if head is not None]
@@ -882,9 +881,9 @@ class PrimaModel(nn.Module):
         seg_images: torch.Tensor,
         targets: torch.Tensor | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
-        """The prior's logits, its losses by `PrimaOutput` field (``loss_prior``, and ``loss_places`` /
-        ``loss_cells`` / ``loss_nowhere`` / ``loss_mix`` where the prior has those parts; none without labels) and their weighted
-        sum (None without labels)."""
+        """The prior's logits, its losses by `PrimaOutput` field (``loss_prior``, and ``loss_places`` / ``loss_cells`` /
+        ``loss_nowhere`` / ``loss_mix`` where the prior has those parts; none without labels) and their weighted sum
+        (None without labels)."""
         w = self.config.loss
         reading = self.image_prior_reading(batch, x)
         if x.labels is None:

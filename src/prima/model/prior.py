@@ -8,9 +8,11 @@ self-attention layer then compares the images' summaries (an odd one out is only
 gets a logit; with ``relations`` (`model.image_prior_places`) `WordPlaces` adds a score from where the question's
 words are in each image relative to each other, and with ``contrast`` (`model.image_prior_contrast`) `WordContrast`
 one from how each image differs from the others at those places. With ``cells`` (`model.image_prior_cells`)
-`AnswerCells` also says where in each image the answer's first object is. It reads the frozen encoder's features and
-the question's ids (as the Q-Former reads them), nothing the LLM computes, so it trains beside the mask decoder with
-its own loss and its own gradient clip, or alone (configs/tiny-prior.yaml). At generation `PrimaModel` re-weighs the
+`AnswerCells` also says where in each image the answer's first object is, with ``nowhere`` (`model.image_prior_nowhere`)
+`NothingThere` the same from what each image has that another lacks, and with ``cells_mix``
+(`model.image_prior_cells_mix`) `WhichCells` how much of the latter to read in place of the former. It reads the
+frozen encoder's features and the question's ids (as the Q-Former reads them), nothing the LLM computes, so it trains
+beside the mask decoder with its own loss and its own gradient clip, or alone (configs/tiny-prior.yaml). At generation `PrimaModel` re-weighs the
 answer's first image reference by it (docs/MODEL.md, "Which image first: the image prior"; after a phrase with
 `model.image_prior_after_phrase`).
 """
@@ -104,7 +106,8 @@ class ImagePrior(nn.Module):
     ) -> PriorReading:
         """``features`` (N, C, g, g): the encoder's features at the token stride of the batch's N images, sample by
         sample; ``image_sample_index`` (N,) each image's sample; ``question_ids`` / ``question_mask`` (B, L): the
-        questions, right-padded. The places are None without ``relations``, the cells without ``cells``."""
+        questions, right-padded. The places are None without ``relations``, the cells without ``cells``, `NothingThere`'s
+        distribution without ``nowhere`` and the weight between the two without ``cells_mix``."""
         b, n, dev = question_ids.shape[0], features.shape[0], features.device
         counts = torch.bincount(image_sample_index, minlength=b)
         slot = position_in_sample(image_sample_index)
