@@ -1501,6 +1501,44 @@ def test_nothing_there_reads_each_image_against_the_one_the_question_compares_an
     assert torch.allclose(three.exp().sum(-1), torch.ones(3)) and torch.allclose(one.exp().sum(-1), torch.ones(1))
 
 
+def test_odd_image_scores_the_image_that_differs_where_nothing_there_looks_and_trains_apart():
+    """model.image_prior_odd: `OddImage` adds to the prior's image logits each image's standardised mean distance to
+    the sample's other images, described under its own `NothingThere` distribution, scaled by a gate of the question's
+    reading (zero at the start: the logits as without it); trained by the image loss alone, clipped apart; nothing in
+    a sample of fewer than three images."""
+    from prima.model.prior import OddImage
+
+    with pytest.raises(PrimaError, match="set model.image_prior_nowhere"):
+        load_model_config("tiny", ["image_prior=true", "image_prior_cells=true", "image_prior_odd=true"])
+    heads = ("image_prior=true", "image_prior_cells=true", "image_prior_nowhere=true")
+    model, plain = small_model(*heads, "image_prior_odd=true"), small_model(*heads)
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in plain.named_parameters())
+    batch = make_batch(model, [grounded_sample(), grounded_sample("s2", n_images=3)])
+    out = model(batch)
+    assert torch.equal(out.image_prior_logits, plain(batch).image_prior_logits)  # the gate starts at zero
+    model.zero_grad()
+    out.loss_prior.backward()  # the image loss: the prior's and this head's, not NothingThere's or the cells'
+    prior = dict(model.image_prior.named_parameters())
+    assert all(prior[n].grad is not None for n in prior if n.startswith("odd."))
+    assert all(prior[n].grad is None for n in prior if n.startswith(("nowhere.", "cells.")))
+    assert list(model.image_prior.odd.parameters()) in model.separately_clipped_groups()
+    model.zero_grad()  # a batch without a sample of three images still trains (the gate stays in the graph)
+    model(make_batch(model, [grounded_sample(n_images=2)])).loss_prior.backward()
+    assert all(p.grad is not None for p in model.image_prior.odd.parameters())
+
+    # by hand: three images alike but the second, under a uniform place: the second is the odd one
+    torch.manual_seed(0)
+    head = OddImage(dim=8)
+    with torch.no_grad():
+        head.gate[-1].bias.fill_(2.0)
+    cells = torch.ones(4, 5, 6)
+    cells[[1, 3], :, 0] = 5.0  # sample 0: image 1 differs; sample 1 has two images only
+    uniform = torch.full((4, 6), -math.log(6))
+    scores = head(cells, uniform, torch.randn(4, 8), torch.tensor([0, 0, 0, 1]))
+    assert int(scores[:3].argmax()) == 1 and scores[1] > 0 > scores[0]
+    assert scores[3] == 0
+
+
 def _trains_alone(model: PrimaModel, loss: torch.Tensor, head: str) -> None:
     """``loss`` reaches the image prior's ``head`` and nothing else of it, and that head is clipped on its own."""
     model.zero_grad()

@@ -412,6 +412,10 @@ class ModelConfig:
     # sure each distribution is (loss.image_prior_cells_mix; image_prior_cells_nowhere is then not read;
     # docs/MODEL.md, "Which cells, question by question")
     image_prior_cells_mix: bool = False
+    # + a score per image from how much it differs from the sample's other images where `NothingThere` finds a
+    # difference, scaled by a gate the question's reading gives, added to the prior's image logits (`prior.OddImage`;
+    # trained by loss.image_prior; docs/MODEL.md, "Which image is odd")
+    image_prior_odd: bool = False
     # training only (train mode): in the first this-many optimizer steps the LLM is shown zeros in place of its visual
     # tokens, which meanwhile learn by the visual-words loss alone, so the LLM first learns what it copies from the
     # question (docs/MODEL.md, "The visual-words loss switched on late")
@@ -487,6 +491,8 @@ class ModelConfig:
                 "model.image_prior_cells_mix weighs NothingThere against the answer cells: set model.image_prior_cells "
                 "and model.image_prior_nowhere"
             )
+        if self.image_prior_odd and not self.image_prior_nowhere:
+            raise ConfigError("model.image_prior_odd reads NothingThere's places: set model.image_prior_nowhere")
         if self.image_prior_cells_match and not self.image_prior_cells:
             raise ConfigError("model.image_prior_cells_match is part of the answer cells: set model.image_prior_cells")
         if self.image_prior_layers < 1:

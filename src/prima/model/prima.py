@@ -286,6 +286,7 @@ class PrimaModel(nn.Module):
                     cells_match=cfg.image_prior_cells_match,
                     nowhere=cfg.image_prior_nowhere,
                     cells_mix=cfg.image_prior_cells_mix,
+                    odd=cfg.image_prior_odd,
                 )
             if cfg.image_prior_places and cfg.tokens.qformer_vocab_size not in (None, cfg.tokens.vocab_size):
                 # its places learn where the answer's phrases have the question's words: one vocabulary for both
@@ -361,7 +362,7 @@ class PrimaModel(nn.Module):
         tokens, its readings and each other detached. The trainer clips each group's gradient norm on its own, so
         switching them on leaves every other update as it was."""
         heads = [getattr(self.grounding, name, None) for name in ("reader", "checker")] + [self.image_prior]
-        own = [getattr(self.image_prior, name, None) for name in ("cells", "nowhere", "mix")]  # each clipped apart
+        own = [getattr(self.image_prior, name, None) for name in ("cells", "nowhere", "mix", "odd")]  # each apart
         own = [head for head in own if head is not None]
         apart = {id(p) for head in own for p in head.parameters()}
         groups = [

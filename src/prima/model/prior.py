@@ -59,6 +59,7 @@ class ImagePrior(nn.Module):
         cells_match: bool = False,
         nowhere: bool = False,
         cells_mix: bool = False,
+        odd: bool = False,
     ):
         super().__init__()
         self.max_words = max_words
@@ -86,6 +87,9 @@ class ImagePrior(nn.Module):
         if cells_mix and not (cells and nowhere):
             raise ValueError("the image prior's cells mix weighs the answer cells against NothingThere: it needs both")
         self.mix = WhichCells(dim) if cells_mix else None
+        if odd and not nowhere:
+            raise ValueError("the image prior's odd-image score reads NothingThere's places: it needs nowhere=True")
+        self.odd = OddImage(dim) if odd else None
 
     def forward(
         self,
@@ -151,6 +155,10 @@ class ImagePrior(nn.Module):
             if self.mix is not None:
                 assert cells is not None and nowhere is not None
                 mix = self.mix(readings, cells.detach(), nowhere.detach())
+            if self.odd is not None:
+                assert nowhere is not None
+                odd = self.odd(raw, nowhere.detach(), readings, image_sample_index)
+                logits = logits + logits.new_zeros(b, k).index_put((image_sample_index, slot), odd.float())
         return PriorReading(logits, places, cells, nowhere, mix)
 
 
@@ -395,3 +403,46 @@ class WhichCells(nn.Module):
         agree = (p * q).sqrt().sum(-1)  # their overlap (the Bhattacharyya coefficient)
         x = torch.cat([readings.float(), torch.stack([*sure, agree], dim=-1)], dim=-1).to(readings.dtype)
         return torch.sigmoid(self.weigh(x).squeeze(-1).float())
+
+
+class OddImage(nn.Module):
+    """A score per image from how much what it shows where `NothingThere` finds a difference differs from what the
+    sample's other images show there: which image is the odd one out.
+
+    `NothingThere` finds where an image differs from the others ("Each image shows the same chair, but in one image a
+    part of it has another colour": the part), but not which image is odd, since the difference is the same both ways
+    (docs/MODEL.md, "Which image is odd"). Here each image is described by the encoder's features (normalised) pooled
+    under its own `NothingThere` distribution, its oddness is its mean distance to the other images' descriptions,
+    standardised over the sample's images, and a gate from the sample's readings of the question (mean over its
+    images) scales it: how much the question asks for the odd image. Trained by the prior's image loss on the logits
+    it adds to, reading `NothingThere` and the readings detached, clipped on its own, over a finished prior (stage 4's
+    `train.train_only`; trained beside the prior, that loss would move the prior too).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+        nn.init.zeros_(self.gate[-1].weight)  # no say until it has learnt which questions ask for the odd image
+        nn.init.zeros_(self.gate[-1].bias)
+
+    def forward(
+        self, cells: torch.Tensor, nowhere: torch.Tensor, readings: torch.Tensor, image_sample_index: torch.Tensor
+    ) -> torch.Tensor:
+        """``cells`` (N, G, C) the encoder's features, ``nowhere`` (N, G + 1) `NothingThere`'s log-probabilities,
+        ``readings`` (N, D) each image's reading of the question: (N,) scores (0 in a sample of fewer than 3
+        images, where no image is odd)."""
+        place = nowhere[:, :-1].float().softmax(-1)
+        described = torch.einsum("ng,ngc->nc", place, F.normalize(cells.float(), dim=-1))
+        b = int(image_sample_index.max()) + 1
+        counts = torch.bincount(image_sample_index, minlength=b)
+        question = readings.new_zeros(b, readings.shape[-1]).index_add(0, image_sample_index, readings)
+        gate = self.gate(question / counts.clamp_min(1)[:, None].to(readings.dtype)).squeeze(-1).float()  # (B,)
+        z = place.new_zeros(cells.shape[0])
+        for sample in torch.unique(image_sample_index).tolist():
+            rows = (image_sample_index == sample).nonzero(as_tuple=True)[0]
+            k = rows.numel()
+            if k < 3:
+                continue
+            oddness = torch.cdist(described[rows], described[rows]).sum(1) / (k - 1)
+            z[rows] = (oddness - oddness.mean()) / (oddness.std() + 1e-6)
+        return gate[image_sample_index] * z  # in the graph even where every z is 0
