@@ -33,12 +33,18 @@ def build_tiny_checkpoint(tmp_path_factory) -> Path:
     """The random tiny checkpoint's folder, built on first use in this pytest session."""
     import torch
 
-    from prima.model import create_model, load_model_config
-
     path = tmp_path_factory.getbasetemp() / "prima-tiny-random"  # shared with the files that import this fixture
     if not (path / "model.safetensors").is_file():
         torch.manual_seed(0)
-        create_model(load_model_config("tiny", SMALL), TINY_TEXTS).save_pretrained(path)
+        save_small_checkpoint(path)
+    return path
+
+
+def save_small_checkpoint(path: Path, *overrides: str) -> Path:
+    """A random `SMALL` model with the model-config ``overrides``, saved as a checkpoint folder at ``path``."""
+    from prima.model import create_model, load_model_config
+
+    create_model(load_model_config("tiny", [*SMALL, *overrides]), TINY_TEXTS).save_pretrained(path)
     return path
 
 
@@ -322,13 +328,11 @@ def test_image_choice_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pa
     """`--image-choice-weight` (prima predict / prima eval): only for a checkpoint with the decoder's image choice."""
     import torch
 
-    from prima.model import create_model, load_model_config
-
     with pytest.raises(PrimaError, match="has no image choice"):
         PrimaPredictor.from_pretrained(tiny_checkpoint, image_choice_weight=0.0)
     torch.manual_seed(0)
     path = tmp_path / "with-choice"
-    create_model(load_model_config("tiny", [*SMALL, "grounding.image_choice=true"]), TINY_TEXTS).save_pretrained(path)
+    save_small_checkpoint(path, "grounding.image_choice=true")
     assert PrimaPredictor.from_pretrained(path).model.config.grounding.image_choice_weight == 1.0  # the checkpoint's
     predictor = PrimaPredictor.from_pretrained(path, image_choice_weight=0.0)
     assert predictor.model.config.grounding.image_choice_weight == 0.0
@@ -340,15 +344,13 @@ def test_image_support_weight_override_is_checked_and_set(tiny_checkpoint, tmp_p
     """`--image-support-weight` (prima predict / prima eval): only with the image choice and the phrase check."""
     import torch
 
-    from prima.model import create_model, load_model_config
-
     with pytest.raises(PrimaError, match="needs the image choice and the phrase check"):
         PrimaPredictor.from_pretrained(tiny_checkpoint, image_support_weight=1.0)
     assert PrimaPredictor.from_pretrained(tiny_checkpoint, image_support_weight=0.0)  # off is always fine
     torch.manual_seed(0)
     path = tmp_path / "with-check"
     heads = ["grounding.image_choice=true", "grounding.phrase_tokens=2", "grounding.phrase_check=true"]
-    create_model(load_model_config("tiny", [*SMALL, *heads]), TINY_TEXTS).save_pretrained(path)
+    save_small_checkpoint(path, *heads)
     assert PrimaPredictor.from_pretrained(path).model.config.grounding.image_support_weight == 0.0  # the checkpoint's
     predictor = PrimaPredictor.from_pretrained(path, image_support_weight=2.0)
     assert predictor.model.config.grounding.image_support_weight == 2.0
@@ -362,15 +364,13 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
     prior (the last four with its heads); 0 is always fine but for the temperature."""
     import torch
 
-    from prima.model import create_model, load_model_config
-
     for option in ("image_prior_weight", "image_prior_after_phrase"):
         with pytest.raises(PrimaError, match="has no image prior"):
             PrimaPredictor.from_pretrained(tiny_checkpoint, **{option: 1.0})
         assert PrimaPredictor.from_pretrained(tiny_checkpoint, **{option: 0.0})
     torch.manual_seed(0)
     path = tmp_path / "with-prior"
-    create_model(load_model_config("tiny", [*SMALL, "image_prior=true"]), TINY_TEXTS).save_pretrained(path)
+    save_small_checkpoint(path, "image_prior=true")
     assert PrimaPredictor.from_pretrained(path).model.config.image_prior_weight == 1.0  # the checkpoint's
     assert PrimaPredictor.from_pretrained(path, image_prior_weight=2.5).model.config.image_prior_weight == 2.5
     with pytest.raises(PrimaError, match="must be >= 0"):
@@ -384,10 +384,7 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
     with pytest.raises(PrimaError, match="has no answer cells"):
         PrimaPredictor.from_pretrained(path, image_prior_cells_weight=1.0)
     assert PrimaPredictor.from_pretrained(path, image_prior_cells_weight=0.0)
-    cells = tmp_path / "with-cells"
-    create_model(
-        load_model_config("tiny", [*SMALL, "image_prior=true", "image_prior_cells=true"]), TINY_TEXTS
-    ).save_pretrained(cells)
+    cells = save_small_checkpoint(tmp_path / "with-cells", "image_prior=true", "image_prior_cells=true")
     assert PrimaPredictor.from_pretrained(cells).model.config.image_prior_cells_weight == 0.0
     assert (
         PrimaPredictor.from_pretrained(cells, image_prior_cells_weight=2.0).model.config.image_prior_cells_weight == 2
@@ -411,11 +408,8 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
     # `NothingThere` is read only where the prior has it (model.image_prior_nowhere)
     with pytest.raises(PrimaError, match="has no `NothingThere`"):
         PrimaPredictor.from_pretrained(cells, image_prior_nowhere_below=0.05)
-    nowhere = tmp_path / "with-nowhere"
-    create_model(
-        load_model_config("tiny", [*SMALL, "image_prior=true", "image_prior_cells=true", "image_prior_nowhere=true"]),
-        TINY_TEXTS,
-    ).save_pretrained(nowhere)
+    heads = ("image_prior=true", "image_prior_cells=true", "image_prior_nowhere=true")
+    nowhere = save_small_checkpoint(tmp_path / "with-nowhere", *heads)
     assert PrimaPredictor.from_pretrained(nowhere).model.config.image_prior_nowhere_below == 0.0
     read = PrimaPredictor.from_pretrained(nowhere, image_prior_nowhere_below=0.05).model.config
     assert read.image_prior_nowhere_below == 0.05
@@ -428,20 +422,7 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
     with pytest.raises(PrimaError, match="--image-prior-cells-nowhere: .* has no `NothingThere`"):
         PrimaPredictor.from_pretrained(cells, image_prior_cells_nowhere=0.5)
     # a checkpoint that learnt the weight image by image (model.image_prior_cells_mix) reads it, unless one is given
-    mixed = tmp_path / "with-mix"
-    create_model(
-        load_model_config(
-            "tiny",
-            [
-                *SMALL,
-                "image_prior=true",
-                "image_prior_cells=true",
-                "image_prior_nowhere=true",
-                "image_prior_cells_mix=true",
-            ],
-        ),
-        TINY_TEXTS,
-    ).save_pretrained(mixed)
+    mixed = save_small_checkpoint(tmp_path / "with-mix", *heads, "image_prior_cells_mix=true")
     assert PrimaPredictor.from_pretrained(mixed).model.config.image_prior_cells_mix
     fixed = PrimaPredictor.from_pretrained(mixed, image_prior_cells_nowhere=0.5).model.config
     assert not fixed.image_prior_cells_mix and fixed.image_prior_cells_nowhere == 0.5
