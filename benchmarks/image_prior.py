@@ -45,6 +45,7 @@ def main() -> None:
                 answered[p["id"]] = p["segments"][0]["image"] if p.get("segments") else None
     has_cells = model.image_prior.cells is not None
     mixed = has_cells and model.image_prior.nowhere is not None
+    learnt = model.config.image_prior_cells_mix and model.image_prior.mix is not None  # else the fixed weight
     grid = model.config.vision.image_size // model.config.vision.token_stride
     # per family: samples with a [SEG], prior right, answer right, cells' likeliest inside the mask, their "nowhere"
     # on the first image summed; samples without one, their "nowhere" (mean over their images) summed; the read-out's
@@ -74,8 +75,7 @@ def main() -> None:
                     c[4] += float(cells[-1].exp())
                 if read is not None:
                     c[7] += float(inside[int(read[start + first - 1, :-1].argmax())]) > 0
-                    use_mix = model.config.image_prior_cells_mix and reading.mix is not None
-                    c[8] += float(reading.mix[start + first - 1]) if use_mix else model.config.image_prior_cells_nowhere
+                    c[8] += float(reading.mix[start + first - 1]) if learnt else model.config.image_prior_cells_nowhere
     rows = sorted(counts.items())
     rows.append(("all", [sum(c[i] for _, c in rows) for i in range(9)]))
     cells_head = " cells | nowhere, grounded | without [SEG] | nowhere there |" if has_cells else ""
