@@ -1406,14 +1406,14 @@ def test_answer_cells_rewrite_the_first_phrase_where_it_holds_too_little_of_them
         answer("", 2, 0.99, -0.1),  # a phrase with fewer words ("the <p> red </p>" for "the <p> red mug </p>")
     ]
 
-    def branches_of(requests, rows, own, max_new_tokens, *, ungrounded):
-        asked.append((rows, own, ungrounded))
+    def branches_of(requests, rows, own, max_new_tokens, *, ungrounded, first_images):
+        asked.append((rows, own, ungrounded, first_images))
         return [candidates]
 
     monkeypatch.setattr(model, "_generate_branches", branches_of)
     model.config.image_prior_cells_weight = 1.0
     out = model._rewrite_where_cells_disagree([([], "q")] * 2, list(written), 8)
-    assert asked == [([1], [branches], False)]
+    assert asked == [([1], [branches], False, [None])]  # on the first [SEG]'s own image: no image forced
     assert out[0] is written[0] and out[1].answer == "better" and out[1].first_answer == "unsure"
     model.config.image_prior_cells_weight = 0.1  # the LLM's likelihood weighs more
     assert model._rewrite_where_cells_disagree([([], "q")] * 2, list(written), 8)[1].answer == "likelier"
@@ -1554,6 +1554,77 @@ def _first_segs(model: PrimaModel, batch: dict) -> tuple[torch.Tensor, torch.Ten
     x = model._inputs(batch)
     positions, seg_images = model.seg_targets(x.input_ids, x.image_offsets, x.num_images, x.labels)
     return positions[0], seg_images, batch["masks"].float()
+
+
+def test_a_sure_image_prior_moves_the_cells_rewrite_to_its_image(monkeypatch):
+    """model.image_prior_rewrite_above: where the prior finds the answer's first image with at least that probability
+    and the first [SEG] lies on another, the cells are read on the prior's image (the first mask holds none of them),
+    the rewrite reaches the answer whatever its share if the pixels show its first phrase, its branches must name the
+    prior's image first, and only a branch on that image may stand."""
+    torch.manual_seed(0)
+    cfg = load_model_config("tiny", [*SMALL, "image_prior=true", "image_prior_cells=true", *CHECK])
+    model = create_model(
+        cfg, [*TEXTS, "In image 1 , image 2 , image 3 , image 4 , image 5 : the <p> chair </p> [SEG] (IMAGE1)."]
+    ).eval()
+    model.config.image_prior_cells_weight = 1.0
+    model.config.image_prior_cells_below = 0.0  # no share is too little: only a moved answer is written again
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    tags = model.config.tokens.image_tag_ids
+    numbers = model._image_words()[1]
+    assert model._other_images([vocab("the")], 2, 3) == [tags[0], tags[2]]
+    assert model._other_images([vocab("the"), vocab("image")], 2, 3) == [tags[0], tags[2], numbers[0], numbers[2]]
+    with pytest.raises(PrimaError, match=r"image_prior_rewrite_above must be in \[0, 1\]"):
+        load_model_config("tiny", ["image_prior=true", "image_prior_cells=true", "image_prior_rewrite_above=1.5"])
+    with pytest.raises(PrimaError, match="image_prior_rewrite_above is part of the cells' rewrite"):
+        load_model_config("tiny", ["image_prior=true", "image_prior_rewrite_above=0.9"])
+
+    images = random_images(3)
+    script = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", ".", "</s>"]
+    monkeypatch.setattr(model.language, "forward", ScriptedLogits(model, script))
+    with torch.no_grad():  # a first image forced: the LLM's tag is banned
+        forced = model._generate([(images, "Where?")], 16, [False], first_images=[3])[0]
+    assert [s.image for s in forced.segments] == [3] and vocab("(IMAGE3)") in forced.token_ids
+
+    read = model.image_prior.read
+    sure = lambda *a: dataclasses.replace(read(*a), logits=torch.tensor([[0.0, 0.0, 9.0]]))  # noqa: E731
+    monkeypatch.setattr(model.image_prior, "read", sure)
+    monkeypatch.setattr(model, "check_phrases", checker_reading(model, "chair"))  # the phrase is shown
+    for above, image in ((0.0, 2), (0.9, 3), (0.9999, 2)):  # off; sure enough; not sure enough
+        model.config.image_prior_rewrite_above = above
+        model.language.forward.step = 0
+        with torch.no_grad():
+            first = model._generate([(images, "Where?")], 16, [False])[0]
+        assert first.segments[0].image == 2 and first.cells_image == image
+        assert first.cells_moved == (image == 3) and model._cells_reach(first) == (image == 3)
+        assert (first.cells_share == 0.0) == (image == 3)
+    # a phrase the pixels do not show is the phrase check's to turn down, wherever the prior is sure it starts
+    monkeypatch.setattr(model, "check_phrases", checker_reading(model, "lamp"))
+    model.config.image_prior_rewrite_above = 0.9
+    model.language.forward.step = 0
+    with torch.no_grad():
+        unshown = model._generate([(images, "Where?")], 16, [False])[0]
+    assert unshown.cells_moved and not model._shown(unshown.segments[0]) and not model._cells_reach(unshown)
+    monkeypatch.setattr(model, "check_phrases", checker_reading(model, "chair"))
+    asked = []
+    monkeypatch.setattr(
+        model, "_generate_branches", lambda *a, first_images=None, **k: asked.append(first_images) or [[forced]]
+    )
+    model.language.forward.step = 0
+    model.generate_batch([(images, "Where?")])
+    assert asked[0] == [3]  # (the phrase check may write the answer again after, with no image forced)
+
+    def answer(text: str, image: int, share: float, logp: float, cells_image: int) -> GenerationOutput:
+        seg = GeneratedSegment(text, image, np.zeros((4, 4), np.float32), 1.0, 0.9)
+        ids = [vocab(w) for w in ["the", "<p>", "chair", "</p>", "[SEG]"]]
+        return GenerationOutput(text, [seg], ids, logprob=logp, cells_share=share, cells_image=cells_image)
+
+    moved = answer("chair", 2, 0.0, -0.1, 3)
+    candidates = [answer("likelier", 2, 0.9, -0.2, 3), answer("lamp", 3, 0.5, -3.0, 3)]
+    monkeypatch.setattr(model, "_generate_branches", lambda *a, **k: [list(candidates)])
+    out = model._rewrite_where_cells_disagree([(images, "Where?")], [moved], 16)[0]
+    assert out.answer == "lamp" and out.first_answer == "chair"
+    candidates.pop()  # no branch on the prior's image: the answer stands
+    assert model._rewrite_where_cells_disagree([(images, "Where?")], [moved], 16)[0] is moved
 
 
 def test_nothing_there_lets_the_cells_rewrite_an_answer_the_phrase_check_would_turn_down(monkeypatch):

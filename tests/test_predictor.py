@@ -360,8 +360,8 @@ def test_image_support_weight_override_is_checked_and_set(tiny_checkpoint, tmp_p
 
 def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_path):
     """`--image-prior-weight`, `--image-prior-after-phrase`, `--image-prior-cells-weight`, `--image-prior-cells-below`,
-    `--image-prior-cells-temperature` and `--image-prior-nowhere` (prima predict / prima eval): only with the image
-    prior (the last four with its heads); 0 is always fine but for the temperature."""
+    `--image-prior-cells-temperature`, `--image-prior-rewrite` and `--image-prior-nowhere` (prima predict / prima
+    eval): only with the image prior (the last five with its heads); 0 is always fine but for the temperature."""
     import torch
 
     for option in ("image_prior_weight", "image_prior_after_phrase"):
@@ -405,6 +405,14 @@ def test_image_prior_weight_override_is_checked_and_set(tiny_checkpoint, tmp_pat
         PrimaPredictor.from_pretrained(cells, image_prior_cells_temperature=0.0)
     with pytest.raises(PrimaError, match="--image-prior-cells-temperature: .* has no answer cells"):
         PrimaPredictor.from_pretrained(path, image_prior_cells_temperature=0.5)
+    # where the prior is sure enough to move the cells' rewrite to its image (`--image-prior-rewrite`): 0..1
+    assert PrimaPredictor.from_pretrained(cells).model.config.image_prior_rewrite_above == 0.0
+    moved = PrimaPredictor.from_pretrained(cells, image_prior_rewrite_above=0.9).model.config
+    assert moved.image_prior_rewrite_above == 0.9
+    with pytest.raises(PrimaError, match="--image-prior-rewrite must be between 0 and 1"):
+        PrimaPredictor.from_pretrained(cells, image_prior_rewrite_above=1.5)
+    with pytest.raises(PrimaError, match="--image-prior-rewrite: .* has no answer cells"):
+        PrimaPredictor.from_pretrained(path, image_prior_rewrite_above=0.9)
     # `NothingThere` is read only where the prior has it (model.image_prior_nowhere)
     with pytest.raises(PrimaError, match="has no `NothingThere`"):
         PrimaPredictor.from_pretrained(cells, image_prior_nowhere_below=0.05)

@@ -52,6 +52,12 @@ IMAGE_PRIOR_NOWHERE_HELP = (
     "again where the answer's cells are if its image is empty with a probability under P (default: the "
     'checkpoint\'s model.image_prior_nowhere_below; 0: off; docs/MODEL.md, "Nothing there")'
 )
+IMAGE_PRIOR_REWRITE_HELP = (
+    "with a checkpoint whose image prior has the answer's cells and their rewrite on: where the prior finds the "
+    "answer's first image with a probability of at least P and the answer's first phrase lies on another image, that "
+    "phrase is written again from branches on the prior's image (default: the checkpoint's "
+    'model.image_prior_rewrite_above; 0: off; docs/MODEL.md, "The image the prior is sure of")'
+)
 MASK_THRESHOLD_HELP = (
     "a pixel is in a mask when the decoder's probability reaches this (default: the checkpoint's "
     "grounding.mask_threshold)"
@@ -104,6 +110,7 @@ def add_readout_options(p: argparse.ArgumentParser) -> None:
         "--image-prior-cells-nowhere", type=float, default=None, metavar="W", help=IMAGE_PRIOR_CELLS_NOWHERE_HELP
     )
     p.add_argument("--image-prior-nowhere", type=float, default=None, metavar="P", help=IMAGE_PRIOR_NOWHERE_HELP)
+    p.add_argument("--image-prior-rewrite", type=float, default=None, metavar="P", help=IMAGE_PRIOR_REWRITE_HELP)
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     p.add_argument("--llm-words", action="store_true", help=LLM_WORDS_HELP)
     p.add_argument("--phrase-check", type=float, default=None, metavar="P", help=PHRASE_CHECK_HELP)
@@ -123,6 +130,7 @@ def readout_options(args: argparse.Namespace) -> dict:
         "image_prior_cells_temperature": args.image_prior_cells_temperature,
         "image_prior_cells_nowhere": args.image_prior_cells_nowhere,
         "image_prior_nowhere_below": args.image_prior_nowhere,
+        "image_prior_rewrite_above": args.image_prior_rewrite,
         "distinct_images": False if args.repeat_images else None,
         "word_readout": False if args.llm_words else None,
         "phrase_check": args.phrase_check,

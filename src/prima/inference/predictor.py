@@ -138,6 +138,7 @@ class PrimaPredictor:
         image_prior_cells_temperature: float | None = None,
         image_prior_cells_nowhere: float | None = None,
         image_prior_nowhere_below: float | None = None,
+        image_prior_rewrite_above: float | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
         """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
@@ -155,7 +156,9 @@ class PrimaPredictor:
         ``model.image_prior_cells_nowhere`` (0..1: how much `NothingThere`'s cells weigh in the cells' read-out,
         everywhere; in place of a learnt `WhichCells`' weight, ``model.image_prior_cells_mix``),
         ``image_prior_nowhere_below`` its ``model.image_prior_nowhere_below`` (0: nothing
-        reads whether the answer grounds anything in its image)."""
+        reads whether the answer grounds anything in its image), ``image_prior_rewrite_above`` its
+        ``model.image_prior_rewrite_above`` (0: the cells are read on the first [SEG]'s image, whatever the prior
+        says)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
@@ -211,6 +214,7 @@ class PrimaPredictor:
             ("image_prior_cells_below", "--image-prior-cells-below", "cells", image_prior_cells_below, unit),
             ("image_prior_nowhere_below", "--image-prior-nowhere", "nowhere", image_prior_nowhere_below, unit),
             ("image_prior_cells_nowhere", "--image-prior-cells-nowhere", "nowhere", image_prior_cells_nowhere, unit),
+            ("image_prior_rewrite_above", "--image-prior-rewrite", "cells", image_prior_rewrite_above, unit),
             (
                 "image_prior_cells_temperature",
                 "--image-prior-cells-temperature",

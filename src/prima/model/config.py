@@ -397,6 +397,12 @@ class ModelConfig:
     image_prior_cells_below: float = 0.5
     # ... the share is taken from the cells' logits divided by this (below 1: sharper, the likeliest cells weigh more)
     image_prior_cells_temperature: float = 1.0
+    # ... and (above > 0) where the prior finds the answer's first image with a probability of at least this and the
+    # answer's first [SEG] lies on another image, the cells are read on the prior's image (the first mask holds none
+    # of them there) and the branches of the first phrase are written with their first image reference forced to it
+    # ("Which object in image 2 ...?" answered with an object of image 3; docs/MODEL.md, "The image the prior is
+    # sure of")
+    image_prior_rewrite_above: float = 0.0
     # + whether the answer grounds anything in an image at all, from what the image has that the image the question
     # compares against lacks (`prior.NothingThere`; loss.image_prior_nowhere); at generation (below > 0) an answer
     # whose first phrase the phrase check would turn down is first written again by the cells' rewrite where its
@@ -476,6 +482,15 @@ class ModelConfig:
         if self.image_prior_cells_temperature <= 0:
             raise ConfigError(
                 f"model.image_prior_cells_temperature must be > 0, got {self.image_prior_cells_temperature}"
+            )
+        if not 0.0 <= self.image_prior_rewrite_above <= 1.0:
+            raise ConfigError(
+                f"model.image_prior_rewrite_above must be in [0, 1], got {self.image_prior_rewrite_above}"
+            )
+        if self.image_prior_rewrite_above and not (self.image_prior_cells and self.image_prior_cells_weight):
+            raise ConfigError(
+                "model.image_prior_rewrite_above is part of the cells' rewrite: set model.image_prior_cells and "
+                "model.image_prior_cells_weight > 0"
             )
         if not 0.0 <= self.image_prior_cells_nowhere <= 1.0:
             raise ConfigError(

@@ -127,12 +127,20 @@ class GenerationOutput:
     # image_prior_cells_nowhere of `NothingThere`'s mixed in, sharpened by image_prior_cells_temperature) that lies
     # under its mask (None without the cells or a [SEG])
     cells_share: float | None = None
+    # ... the image (1-based) those cells are read on: the first [SEG]'s, or the image prior's where it is sure of
+    # another (model.image_prior_rewrite_above; then the share is 0)
+    cells_image: int | None = None
     # ... and, where that share is under image_prior_cells_below, the words the phrase check reads where those cells
     # are (their distribution as the mask), likeliest first
     cells_words: list[int] = field(default_factory=list)
     # model.image_prior_nowhere: `NothingThere`'s probability that the answer grounds nothing in its first [SEG]'s
     # image (None without it or a [SEG])
     nowhere: float | None = None
+
+    @property
+    def cells_moved(self) -> bool:
+        """Whether the answer cells are read on another image than the first [SEG]'s (`cells_image`)."""
+        return self.cells_image is not None and bool(self.segments) and self.cells_image != self.segments[0].image
 
 
 class VisualCopy(nn.Module):
@@ -1187,7 +1195,11 @@ class PrimaModel(nn.Module):
         rows = [b for b, own in branches.items() if own]
         if not rows:
             return results
-        again = self._generate_branches(requests, rows, [branches[b] for b in rows], max_new_tokens, ungrounded=False)
+        # where the cells are read on another image than the first [SEG]'s, the branches must start there
+        moved = [results[b].cells_image if results[b].cells_moved else None for b in rows]
+        again = self._generate_branches(
+            requests, rows, [branches[b] for b in rows], max_new_tokens, ungrounded=False, first_images=moved
+        )
         for b, written in zip(rows, again):
             first = results[b].segments[0]
             same = [
@@ -1195,7 +1207,7 @@ class PrimaModel(nn.Module):
                 for r in written
                 if r.segments
                 and r.answer != results[b].answer  # a branch can end up writing the same answer: no rewrite
-                and r.segments[0].image == first.image
+                and r.segments[0].image == (results[b].cells_image or first.image)
                 and shown(r.segments[0])
                 and len(r.segments[0].phrase.split()) >= len(first.phrase.split())
             ]
@@ -1217,11 +1229,14 @@ class PrimaModel(nn.Module):
         less than ``image_prior_cells_below`` of the cells lies under its shown first phrase's mask, or, with
         ``model.image_prior_nowhere``, where the phrase check would turn the phrase down but `NothingThere` finds
         something in its image (the LLM named an object that image lacks, not one it has: "What is in image 1 but
-        not in image 2?" with the object image 2 lacks misnamed)."""
+        not in image 2?" with the object image 2 lacks misnamed); and always where the cells are read on another image
+        than the phrase's (``model.image_prior_rewrite_above``)."""
         c = self.config
         if result.cells_share is None:
             return False
         if self._shown(result.segments[0]):
+            if result.cells_moved:  # the image prior is sure the answer starts elsewhere
+                return True
             return result.cells_share < c.image_prior_cells_below
         return result.nowhere is not None and result.nowhere < c.image_prior_nowhere_below
 
@@ -1246,20 +1261,22 @@ class PrimaModel(nn.Module):
             return mix_cells(cells, reading.nowhere, reading.mix)
         return mix_cells(cells, reading.nowhere, c.image_prior_cells_nowhere) if c.image_prior_cells_nowhere else cells
 
-    def _read_cells(self, result: GenerationOutput, cells: torch.Tensor, features: ImageFeatures) -> None:
-        """Set ``result``'s `GenerationOutput.cells_share` and, where it is below ``image_prior_cells_below``,
-        ``cells_words`` from the cells' log-probabilities ``cells`` (g * g + 1,; `_answer_cells`) on its first [SEG]'s
-        image (``features``: its sample's images)."""
+    def _read_cells(self, result: GenerationOutput, cells: torch.Tensor, features: ImageFeatures, image: int) -> None:
+        """Set ``result``'s `GenerationOutput.cells_share` and ``cells_image`` and, where the rewrite reaches it
+        (`_cells_reach`), ``cells_words`` from the cells' log-probabilities ``cells`` (g * g + 1,; `_answer_cells`) on
+        ``image`` (1-based; its first [SEG]'s unless the image prior is sure of another; ``features``: its sample's
+        images)."""
         first = result.segments[0]
         probs = (cells[:-1].float() / self.config.image_prior_cells_temperature).softmax(-1)  # where, if anywhere
         grid = int(probs.shape[-1] ** 0.5)
         cover = F.adaptive_avg_pool2d(torch.from_numpy(first.mask)[None, None], grid).flatten().to(probs.device)
-        result.cells_share = float((probs * cover).sum())
+        result.cells_share = float((probs * cover).sum()) if image == first.image else 0.0
+        result.cells_image = image
         if not self._cells_reach(result) or getattr(self.grounding, "checker", None) is None:
             return  # only an answer the rewrite reaches needs the words (`_rewrite_where_cells_disagree`)
         region = (probs / probs.max()).view(1, grid, grid)
-        image = torch.tensor([first.image - 1], device=region.device)
-        read = self.check_phrases(region, image, features)[0].float()
+        image_index = torch.tensor([image - 1], device=region.device)
+        read = self.check_phrases(region, image_index, features)[0].float()
         read[self._structure_token_ids()] = float("-inf")
         result.cells_words = read.topk(CELL_WORDS).indices.tolist()
 
@@ -1303,11 +1320,16 @@ class PrimaModel(nn.Module):
         max_new_tokens: int,
         *,
         ungrounded: bool,
+        first_images: list[int | None] | None = None,
     ) -> list[list[GenerationOutput]]:
-        """Every branch of ``branches[i]`` written for request ``rows[i]``, in one batch; a list per row."""
+        """Every branch of ``branches[i]`` written for request ``rows[i]``, in one batch; a list per row (with
+        ``first_images``, each branch of row i names image ``first_images[i]`` first, where not None)."""
         flat = [branch for own in branches for branch in own]
         of = [i for i, own in enumerate(branches) for _ in own]
-        written = self._generate([requests[b] for b in rows], max_new_tokens, [ungrounded] * len(flat), flat, of)
+        forced = [first_images[i] for i in of] if first_images else None
+        written = self._generate(
+            [requests[b] for b in rows], max_new_tokens, [ungrounded] * len(flat), flat, of, first_images=forced
+        )
         out, start = [], 0
         for own in branches:
             out.append(written[start : start + len(own)])
@@ -1321,12 +1343,14 @@ class PrimaModel(nn.Module):
         ungrounded: list[bool],
         branches: list[tuple[list[int], int]] | None = None,
         of: list[int] | None = None,
+        first_images: list[int | None] | None = None,
     ) -> list[GenerationOutput]:
         """The greedy loop of `generate_batch`; rows with ``ungrounded`` set may not write a phrase, tag or [SEG], and
         with ``branches`` row b writes ``branches[b] = (prefix, rank)``: the tokens of ``prefix``, then its
         ``rank``-th most likely token (0: the greedy one), then greedily on. With ``of``, row b answers request
-        ``of[b]`` (several rows may share one, whose images are encoded once); ``ungrounded`` and ``branches`` are per
-        row."""
+        ``of[b]`` (several rows may share one, whose images are encoded once); ``ungrounded``, ``branches`` and
+        ``first_images`` (where not None, the 1-based image row b's first image reference must name: the other tags
+        and numbers after "image" are banned until it names one) are per row."""
         from prima.data.processor import load_image
 
         if self.processor is None:
@@ -1354,9 +1378,13 @@ class PrimaModel(nn.Module):
         c = self.config
         weighs_image = c.image_prior_weight or c.image_prior_after_phrase
         reads_nowhere = c.image_prior_nowhere and c.image_prior_nowhere_below > 0
+        sure = None  # model.image_prior_rewrite_above: (B,) the image the prior is that sure of (1-based), else 0
         if self.image_prior is not None and (weighs_image or c.image_prior_cells_weight or reads_nowhere):
             reading = self.image_prior.read(features[self.vision.token_index], sample_index, qids, qmask)
             prior = reading.logits.log_softmax(-1) if weighs_image else None
+            if c.image_prior_rewrite_above and c.image_prior_cells_weight:
+                p, k = reading.logits.float().softmax(-1).max(-1)
+                sure = torch.where(p >= c.image_prior_rewrite_above, k + 1, 0).tolist()
             cells = self._answer_cells(reading) if c.image_prior_cells_weight else None
             nowhere = reading.nowhere[:, -1].exp() if reads_nowhere and reading.nowhere is not None else None
         ids, attention = _pad(
@@ -1430,6 +1458,9 @@ class PrimaModel(nn.Module):
             if rules is None and self.config.grounding.distinct_images:
                 for b in seg_rows.tolist():
                     ban[b, self._repeated_tags(generated[b], counts[b])] = True
+            for b, k in enumerate(first_images or []):
+                if k and not self._names_image(generated[b]):
+                    ban[b, self._other_images(generated[b], k, counts[b])] = True
             allowed = scores.masked_fill(ban, float("-inf"))
             tokens = allowed.argmax(-1)
             for b, (prefix, rank) in enumerate(branches or []):
@@ -1487,7 +1518,8 @@ class PrimaModel(nn.Module):
             if nowhere is not None and segments:
                 result.nowhere = float(nowhere[offset + segments[0].image - 1])
             if cells is not None and segments:
-                self._read_cells(result, cells[offset + segments[0].image - 1], own_features)
+                k = sure[b] if sure is not None and sure[b] else segments[0].image
+                self._read_cells(result, cells[offset + k - 1], own_features, k)
             results.append(result)
             offset += n
         return results
@@ -1586,6 +1618,16 @@ class PrimaModel(nn.Module):
                 numbers = []
             self._image_word_ids = (frozenset(spelled), numbers)
         return self._image_word_ids
+
+    def _other_images(self, ids: list[int], image: int, n: int) -> list[int]:
+        """The tokens that would name another image than ``image`` (1-based, of ``n``) next after ``ids``: the other
+        tags, and the other numbers right after the word "image" (`_image_words`)."""
+        t = self.config.tokens
+        words, numbers = self._image_words()
+        other = [tag for k, tag in enumerate(t.image_tag_ids[:n], 1) if k != image]
+        if numbers and ids and ids[-1] in words:
+            other += [number for k, number in enumerate(numbers[:n], 1) if k != image]
+        return other
 
     def _names_image(self, ids: list[int]) -> bool:
         """Whether ``ids`` name an image: a tag, or the word "image" followed by a number."""
