@@ -294,6 +294,7 @@ def test_the_prior_stage_trains_the_prior_alone_over_stage_two():
     assert stage3.model.image_prior_cells and not stage2.model.image_prior_cells
     assert (stage3.model.image_prior_cells_weight, stage3.model.image_prior_cells_below) == (2.0, 0.1)
     assert stage3.model.image_prior_cells_temperature == 0.25 and not stage3.model.image_prior_cells_match
+    assert stage3.model.image_prior_rewrite_above == 0.9
     assert set(stage3.train.freeze) == {"language", "query_module", "square", "projector", "grounding"}
     assert stage3.model.grounding == stage2.model.grounding
     assert [d.path for d in stage3.data.train] == [
