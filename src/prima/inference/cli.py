@@ -54,8 +54,8 @@ IMAGE_PRIOR_NOWHERE_HELP = (
 )
 IMAGE_PRIOR_REWRITE_HELP = (
     "with a checkpoint whose image prior has the answer's cells and their rewrite on: where the prior finds the "
-    "answer's first image with a probability of at least P and the answer's first phrase lies on another image, that "
-    "phrase is written again from branches on the prior's image (default: the checkpoint's "
+    "answer's first image with a probability of at least P and the answer's shown first phrase lies on another image, "
+    "that phrase is written again from branches on the prior's image (default: the checkpoint's "
     'model.image_prior_rewrite_above; 0: off; docs/MODEL.md, "The image the prior is sure of")'
 )
 MASK_THRESHOLD_HELP = (

@@ -399,9 +399,9 @@ class ModelConfig:
     image_prior_cells_temperature: float = 1.0
     # ... and (above > 0) where the prior finds the answer's first image with a probability of at least this and the
     # answer's first [SEG] lies on another image, the cells are read on the prior's image (the first mask holds none
-    # of them there) and the branches of the first phrase are written with their first image reference forced to it
-    # ("Which object in image 2 ...?" answered with an object of image 3; docs/MODEL.md, "The image the prior is
-    # sure of")
+    # of them there) and, where the pixels show the first phrase, its branches are written with their first image
+    # reference forced to it ("Which object in image 2 ...?" answered with an object of image 3; docs/MODEL.md, "The
+    # image the prior is sure of")
     image_prior_rewrite_above: float = 0.0
     # + whether the answer grounds anything in an image at all, from what the image has that the image the question
     # compares against lacks (`prior.NothingThere`; loss.image_prior_nowhere); at generation (below > 0) an answer

@@ -123,7 +123,7 @@ class GenerationOutput:
     # is the one written again without phrases, or when it had none and ``answer`` is one whose phrases they show;
     # model.image_prior_cells: or the answer before its first phrase was written again where the answer's cells are
     first_answer: str | None = None
-    # model.image_prior_cells: the share of the cells' distribution over the first [SEG]'s image (`AnswerCells`', with
+    # model.image_prior_cells: the share of the cells' distribution over ``cells_image`` (`AnswerCells`', with
     # image_prior_cells_nowhere of `NothingThere`'s mixed in, sharpened by image_prior_cells_temperature) that lies
     # under its mask (None without the cells or a [SEG])
     cells_share: float | None = None
@@ -1229,8 +1229,8 @@ class PrimaModel(nn.Module):
         less than ``image_prior_cells_below`` of the cells lies under its shown first phrase's mask, or, with
         ``model.image_prior_nowhere``, where the phrase check would turn the phrase down but `NothingThere` finds
         something in its image (the LLM named an object that image lacks, not one it has: "What is in image 1 but
-        not in image 2?" with the object image 2 lacks misnamed); and always where the cells are read on another image
-        than the phrase's (``model.image_prior_rewrite_above``)."""
+        not in image 2?" with the object image 2 lacks misnamed); and always where a shown first phrase lies on another
+        image than the one the cells are read on (``model.image_prior_rewrite_above``)."""
         c = self.config
         if result.cells_share is None:
             return False
