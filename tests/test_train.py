@@ -307,14 +307,15 @@ def test_the_prior_stage_trains_the_prior_alone_over_stage_two():
 def test_the_nowhere_stage_trains_nothing_there_and_its_weight_alone_over_stage_three():
     """configs/tiny-nowhere.yaml (stage 4): stage 3's model, data and read-out + `NothingThere` and `WhichCells`,
     which alone train (train.train_only); NothingThere is read as the answer cells by the learnt weight
-    (image_prior_cells_mix), not for "nothing here"."""
+    (image_prior_cells_mix), and its "nothing here" gates the cells' rewrite of object phrases the check turns down
+    (image_prior_nowhere_below 0.03)."""
     stage3, stage4 = load_run_config("tiny-prior"), load_run_config("tiny-nowhere")
     assert not stage3.model.image_prior_nowhere and stage4.model.image_prior_nowhere
-    assert stage4.model.image_prior_cells_mix and stage4.model.image_prior_nowhere_below == 0.0
+    assert stage4.model.image_prior_cells_mix and stage4.model.image_prior_nowhere_below == 0.03
     assert stage4.train.train_only == ["image_prior.nowhere", "image_prior.mix"] and stage4.train.freeze == []
     assert stage4.train.init_from == "runs/tiny-prior/final" and stage4.train.seed == 1
     assert stage4.data == stage3.data and stage4.train.max_steps == stage3.train.max_steps
-    same = {"image_prior_nowhere", "image_prior_cells_mix"}
+    same = {"image_prior_nowhere", "image_prior_cells_mix", "image_prior_nowhere_below"}
     assert {k: v for k, v in vars(stage4.model).items() if k not in same} == {
         k: v for k, v in vars(stage3.model).items() if k not in same
     }
