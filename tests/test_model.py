@@ -1630,8 +1630,7 @@ def test_a_sure_image_prior_moves_the_cells_rewrite_to_its_image(monkeypatch):
 def test_nothing_there_lets_the_cells_rewrite_an_answer_the_phrase_check_would_turn_down(monkeypatch):
     """model.image_prior_nowhere_below: an answer whose first phrase the pixels do not show is written again by the
     cells' rewrite only where `NothingThere` finds its image empty with a probability under the threshold (0: never,
-    as without it), and only an object's phrase, not a part's; a shown phrase is the cells' share's to decide, as
-    before. Generation records that probability
+    as without it); a shown phrase is the cells' share's to decide, as before. Generation records that probability
     for the first [SEG]'s image."""
     model = small_model("image_prior=true", "image_prior_cells=true", "image_prior_nowhere=true", *CHECK).eval()
     model.config.image_prior_cells_weight = 1.0
@@ -1648,9 +1647,6 @@ def test_nothing_there_lets_the_cells_rewrite_an_answer_the_phrase_check_would_t
     assert not model._cells_reach(answer(unshown, 0.01, 0.2)) and not model._cells_reach(answer(unshown, 0.01, None))
     assert model._cells_reach(answer(shown, 0.05, 0.9)) and not model._cells_reach(answer(shown, 0.5, 0.01))
     assert not model._cells_reach(GenerationOutput("", []))
-    # a part's phrase is checked by its owner alone, so one the check turns down stays the check's to turn down
-    part = GeneratedSegment("red kettle's spout", 2, np.zeros((4, 4), np.float32), 1.0, unshown)
-    assert not model._cells_reach(GenerationOutput("", [part], cells_share=0.01, nowhere=0.01))
 
     images = random_images(3)
     script = ["the", "<p>", "chair", "</p>", "[SEG]", "(IMAGE2)", ".", "</s>"]

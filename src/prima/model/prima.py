@@ -1229,9 +1229,8 @@ class PrimaModel(nn.Module):
         less than ``image_prior_cells_below`` of the cells lies under its shown first phrase's mask, or, with
         ``model.image_prior_nowhere``, where the phrase check would turn the phrase down but `NothingThere` finds
         something in its image (the LLM named an object that image lacks, not one it has: "What is in image 1 but
-        not in image 2?" with the object image 2 lacks misnamed) and the phrase names an object, not a part; and
-        always where a shown first phrase lies on another image than the one the cells are read on
-        (``model.image_prior_rewrite_above``)."""
+        not in image 2?" with the object image 2 lacks misnamed); and always where a shown first phrase lies on another
+        image than the one the cells are read on (``model.image_prior_rewrite_above``)."""
         c = self.config
         if result.cells_share is None:
             return False
@@ -1239,10 +1238,7 @@ class PrimaModel(nn.Module):
             if result.cells_moved:  # the image prior is sure the answer starts elsewhere
                 return True
             return result.cells_share < c.image_prior_cells_below
-        # a part's phrase ("the red kettle's spout") is checked by its owner alone (`phrase_support`), so a branch
-        # could not be told from a part the owner lacks ("the pink kettle's water laptop"): it stays the check's
-        part = "'s" in result.segments[0].phrase
-        return result.nowhere is not None and result.nowhere < c.image_prior_nowhere_below and not part
+        return result.nowhere is not None and result.nowhere < c.image_prior_nowhere_below
 
     def _word_forms(self, ids: list[int]) -> set[str]:
         """The words of token ``ids`` as the cells' rewrite compares them: lower case, without a possessive "'s" or a
