@@ -307,7 +307,7 @@ def test_the_prior_stage_trains_the_prior_alone_over_stage_two():
 def test_the_nowhere_stage_trains_nothing_there_and_its_weight_alone_over_stage_three():
     """configs/tiny-nowhere.yaml (stage 4): stage 3's model, data and read-out + `NothingThere` and `WhichCells`,
     which alone train (train.train_only); NothingThere is read as the answer cells by the learnt weight
-    (image_prior_cells_mix), and its "nothing here" gates the cells' rewrite of object phrases the check turns down
+    (image_prior_cells_mix), and its "nothing here" gates the cells' rewrite of first phrases the check turns down
     (image_prior_nowhere_below 0.03)."""
     stage3, stage4 = load_run_config("tiny-prior"), load_run_config("tiny-nowhere")
     assert not stage3.model.image_prior_nowhere and stage4.model.image_prior_nowhere
