@@ -2059,6 +2059,41 @@ def test_generate_grounds_an_answer_without_phrases_when_the_pixels_show_its_phr
     assert result.answer == "none" and script.step == len(ungrounded)
 
 
+def test_an_answer_without_phrases_that_names_an_object_is_replaced_only_by_phrases_of_it(monkeypatch):
+    """An answer without phrases that names objects ("No, none of the images shows a boat.") is replaced only by a
+    branch every phrase of which names one of them ("Yes: the pink boat", not "A tree: the yellow tree"); objects are
+    the words the vocabulary also has with "'s", in any form ("boats"); an answer that names none may be replaced by
+    any shown branch, as before."""
+    texts = [
+        "No , none of the images shows a boat or trees .",
+        "the <p> boat's sail </p> and the <p> tree's crown </p>",
+    ]
+    torch.manual_seed(0)
+    model = create_model(load_model_config("tiny", [*SMALL, *CHECK]), TEXTS + texts).eval()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    no_boat = [vocab(w) for w in ["No", ",", "none", "of", "the", "images", "shows", "a", "boat", "or", "trees", "."]]
+    assert model._named_objects(no_boat) == {"boat", "tree"}
+    assert model._named_objects([vocab(w) for w in ["none", "."]]) == set()
+    assert model._phrase_forms("boat's sail") == {"boat", "sail"}
+
+    def answer(text: str, phrases: list[str], logp: float, ids: list[int] | None = None) -> GenerationOutput:
+        segments = [GeneratedSegment(p, 1, np.zeros((4, 4), np.float32), 1.0, 0.9) for p in phrases]
+        return GenerationOutput(text, segments, ids or [], mean_logprob=logp, logprob=logp)
+
+    first = answer("No, none of the images shows a boat.", [], -0.1, no_boat)
+    branches = [
+        answer("A tree: the yellow tree.", ["yellow tree"], -0.2),
+        answer("Yes: the boat.", ["pink boat"], -0.9),
+    ]
+    monkeypatch.setattr(model, "_generate", lambda *a, **k: [dataclasses.replace(first)])
+    monkeypatch.setattr(model, "_generate_branches", lambda *a, **k: [list(branches)])
+    assert model.generate_batch([(random_images(2), "Is there a boat?")])[0].answer == "Yes: the boat."
+    branches.pop()  # only the tree is shown: the answer stands
+    assert model.generate_batch([(random_images(2), "Is there a boat?")])[0].answer == first.answer
+    first = answer("none.", [], -0.1, [vocab("none"), vocab(".")])  # names no object: any shown branch may replace it
+    assert model.generate_batch([(random_images(2), "Where?")])[0].answer == "A tree: the yellow tree."
+
+
 def test_an_answer_is_written_again_from_a_branch_after_its_first_words(monkeypatch):
     """The branches of an answer without phrases keep its first words and change a later one ("There are" + "no"
     -> "three"): each of the first BRANCH_POSITIONS positions, with the LLM's next BRANCH_RANKS tokens there; the

@@ -153,7 +153,8 @@ class GroundingConfig:
     # reader, loss.phrase_check): at generation a phrase is shown when the words naming its object read with
     # probability >= phrase_check_threshold (0: no check); an answer none of whose phrases is shown is written again
     # without phrases ("None of the images shows ..."), and an answer without phrases is replaced by one whose every
-    # phrase is shown, if the LLM writes one (docs/MODEL.md, "Is it there? The phrase check")
+    # phrase is shown (and names an object the answer named, if it named any), if the LLM writes one (docs/MODEL.md,
+    # "Is it there? The phrase check"; "The object an answer names", session 36)
     phrase_check: bool = False
     phrase_check_threshold: float = 0.5
     # at generation, the tag after a [SEG] also adds this x the log of the phrase check's support for the phrase

@@ -1131,7 +1131,9 @@ class PrimaModel(nn.Module):
         which is shown is written again with no phrase, tag or [SEG] allowed, and that answer ("None of the images
         shows ...") replaces it when the LLM scores it at least as likely per token (`GenerationOutput.mean_logprob`).
         An answer without phrases ("There are no lamps in these images.") is written again, and the likeliest
-        answer whose every phrase is shown replaces it ("There are three lamps: ..."). Both rewrites are written from
+        answer whose every phrase is shown replaces it ("There are three lamps: ..."); where the answer names objects
+        (`_named_objects`), only one every phrase of which names one of them ("No, none of the images shows a boat."
+        is not replaced by "A tree: the yellow tree"). Both rewrites are written from
         branches of the first answer (`_branches`: its first words kept, then another likely word). The replaced
         answer is kept as `GenerationOutput.first_answer`. With the image prior's answer cells, their rewrite of the
         first phrase comes first (`_rewrite_where_cells_disagree`)."""
@@ -1162,7 +1164,14 @@ class PrimaModel(nn.Module):
             branches = [self._branches(results[b].token_ids) for b in ungrounded]
             again = self._generate_branches(requests, ungrounded, branches, max_new_tokens, ungrounded=False)
             for b, written in zip(ungrounded, again):
-                found = [r for r in written if r.segments and all(s.phrase and self._shown(s) for s in r.segments)]
+                named = self._named_objects(results[b].token_ids)
+                found = [
+                    r
+                    for r in written
+                    if r.segments
+                    and all(s.phrase and self._shown(s) for s in r.segments)
+                    and (not named or all(named & self._phrase_forms(s.phrase) for s in r.segments))
+                ]
                 if found:
                     best = max(found, key=lambda r: r.mean_logprob)
                     best.first_answer = results[b].first_answer or results[b].answer
@@ -1239,6 +1248,16 @@ class PrimaModel(nn.Module):
                 return True
             return result.cells_share < c.image_prior_cells_below
         return result.nowhere is not None and result.nowhere < c.image_prior_nowhere_below
+
+    def _named_objects(self, ids: list[int]) -> set[str]:
+        """The `_word_forms` of ``ids`` that name objects: words the vocabulary also has with "'s" ("boat" of "No,
+        none of the images shows a boat.")."""
+        bare, possessive, _ = self._possessives()
+        return self._word_forms(ids) & self._word_forms(bare[possessive].tolist())
+
+    def _phrase_forms(self, phrase: str) -> set[str]:
+        """The `_word_forms` of a phrase's text."""
+        return self._word_forms(self.processor.encode_words(phrase))
 
     def _word_forms(self, ids: list[int]) -> set[str]:
         """The words of token ``ids`` as the cells' rewrite compares them: lower case, without a possessive "'s" or a
