@@ -2074,7 +2074,7 @@ def test_an_answer_without_phrases_that_names_an_object_is_replaced_only_by_phra
     no_boat = [vocab(w) for w in ["No", ",", "none", "of", "the", "images", "shows", "a", "boat", "or", "trees", "."]]
     assert model._named_objects(no_boat) == {"boat", "tree"}
     assert model._named_objects([vocab(w) for w in ["none", "."]]) == set()
-    assert model._phrase_forms("boat's sail") == {"boat", "sail"}
+    assert model._text_forms("boat's sail") == {"boat", "sail"}
 
     def answer(text: str, phrases: list[str], logp: float, ids: list[int] | None = None) -> GenerationOutput:
         segments = [GeneratedSegment(p, 1, np.zeros((4, 4), np.float32), 1.0, 0.9) for p in phrases]

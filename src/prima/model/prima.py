@@ -1170,7 +1170,7 @@ class PrimaModel(nn.Module):
                     for r in written
                     if r.segments
                     and all(s.phrase and self._shown(s) for s in r.segments)
-                    and (not named or all(named & self._phrase_forms(s.phrase) for s in r.segments))
+                    and (not named or all(named & self._text_forms(s.phrase) for s in r.segments))
                 ]
                 if found:
                     best = max(found, key=lambda r: r.mean_logprob)
@@ -1199,7 +1199,7 @@ class PrimaModel(nn.Module):
         def score(r: GenerationOutput) -> float:
             return r.logprob + c.image_prior_cells_weight * math.log(max(r.cells_share or 0.0, SUPPORT_FLOOR))
 
-        asked = [self._word_forms(self.processor.encode_words(question)) for _, question in requests]
+        asked = [self._text_forms(question) for _, question in requests]
         branches = {b: self._phrase_branches(r, asked[b]) for b, r in enumerate(results) if self._cells_reach(r)}
         rows = [b for b, own in branches.items() if own]
         if not rows:
@@ -1255,9 +1255,9 @@ class PrimaModel(nn.Module):
         bare, possessive, _ = self._possessives()
         return self._word_forms(ids) & self._word_forms(bare[possessive].tolist())
 
-    def _phrase_forms(self, phrase: str) -> set[str]:
-        """The `_word_forms` of a phrase's text."""
-        return self._word_forms(self.processor.encode_words(phrase))
+    def _text_forms(self, text: str) -> set[str]:
+        """The `_word_forms` of a text's words (a question, a phrase)."""
+        return self._word_forms(self.processor.encode_words(text))
 
     def _word_forms(self, ids: list[int]) -> set[str]:
         """The words of token ``ids`` as the cells' rewrite compares them: lower case, without a possessive "'s" or a
