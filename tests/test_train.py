@@ -168,6 +168,17 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     assert [v for _, v in full] == pytest.approx([v for _, v in accum], abs=DISTRIBUTED_TOLERANCE)
 
 
+def test_fused_adamw_trains_as_the_per_tensor_loop_within_float_rounding(tmp_path):
+    """`train.fused_optimizer` (default) picks torch's fused AdamW kernel; it only reorders float operations."""
+    for fused in (True, False):
+        trainer = Trainer(ToyModel(dropout=0.0), toy_data(), collate, toy_cfg(fused_optimizer=fused), tmp_path / "x")
+        assert bool(trainer.optimizer.defaults["fused"]) is fused
+    run_toy(tmp_path / "fused", model=ToyModel(dropout=0.0))
+    run_toy(tmp_path / "loop", model=ToyModel(dropout=0.0), fused_optimizer=False)
+    fused, loop = losses(tmp_path / "fused"), losses(tmp_path / "loop")
+    assert [v for _, v in fused] == pytest.approx([v for _, v in loop], abs=DISTRIBUTED_TOLERANCE)
+
+
 class ToyWithOwnHead(ToyModel):
     """ToyModel plus a head with a loss of its own (it reads detached inputs), large enough to dominate the norm."""
 

@@ -69,7 +69,13 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         # the trainer steps its scheduler once per optimizer step itself; accelerate would step it once
         # per process, which makes the lr depend on the number of processes
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(
+                find_unused_parameters=cfg.find_unused_parameters,
+                # the gradients are views of DDP's all-reduce buckets: no copy back after each all-reduce
+                gradient_as_bucket_view=True,
+            )
+        ],
         **kwargs,
     )
 
@@ -91,7 +97,8 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on biases and norm scales (1-D tensors)."""
+    """AdamW over the trainable parameters; no weight decay on biases and norm scales (1-D tensors); torch's fused
+    kernel where ``cfg.fused_optimizer``."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -99,7 +106,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     if not decay and not no_decay:
         raise PrimaError("the model has no trainable parameters")
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), fused=cfg.fused_optimizer or None
+    )
 
 
 def loss_parts(output: Any) -> dict[str, torch.Tensor]:
