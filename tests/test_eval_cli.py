@@ -128,6 +128,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
             distinct_images=kwargs.get("distinct_images"),
             word_readout=kwargs.get("word_readout"),
             phrase_check=kwargs.get("phrase_check"),
+            every_image_check=kwargs.get("every_image_check"),
             image_support_weight=kwargs.get("image_support_weight"),
             image_prior_weight=kwargs.get("image_prior_weight"),
             image_prior_after_phrase=kwargs.get("image_prior_after_phrase"),
@@ -147,6 +148,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
         "distinct_images": None,
         "word_readout": None,
         "phrase_check": None,
+        "every_image_check": None,
         "image_support_weight": None,
         "image_prior_weight": None,
         "image_prior_after_phrase": None,
@@ -158,6 +160,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
     assert json.loads((out / "metrics.json").read_text())["phrase_model"] == "bag-of-words (test)"
     args = ["eval", "--checkpoint", "ckpt/x", "--data", str(dataset), "--out", str(out), "--wordnet", "none"]
     flags = ["--repeat-images", "--llm-words", "--phrase-check", "0.2", "--mask-threshold", "0.3"]
+    flags += ["--no-every-image-check"]
     flags += ["--mask-regions", "largest", "--image-support-weight", "0.5", "--image-prior-after-phrase", "0.5"]
     assert main([*args, *flags]) == 0
     assert loaded["image_support_weight"] == 0.5
@@ -166,6 +169,7 @@ def test_eval_command_loads_the_checkpoint_through_from_pretrained(dataset, tmp_
     checkpoint = json.loads((out / "metrics.json").read_text())["checkpoint"]
     assert "with distinct_images false" in checkpoint and "with mask_threshold 0.3" in checkpoint
     assert "with word_readout false" in checkpoint and "with phrase_check 0.2" in checkpoint
+    assert loaded["every_image_check"] is False and "with every_image_check false" in checkpoint
     assert "with mask_regions largest" in checkpoint and "with image_support_weight 0.5" in checkpoint
 
 

@@ -2094,6 +2094,41 @@ def test_an_answer_without_phrases_that_names_an_object_is_replaced_only_by_phra
     assert model.generate_batch([(random_images(2), "Where?")])[0].answer == "A tree: the yellow tree."
 
 
+def test_an_answer_that_says_an_object_is_in_every_image_stands_only_where_the_pixels_show_it_on_half(monkeypatch):
+    """`grounding.every_image_check`: "A bottle appears in every image: ..." is turned down as an answer none of whose
+    phrases is shown (written again without phrases, which replaces it where the LLM finds that as likely) where
+    the shown phrases naming a bottle lie on fewer than half of the images; the check off, or another claim, it
+    stands as any answer with a shown phrase."""
+    texts = ["A bottle appears in every image : the <p> bottle's cap </p> and the <p> red laptop </p> .", "No object ."]
+    torch.manual_seed(0)
+    model = create_model(load_model_config("tiny", [*SMALL, *CHECK]), TEXTS + texts).eval()
+    vocab = model.processor.tokenizer.convert_tokens_to_ids
+    claim = [vocab(w) for w in "A bottle appears in every image : the <p>".split()]
+
+    def answer(ids: list[int], supports: list[tuple[str, int, float]]) -> GenerationOutput:
+        segments = [GeneratedSegment(p, k, np.zeros((4, 4), np.float32), 1.0, s) for p, k, s in supports]
+        return GenerationOutput("A bottle appears in every image: ...", segments, ids, mean_logprob=-0.5)
+
+    nothing = GenerationOutput("No object appears in every image.", [], [], mean_logprob=-0.2)
+    monkeypatch.setattr(model, "_generate_branches", lambda *a, **k: [[dataclasses.replace(nothing)]])
+
+    def read(first: GenerationOutput, images: int = 3) -> str:
+        monkeypatch.setattr(model, "_generate", lambda *a, **k: [dataclasses.replace(first)])
+        return model.generate_batch([(random_images(images), "Which object appears in every image?")])[0].answer
+
+    bottle_on_one = [("pink bottle", 1, 0.9), ("purple bottle", 2, 0.0), ("red laptop", 3, 0.9)]
+    one_of_three = answer(claim, bottle_on_one)
+    model.config.grounding.every_image_check = False
+    assert read(one_of_three) == one_of_three.answer  # a phrase is shown: the phrase check alone lets it stand
+    model.config.grounding.every_image_check = True
+    assert read(one_of_three) == nothing.answer  # a bottle shown on 1 of 3 images
+    assert read(one_of_three, images=2) == one_of_three.answer  # ... on 1 of 2: half
+    two_of_three = answer(claim, [("pink bottle", 1, 0.9), ("purple bottle", 2, 0.9), ("red laptop", 3, 0.9)])
+    assert read(two_of_three) == two_of_three.answer
+    other_claim = answer([vocab(w) for w in "A bottle : the <p>".split()], bottle_on_one)
+    assert read(other_claim) == other_claim.answer
+
+
 def test_an_answer_is_written_again_from_a_branch_after_its_first_words(monkeypatch):
     """The branches of an answer without phrases keep its first words and change a later one ("There are" + "no"
     -> "three"): each of the first BRANCH_POSITIONS positions, with the LLM's next BRANCH_RANKS tokens there; the

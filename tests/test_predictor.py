@@ -453,6 +453,11 @@ def test_llm_words_override_turns_the_word_readout_off(tiny_checkpoint):
         PrimaPredictor.from_pretrained(tiny_checkpoint, word_readout=True)
     with pytest.raises(PrimaError, match="has no phrase check"):
         PrimaPredictor.from_pretrained(tiny_checkpoint, phrase_check=0.5)
+    # `--no-every-image-check`: off is always possible; on needs the phrase check
+    off = PrimaPredictor.from_pretrained(tiny_checkpoint, every_image_check=False).model.config.grounding
+    assert off.every_image_check is False
+    with pytest.raises(PrimaError, match="every_image_check: .* has no phrase check"):
+        PrimaPredictor.from_pretrained(tiny_checkpoint, every_image_check=True)
 
 
 def test_mask_threshold_and_regions_are_the_checkpoints_unless_given(tiny_checkpoint, tmp_path):

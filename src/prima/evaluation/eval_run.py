@@ -51,26 +51,14 @@ def run_eval(
     phrase_model: str | os.PathLike | None = None,
     wordnet: str = "auto",
     embed: Any = None,
-    image_choice_weight: float | None = None,
-    image_support_weight: float | None = None,
-    image_prior_weight: float | None = None,
-    image_prior_after_phrase: float | None = None,
-    image_prior_cells_weight: float | None = None,
-    image_prior_cells_below: float | None = None,
-    image_prior_cells_temperature: float | None = None,
-    image_prior_cells_nowhere: float | None = None,
-    image_prior_nowhere_below: float | None = None,
-    image_prior_rewrite_above: float | None = None,
-    distinct_images: bool | None = None,
-    word_readout: bool | None = None,
-    phrase_check: float | None = None,
-    mask_threshold: float | None = None,
-    mask_regions: str | None = None,
+    **readout: Any,
 ) -> dict[str, Any]:
     """Predict the first ``limit`` samples of ``data`` into OUT/predictions.jsonl, score them into OUT.
 
     ``predictor`` replaces loading ``checkpoint`` with `PrimaPredictor.from_pretrained` (tests pass a
-    small fake). Only the predicted samples are scored, so ``limit`` never counts as missing predictions.
+    small fake); ``readout`` are its read-out options (`prima.inference.cli.readout_options`; None: the
+    checkpoint's own), named in the scores' ``checkpoint`` where given. Only the predicted samples are scored, so
+    ``limit`` never counts as missing predictions.
     """
     if limit is not None and limit < 1:
         raise PrimaError(f"--limit must be at least 1, got {limit}")
@@ -82,23 +70,6 @@ def run_eval(
         samples = samples[:limit]
     if not samples:
         raise PrimaError(f"{data} has no samples to evaluate")
-    readout = {
-        "image_choice_weight": image_choice_weight,
-        "image_support_weight": image_support_weight,
-        "image_prior_weight": image_prior_weight,
-        "image_prior_after_phrase": image_prior_after_phrase,
-        "image_prior_cells_weight": image_prior_cells_weight,
-        "image_prior_cells_below": image_prior_cells_below,
-        "image_prior_cells_temperature": image_prior_cells_temperature,
-        "image_prior_cells_nowhere": image_prior_cells_nowhere,
-        "image_prior_nowhere_below": image_prior_nowhere_below,
-        "image_prior_rewrite_above": image_prior_rewrite_above,
-        "distinct_images": distinct_images,
-        "word_readout": word_readout,
-        "phrase_check": phrase_check,
-        "mask_threshold": mask_threshold,
-        "mask_regions": mask_regions,
-    }
     if predictor is None:
         from prima.inference.predictor import PrimaPredictor
 

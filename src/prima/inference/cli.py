@@ -85,6 +85,13 @@ PHRASE_CHECK_HELP = (
 )
 
 
+EVERY_IMAGE_CHECK_HELP = (
+    "with a checkpoint whose phrase check reads answers that say an object is in every image "
+    "(grounding.every_image_check): check such an answer only as any other, not also whether the pixels show the "
+    'object on at least half of its images (docs/MODEL.md, "In every image?")'
+)
+
+
 def add_readout_options(p: argparse.ArgumentParser) -> None:
     """The flags that change how a checkpoint's answers and masks are read out (`prima predict`, `prima eval`)."""
     from prima.data.masks import MASK_REGIONS
@@ -114,6 +121,7 @@ def add_readout_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-images", action="store_true", help=REPEAT_IMAGES_HELP)
     p.add_argument("--llm-words", action="store_true", help=LLM_WORDS_HELP)
     p.add_argument("--phrase-check", type=float, default=None, metavar="P", help=PHRASE_CHECK_HELP)
+    p.add_argument("--no-every-image-check", action="store_true", help=EVERY_IMAGE_CHECK_HELP)
     p.add_argument("--mask-threshold", type=float, default=None, help=MASK_THRESHOLD_HELP)
     p.add_argument("--mask-regions", choices=MASK_REGIONS, default=None, help=MASK_REGIONS_HELP)
 
@@ -134,6 +142,7 @@ def readout_options(args: argparse.Namespace) -> dict:
         "distinct_images": False if args.repeat_images else None,
         "word_readout": False if args.llm_words else None,
         "phrase_check": args.phrase_check,
+        "every_image_check": False if args.no_every_image_check else None,
         "mask_threshold": args.mask_threshold,
         "mask_regions": args.mask_regions,
     }

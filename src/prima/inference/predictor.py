@@ -139,6 +139,7 @@ class PrimaPredictor:
         image_prior_cells_nowhere: float | None = None,
         image_prior_nowhere_below: float | None = None,
         image_prior_rewrite_above: float | None = None,
+        every_image_check: bool | None = None,
         **kwargs: Any,
     ) -> PrimaPredictor:
         """Load a checkpoint folder (default: the bundled ``checkpoints/prima-tiny-synth``) onto ``device``;
@@ -158,7 +159,8 @@ class PrimaPredictor:
         ``image_prior_nowhere_below`` its ``model.image_prior_nowhere_below`` (0: nothing
         reads whether the answer grounds anything in its image), ``image_prior_rewrite_above`` its
         ``model.image_prior_rewrite_above`` (0: the cells are read on the first [SEG]'s image, whatever the prior
-        says)."""
+        says), ``every_image_check`` its ``grounding.every_image_check`` (False: an answer that says an object is in
+        every image is checked only as any other)."""
         path = resolve_checkpoint(path)
         _check_device(device)
         from prima.model import PrimaModel
@@ -184,6 +186,10 @@ class PrimaPredictor:
             if not 0.0 <= phrase_check <= 1.0:
                 raise PrimaError(f"--phrase-check must be between 0 and 1, got {phrase_check}")
             model.config.grounding.phrase_check_threshold = float(phrase_check)
+        if every_image_check is not None:
+            if every_image_check and getattr(model.grounding, "checker", None) is None:
+                raise PrimaError(f"every_image_check: {path} has no phrase check (model.grounding.phrase_check is off)")
+            model.config.grounding.every_image_check = bool(every_image_check)
         if image_support_weight is not None:
             grounding = model.config.grounding
             if image_support_weight and not (grounding.image_choice and grounding.phrase_check):

@@ -157,6 +157,10 @@ class GroundingConfig:
     # "Is it there? The phrase check"; "The object an answer names", session 36)
     phrase_check: bool = False
     phrase_check_threshold: float = 0.5
+    # with the phrase check: an answer that says an object is in every image ("A bottle appears in every image: ...")
+    # while the pixels show a phrase naming it on fewer than half of its images is turned down as one none of whose
+    # phrases is shown (docs/MODEL.md, "In every image?")
+    every_image_check: bool = False
     # at generation, the tag after a [SEG] also adds this x the log of the phrase check's support for the phrase
     # under the [SEG]'s mask drawn on each candidate image (needs image_choice and phrase_check; with word_readout
     # the first word is not checked: it is read again from the chosen image's pixels); 0: off (docs/MODEL.md,

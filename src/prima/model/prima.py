@@ -1142,7 +1142,15 @@ class PrimaModel(nn.Module):
         g = self.config.grounding
         if not g.phrase_check or g.phrase_check_threshold <= 0:
             return results
-        unshown = [b for b, r in enumerate(results) if r.segments and not any(map(self._shown, r.segments))]
+        unshown = [
+            b
+            for b, r in enumerate(results)
+            if r.segments
+            and (
+                not any(map(self._shown, r.segments))
+                or (g.every_image_check and self._every_image_contradicted(r, len(requests[b][0])))
+            )
+        ]
         ungrounded = [b for b, r in enumerate(results) if not r.segments]
         if unshown:
             # greedy with the bans alone would keep the LLM's grounded sentence ("You could sit on the ...") and run
@@ -1248,6 +1256,21 @@ class PrimaModel(nn.Module):
                 return True
             return result.cells_share < c.image_prior_cells_below
         return result.nowhere is not None and result.nowhere < c.image_prior_nowhere_below
+
+    def _every_image_contradicted(self, result: GenerationOutput, num_images: int) -> bool:
+        """Whether ``result`` says an object is in every image ("A bottle appears in every image: ...": the words
+        before its first phrase have "every", "each" or "all" and "image", and name objects, `_named_objects`) while
+        the pixels show a phrase naming it on fewer than half of its ``num_images`` images
+        (``grounding.every_image_check``; docs/MODEL.md, "In every image?")."""
+        ids = result.token_ids
+        start = self.config.tokens.phrase_start_id
+        claim = ids[: ids.index(start)] if start in ids else ids
+        forms = self._word_forms(claim)
+        named = self._named_objects(claim)
+        if not (named and "image" in forms and forms & {"every", "each", "all"}):
+            return False
+        found = {s.image for s in result.segments if self._shown(s) and named & self._text_forms(s.phrase)}
+        return len(found) < num_images / 2
 
     def _named_objects(self, ids: list[int]) -> set[str]:
         """The `_word_forms` of ``ids`` that name objects: words the vocabulary also has with "'s" ("boat" of "No,
