@@ -66,7 +66,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # final lr of the cosine/linear schedule, as a fraction of lr
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
-    # torch's fused AdamW kernel (CPU and CUDA; about 4x faster than the per-tensor loop on this 2-core CPU,
+    # torch's fused AdamW kernel (CPU and CUDA; its step 3-4x quicker than the per-tensor loop on this 2-core CPU,
     # docs/PERFORMANCE.md "Session 37"); false: the per-tensor loop, which every run before session 37 used
     fused_optimizer: bool = True
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
