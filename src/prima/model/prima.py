@@ -1266,8 +1266,10 @@ class PrimaModel(nn.Module):
         start = self.config.tokens.phrase_start_id
         claim = ids[: ids.index(start)] if start in ids else ids
         forms = self._word_forms(claim)
-        named = self._named_objects(claim)
-        if not (named and "image" in forms and forms & {"every", "each", "all"}):
+        if not ("image" in forms and forms & {"every", "each", "all"}):
+            return False
+        named = self._named_objects(claim)  # reads the vocabulary's object names: only for a claim about every image
+        if not named:
             return False
         found = {s.image for s in result.segments if self._shown(s) and named & self._text_forms(s.phrase)}
         return len(found) < num_images / 2
