@@ -295,8 +295,8 @@ def test_hiding_images_from_a_frozen_llm_is_a_config_error():
 
 def test_the_prior_stage_trains_the_prior_alone_over_stage_two():
     """configs/tiny-prior.yaml (stage 3): stage 2's model and read-out, + the image prior with its word places,
-    contrast and answer cells (and their read-outs), every other group frozen; stage 2 itself no longer trains a
-    prior."""
+    contrast, answer cells, `NothingThere` and `WhichCells` (and their read-outs), every other group frozen, seed 1 as
+    the shipped runs; stage 2 itself no longer trains a prior."""
     stage2, stage3 = load_run_config("tiny-masks"), load_run_config("tiny-prior")
     assert not stage2.model.image_prior
     assert stage3.model.image_prior and stage3.model.image_prior_places and stage3.model.image_prior_contrast
@@ -306,6 +306,9 @@ def test_the_prior_stage_trains_the_prior_alone_over_stage_two():
     assert (stage3.model.image_prior_cells_weight, stage3.model.image_prior_cells_below) == (2.0, 0.1)
     assert stage3.model.image_prior_cells_temperature == 0.25 and not stage3.model.image_prior_cells_match
     assert stage3.model.image_prior_rewrite_above == 0.9
+    assert stage3.model.image_prior_nowhere and not stage2.model.image_prior_nowhere
+    assert stage3.model.image_prior_cells_mix and stage3.model.image_prior_nowhere_below == 0.03
+    assert not stage3.model.image_prior_odd and stage3.train.seed == 1 and stage3.train.max_steps == 8000
     assert set(stage3.train.freeze) == {"language", "query_module", "square", "projector", "grounding"}
     assert stage3.model.grounding == stage2.model.grounding
     assert [d.path for d in stage3.data.train] == [
@@ -313,23 +316,6 @@ def test_the_prior_stage_trains_the_prior_alone_over_stage_two():
         "data/synth/train-first/samples.jsonl",
         "data/synth/train-odd/samples.jsonl",
     ]
-
-
-def test_the_nowhere_stage_trains_nothing_there_and_its_weight_alone_over_stage_three():
-    """configs/tiny-nowhere.yaml (stage 4): stage 3's model, data and read-out + `NothingThere` and `WhichCells`,
-    which alone train (train.train_only); NothingThere is read as the answer cells by the learnt weight
-    (image_prior_cells_mix), and its "nothing here" gates the cells' rewrite of first phrases the check turns down
-    (image_prior_nowhere_below 0.03)."""
-    stage3, stage4 = load_run_config("tiny-prior"), load_run_config("tiny-nowhere")
-    assert not stage3.model.image_prior_nowhere and stage4.model.image_prior_nowhere
-    assert stage4.model.image_prior_cells_mix and stage4.model.image_prior_nowhere_below == 0.03
-    assert stage4.train.train_only == ["image_prior.nowhere", "image_prior.mix"] and stage4.train.freeze == []
-    assert stage4.train.init_from == "runs/tiny-prior/final" and stage4.train.seed == 1
-    assert stage4.data == stage3.data and stage4.train.max_steps == stage3.train.max_steps
-    same = {"image_prior_nowhere", "image_prior_cells_mix", "image_prior_nowhere_below"}
-    assert {k: v for k, v in vars(stage4.model).items() if k not in same} == {
-        k: v for k, v in vars(stage3.model).items() if k not in same
-    }
 
 
 if __name__ == "__main__":  # worker of test_one_process_batch_8_equals_two_processes_batch_4

@@ -242,6 +242,32 @@ def test_the_image_prior_trains_beside_stage_two_without_changing_it(synth, tmp_
     assert any(not torch.equal(first[k], cells[k]) for k in set(cells) - set(with_prior))  # the cells did train
 
 
+@pytest.mark.slow
+def test_stage_three_trains_the_prior_the_same_with_nothing_there_and_its_weight_beside_it(synth, tmp_path):
+    """configs/tiny-prior.yaml trains `NothingThere` and `WhichCells` beside the prior (until session 38 a fourth stage
+    over the finished prior): they read the prior's readings detached and are clipped apart, so every weight of the
+    prior and its cells ends bit for bit as in the same run without them, and they do train."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    assert main(["train", "--config", "tiny", *overrides(synth, tmp_path, max_steps=2), "--out", str(first)]) == 0
+    stage3 = [*overrides(synth, tmp_path, init_from=first / "final", val_generate=0, best_metric="val_loss")]
+    off = ["model.image_prior_nowhere=false", "model.image_prior_cells_mix=false", "model.image_prior_nowhere_below=0"]
+    runs = {"beside": [], "without": off}
+    for name, extra in runs.items():
+        assert main(["train", "--config", "tiny-prior", *stage3, *extra, "--out", str(tmp_path / name)]) == 0
+    beside, without = (load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in runs)
+    added = set(beside) - set(without)
+    assert added and all(k.startswith(("image_prior.nowhere.", "image_prior.mix.")) for k in added)
+    assert set(without) < set(beside)
+    for k in without:
+        assert torch.equal(beside[k], without[k]), k
+    assert {"loss_nowhere", "loss_mix"} <= set(log_rows(tmp_path / "beside")[0])
+    halfway = load_file(str(list_checkpoints(tmp_path / "beside")[0][1] / "model.safetensors"))
+    for part in ("image_prior.nowhere.", "image_prior.mix.", "image_prior.layers."):  # each did train
+        assert any(not torch.equal(halfway[k], beside[k]) for k in beside if k.startswith(part)), part
+
+
 def test_cache_seg_queries_needs_a_frozen_llm():
     from prima.config import ConfigError
     from prima.train.config import TrainConfig
