@@ -251,7 +251,7 @@ def test_stage_three_trains_the_prior_the_same_with_nothing_there_and_its_weight
 
     first = tmp_path / "first"
     assert main(["train", "--config", "tiny", *overrides(synth, tmp_path, max_steps=2), "--out", str(first)]) == 0
-    stage3 = [*overrides(synth, tmp_path, init_from=first / "final", val_generate=0, best_metric="val_loss")]
+    stage3 = overrides(synth, tmp_path, init_from=first / "final", val_generate=0, best_metric="val_loss")
     off = ["model.image_prior_nowhere=false", "model.image_prior_cells_mix=false", "model.image_prior_nowhere_below=0"]
     runs = {"beside": [], "without": off}
     for name, extra in runs.items():
