@@ -66,6 +66,15 @@ def test_dotted_overrides_with_or_without_the_model_prefix():
     assert load_model_config("tiny", ["qformer=null", "cross_image=concat"]).qformer is None
 
 
+def test_numbers_with_an_exponent_and_no_dot_are_floats_in_files_and_overrides(tmp_path):
+    # PyYAML (YAML 1.1) reads `1e-3` as a string; a float key then rejected `train.lr=1e-3` (session 39)
+    (tmp_path / "child.yaml").write_text(f"base: {CONFIG_DIR / 'tiny.yaml'}\nmodel:\n  loss:\n    bce: 2e0\n")
+    cfg = load_model_config(tmp_path / "child.yaml", ["loss.dice=5E-1", "language.config.rms_norm_eps=1e-5"])
+    assert (cfg.loss.bce, cfg.loss.dice) == (2.0, 0.5)
+    assert cfg.language.config["rms_norm_eps"] == 1e-5  # a free-form section gets the float too, not '1e-5'
+    assert load_model_config("tiny", ["language.config.name=1e-5x"]).language.config["name"] == "1e-5x"
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match=r"unknown key 'model\.vision\.imagesize'"):
         load_model_config("tiny", ["model.vision.imagesize=64"])

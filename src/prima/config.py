@@ -2,13 +2,14 @@
 
 A preset is a YAML file; ``base: other.yaml`` (relative to the file) is loaded first and the file's
 keys are merged over it, recursively. Overrides such as ``model.cross_image=pooling`` are applied
-last, their values parsed as YAML. Unknown keys and wrong types are errors that name the key path
+last, their values parsed as YAML (``train.lr=1e-3`` is a float, as in YAML 1.2). Unknown keys and wrong types are errors that name the key path
 and the file. The resolved config is saved (``save_config``) with every run and checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -26,6 +27,24 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 class ConfigError(PrimaError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 does: ``1e-3`` and ``5E+8`` are floats (YAML 1.1, PyYAML's
+    rule, wants a dot, ``1.0e-3``, and reads ``1e-3`` as the string '1e-3', which a float key then rejected)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document (a config file, an override's value) as plain Python values; ``1e-3`` is a float."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -52,7 +71,7 @@ def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path in _seen:
         raise ConfigError(f"{path}: 'base:' chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -75,7 +94,7 @@ def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
             raise ConfigError(f"override {item!r} must look like key.path=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = parse_yaml(raw)
         except yaml.YAMLError:
             value = raw
         node = tree
