@@ -309,6 +309,8 @@ def test_the_prior_stage_trains_the_prior_alone_over_stage_two():
     assert stage3.model.image_prior_nowhere and not stage2.model.image_prior_nowhere
     assert stage3.model.image_prior_cells_mix and stage3.model.image_prior_nowhere_below == 0.03
     assert not stage3.model.image_prior_odd and stage3.train.seed == 1 and stage3.train.max_steps == 8000
+    # stage 2 at half stage 1's learning rate (session 39); the prior at stage 1's, as it was trained
+    assert (load_run_config("tiny").train.lr, stage2.train.lr, stage3.train.lr) == (2e-3, 1e-3, 2e-3)
     assert set(stage3.train.freeze) == {"language", "query_module", "square", "projector", "grounding"}
     assert stage3.model.grounding == stage2.model.grounding
     assert [d.path for d in stage3.data.train] == [
