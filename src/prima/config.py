@@ -2,8 +2,9 @@
 
 A preset is a YAML file; ``base: other.yaml`` (relative to the file) is loaded first and the file's
 keys are merged over it, recursively. Overrides such as ``model.cross_image=pooling`` are applied
-last, their values parsed as YAML (``train.lr=1e-3`` is a float, as in YAML 1.2). Unknown keys and wrong types are errors that name the key path
-and the file. The resolved config is saved (``save_config``) with every run and checkpoint.
+last, their values parsed as YAML (``train.lr=1e-3`` is a float, as in YAML 1.2). Unknown keys and wrong
+types are errors that name the key path and the file. The resolved config is saved (``save_config``) with
+every run and checkpoint.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ class _Loader(yaml.SafeLoader):
     rule, wants a dot, ``1.0e-3``, and reads ``1e-3`` as the string '1e-3', which a float key then rejected)."""
 
 
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(
+_Loader.add_implicit_resolver(  # on a copy of SafeLoader's table (PyYAML copies it for a subclass)
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
