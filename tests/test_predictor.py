@@ -228,6 +228,22 @@ def test_overlays_and_answer_html_share_each_segments_colour():
     assert "[SEG]" not in html and "&lt;p&gt;" not in html and "image 2" in html
 
 
+def test_a_label_at_the_right_or_bottom_edge_moves_inside_the_picture():
+    from PIL import ImageDraw, ImageFont
+
+    from prima.visualize import overlay_masks
+
+    black = Image.new("RGB", (80, 60), (0, 0, 0))
+    mask = np.zeros((60, 80), bool)
+    mask[50:, 70:] = True  # the bottom-right corner: a label at the mask's top-left would run off both edges
+    out = np.asarray(overlay_masks(black, [mask], labels=["a long phrase"], colors=[(255, 0, 0)]))
+    rows, cols = np.nonzero((out == (255, 0, 0)).all(-1) & ~mask)  # the label's box, outside the mask
+    left, top, right, bottom = ImageDraw.Draw(black).textbbox((0, 0), "a long phrase", font=ImageFont.load_default())
+    assert cols.min() < 70 and rows.min() < 50  # moved left and up from the mask's corner
+    # the whole box (the text + a 1-pixel margin) is in the picture
+    assert (cols.max() - cols.min(), rows.max() - rows.min()) == (right - left + 2, bottom - top + 2)
+
+
 def test_default_checkpoint_missing_is_one_clear_error(monkeypatch, tmp_path):
     import prima.inference.predictor as predictor_module
 

@@ -37,7 +37,8 @@ def overlay_masks(
     colors: Sequence[tuple[int, int, int]] | None = None,
     alpha: float = 0.5,
 ) -> Image.Image:
-    """The image with each bool mask tinted in its colour, outlined, and labelled at its top-left."""
+    """The image with each bool mask tinted in its colour, outlined, and labelled at its top-left (moved left or up
+    as far as the label needs to fit in the image)."""
     base = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
     colors = list(colors) if colors is not None else [color_for(i) for i in range(len(masks))]
     for mask, color in zip(masks, colors):
@@ -55,7 +56,9 @@ def overlay_masks(
             ys, xs = np.nonzero(mask)
             if not len(xs) or not label:
                 continue
-            x, y = int(xs.min()), int(ys.min())
+            _, _, right, bottom = draw.textbbox((0, 0), label, font=font)  # + a 1-pixel margin around it below
+            x = max(0, min(int(xs.min()), out.width - 2 - right))
+            y = max(0, min(int(ys.min()), out.height - 2 - bottom))
             box = draw.textbbox((x, y), label, font=font)
             draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=tuple(color))
             draw.text((x, y), label, fill=(0, 0, 0), font=font)
