@@ -56,11 +56,11 @@ def overlay_masks(
             ys, xs = np.nonzero(mask)
             if not len(xs) or not label:
                 continue
-            _, _, right, bottom = draw.textbbox((0, 0), label, font=font)  # + a 1-pixel margin around it below
+            left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+            # the label and its 1-pixel margin, moved left or up from the mask's top-left as far as they need to fit
             x = max(0, min(int(xs.min()), out.width - 2 - right))
             y = max(0, min(int(ys.min()), out.height - 2 - bottom))
-            box = draw.textbbox((x, y), label, font=font)
-            draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=tuple(color))
+            draw.rectangle((x + left - 1, y + top - 1, x + right + 1, y + bottom + 1), fill=tuple(color))
             draw.text((x, y), label, fill=(0, 0, 0), font=font)
     return out
 
